@@ -1,0 +1,56 @@
+"""The contract every storage backend meets, checked by tests/unit/test_backend_contract.py.
+
+A backend stores volumes by name under its own root.  Its operations are crash-safe: after
+a kill -9 at any instant, a volume's directory is either complete or absent once
+:meth:`Backend.recover` has run.  Names given to a backend are already validated by the
+plugin; backends still confine every path they build (``backends.fs.confined``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class DirSpec:
+    """Ownership and permissions of a volume's root directory."""
+
+    uid: int | None = None
+    gid: int | None = None
+    mode: int = 0o755
+
+
+class Backend(Protocol):
+    """One volume store.  Every method names the volume it acts on."""
+
+    def create(self, volume: str, spec: DirSpec) -> None:
+        """Create an empty volume.  Raises ``BackendError`` if it already exists."""
+
+    def remove(self, volume: str) -> None:
+        """Delete the volume and its data.  Idempotent: a missing volume is fine."""
+
+    def path(self, volume: str) -> Path:
+        """The directory holding the volume's data (it may not exist)."""
+
+    def exists(self, volume: str) -> bool:
+        """Whether the volume's data directory exists."""
+
+    def mount(self, volume: str) -> Path:
+        """Make the volume usable (first mount) and return its data directory."""
+
+    def unmount(self, volume: str) -> None:
+        """Release what ``mount`` set up (last unmount)."""
+
+    def status(self, volume: str) -> dict[str, Any]:
+        """Cheap facts for ``docker volume inspect``; never raises for an existing volume."""
+
+    def names(self) -> set[str]:
+        """Names of all volumes whose data directory exists."""
+
+    def recover(self) -> set[str]:
+        """Finish or roll back operations a crash interrupted.
+
+        Returns the names whose removal was under way: the caller drops their records.
+        """

@@ -1,0 +1,134 @@
+"""Filesystem helpers shared by the backends: confined paths, bind mounts, sizes.
+
+Every path built from user input goes through :func:`confined`, which proves it stays under
+its root.  Mount calls go straight to libc (no shell, no extra binaries in the rootfs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from backends.errors import BackendError, UnsafePath
+
+MS_BIND = 4096
+MS_REC = 16384
+MNT_DETACH = 2
+
+
+def confined(root: Path, *parts: str) -> Path:
+    """Return ``root/parts...``, refusing anything that would resolve outside ``root``.
+
+    Parts must be single, non-empty path components; ``..``, ``/`` and NUL are rejected
+    before any filesystem access.
+    """
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\0" in part:
+            raise UnsafePath(f"refusing path component {part!r} under {root}")
+    path = root.joinpath(*parts)
+    resolved_root = root.resolve()
+    # resolve(strict=False) follows symlinks of existing prefixes: a link planted inside the
+    # root that points outside is caught here.
+    if not path.resolve().is_relative_to(resolved_root):
+        raise UnsafePath(f"path {path} escapes {root}")
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree without following symlinks out of it; missing is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def tree_usage(path: Path) -> tuple[int, int]:
+    """Return (bytes on disk, number of entries) below ``path``; never follows symlinks.
+
+    Hard-linked files are counted once.  Entries that vanish during the walk are skipped.
+    """
+    total = 0
+    count = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [str(path)]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    count += 1
+                    if st.st_nlink > 1 and not entry.is_dir(follow_symlinks=False):
+                        key = (st.st_dev, st.st_ino)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    total += st.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return total, count
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def bind_mount(source: Path, target: Path) -> None:
+    """Bind-mount ``source`` on ``target`` (created if missing)."""
+    target.mkdir(parents=True, exist_ok=True)
+    rc = _load_libc().mount(
+        str(source).encode(), str(target).encode(), None, MS_BIND | MS_REC, None
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise BackendError(
+            f"cannot bind-mount {source} on {target}: {os.strerror(err)}"
+            + (" (the plugin needs CAP_SYS_ADMIN)" if err == errno.EPERM else "")
+        )
+
+
+def unmount(target: Path) -> None:
+    """Lazily unmount ``target`` and remove the empty mountpoint; not mounted is fine."""
+    rc = _load_libc().umount2(str(target).encode(), MNT_DETACH)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise BackendError(f"cannot unmount {target}: {os.strerror(err)}")
+    try:
+        target.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EBUSY):
+            raise
+
+
+def is_mountpoint(path: Path) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False

@@ -1,0 +1,111 @@
+"""The ``local`` backend: each volume is a plain directory ``<root>/volumes/<name>``.
+
+Create builds the directory under ``.creating/`` and renames it into place; remove renames
+it into ``.removing/`` before deleting it.  A rename is atomic, so after a crash a volume
+directory is complete or absent, and :meth:`LocalBackend.recover` clears the leftovers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from backends.base import DirSpec
+from backends.errors import BackendError
+from backends.fs import confined, fsync_dir, remove_tree
+from backends.usage import UsageCache
+
+log = logging.getLogger(__name__)
+
+
+class LocalBackend:
+    def __init__(self, root: Path, usage: UsageCache | None = None) -> None:
+        self.root = root / "volumes"
+        self._creating = root / "volumes" / ".creating"
+        self._removing = root / "volumes" / ".removing"
+        for d in (self.root, self._creating, self._removing):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)  # noqa: S103 -- traversal only, no listing
+        self._usage = usage or UsageCache()
+
+    def path(self, volume: str) -> Path:
+        return confined(self.root, volume)
+
+    def exists(self, volume: str) -> bool:
+        return self.path(volume).is_dir()
+
+    def create(self, volume: str, spec: DirSpec) -> None:
+        final = self.path(volume)
+        if final.exists():
+            raise BackendError(f"directory {final} already exists; remove it or pick another name")
+        staging = confined(self._creating, volume)
+        remove_tree(staging)
+        staging.mkdir(mode=0o700)
+        try:
+            if spec.uid is not None or spec.gid is not None:
+                os.chown(staging, -1 if spec.uid is None else spec.uid,
+                         -1 if spec.gid is None else spec.gid)
+            os.chmod(staging, spec.mode)
+            os.rename(staging, final)
+            fsync_dir(self.root)
+        except OSError as exc:
+            remove_tree(staging)
+            raise BackendError(f"cannot create the directory of volume {volume!r}: {exc}") from exc
+
+    def remove(self, volume: str) -> None:
+        final = self.path(volume)
+        if not final.exists():
+            return
+        doomed = confined(self._removing, f"{volume}@{secrets.token_hex(4)}")
+        try:
+            os.rename(final, doomed)
+            fsync_dir(self.root)
+            remove_tree(doomed)
+        except OSError as exc:
+            raise BackendError(f"cannot remove the data of volume {volume!r}: {exc}") from exc
+        self._usage.forget(final)
+
+    def mount(self, volume: str) -> Path:
+        path = self.path(volume)
+        if not path.is_dir():
+            raise BackendError(
+                f"the data directory {path} of volume {volume!r} is missing: restore it from a "
+                "backup or remove the volume with `docker volume rm`"
+            )
+        return path
+
+    def unmount(self, volume: str) -> None:
+        # Data likely changed while mounted: measure again on the next Get.
+        self._usage.invalidate(self.path(volume))
+
+    def status(self, volume: str) -> dict[str, Any]:
+        path = self.path(volume)
+        if not path.is_dir():
+            return {"state": "missing", "path": str(path)}
+        usage = self._usage.get(path)
+        return {
+            "size_bytes": None if usage is None else usage.size_bytes,
+            "entries": None if usage is None else usage.entries,
+            "size_measured_at": None if usage is None else usage.measured_at.isoformat(),
+        }
+
+    def names(self) -> set[str]:
+        return {
+            entry.name
+            for entry in os.scandir(self.root)
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
+        }
+
+    def recover(self) -> set[str]:
+        for entry in os.scandir(self._creating):
+            log.info("discarding %s: its create did not complete", entry.path)
+            remove_tree(Path(entry.path))
+        interrupted: set[str] = set()
+        for entry in os.scandir(self._removing):
+            log.info("finishing the interrupted removal of %s", entry.path)
+            remove_tree(Path(entry.path))
+            interrupted.add(entry.name.split("@", 1)[0])
+        return interrupted

@@ -1,0 +1,125 @@
+"""The HTTP layer: the only module that knows Flask and the wire format.
+
+One route table maps each endpoint to a driver call; one error handler turns exceptions into
+``{"Err": message}``.  dockerd sends no Content-Type and sometimes no body, so the body is
+parsed by hand and anything that is not a JSON object counts as ``{}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backends.errors import BackendError
+from plugin.driver import Driver, VolumeInfo
+from plugin.errors import InvalidOption, InvalidRequest, PyvolError
+
+log = logging.getLogger("pyvol.api")
+
+Body = dict[str, Any]
+Handler = Callable[[Driver, Body], Body]
+
+
+def _name(body: Body) -> str:
+    name = body.get("Name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("the request has no volume Name")
+    return name
+
+
+def _mount_id(body: Body) -> str:
+    mount_id = body.get("ID", "")
+    if not isinstance(mount_id, str):
+        raise InvalidRequest("the request's mount ID must be a string")
+    return mount_id
+
+
+def _opts(body: Body) -> dict[str, object] | None:
+    opts = body.get("Opts")
+    if opts is not None and not isinstance(opts, dict):
+        raise InvalidOption("Opts must be an object of key/value strings")
+    return opts
+
+
+def _volume(info: VolumeInfo) -> Body:
+    wire: Body = {
+        "Name": info.name,
+        "Mountpoint": str(info.mountpoint),
+        "CreatedAt": info.created_at.isoformat(),
+    }
+    if info.status is not None:
+        wire["Status"] = dict(info.status)
+    return wire
+
+
+def _create(d: Driver, b: Body) -> Body:
+    d.create(_name(b), _opts(b))
+    return {}
+
+
+def _remove(d: Driver, b: Body) -> Body:
+    d.remove(_name(b))
+    return {}
+
+
+def _mount(d: Driver, b: Body) -> Body:
+    return {"Mountpoint": str(d.mount(_name(b), _mount_id(b)))}
+
+
+def _unmount(d: Driver, b: Body) -> Body:
+    d.unmount(_name(b), _mount_id(b))
+    return {}
+
+
+ROUTES: dict[str, Handler] = {
+    "Plugin.Activate": lambda d, b: {"Implements": ["VolumeDriver"]},
+    "VolumeDriver.Capabilities": lambda d, b: {"Capabilities": {"Scope": "local"}},
+    "VolumeDriver.Create": _create,
+    "VolumeDriver.Remove": _remove,
+    "VolumeDriver.Mount": _mount,
+    "VolumeDriver.Unmount": _unmount,
+    "VolumeDriver.Path": lambda d, b: {"Mountpoint": str(d.path(_name(b)))},
+    "VolumeDriver.Get": lambda d, b: {"Volume": _volume(d.get(_name(b)))},
+    "VolumeDriver.List": lambda d, b: {"Volumes": [_volume(v) for v in d.list()]},
+}
+
+
+def _err(message: str, status: int = 500) -> tuple[Response, int]:
+    return jsonify({"Err": message}), status
+
+
+def create_app(driver: Driver, extra_routes: dict[str, Handler] | None = None) -> Flask:
+    app = Flask("pyvol")
+    routes = {**ROUTES, **(extra_routes or {})}
+
+    @app.post("/<path:endpoint>")
+    def dispatch(endpoint: str) -> Response | tuple[Response, int]:
+        handler = routes.get(endpoint)
+        if handler is None:
+            return _err(f"unknown endpoint /{endpoint}", 404)
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            body = {}
+        started = time.perf_counter()
+        try:
+            result = handler(driver, body)
+        except (PyvolError, BackendError) as exc:
+            log.info("%s %s failed: %s", endpoint, body.get("Name", ""), exc)
+            return _err(str(exc))
+        except Exception as exc:
+            log.exception("%s %s crashed", endpoint, body.get("Name", ""))
+            return _err(f"internal error in pyvol during {endpoint}: {exc}; see the plugin log")
+        log.info("%s %s ok (%.1f ms)", endpoint, body.get("Name", ""),
+                (time.perf_counter() - started) * 1000)
+        return jsonify(result)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        return _err(f"{exc.name}: use POST /VolumeDriver.<Method>", exc.code or 500)
+
+    return app

@@ -1,0 +1,54 @@
+"""Named errors of the plugin layer.
+
+Each carries a message meant for the person at the ``docker`` CLI: it names the volume, option
+or path and says what to do.  ``plugin.app`` turns every :class:`PyvolError` (and every
+``backends.errors.BackendError``) into a ``{"Err": message}`` answer.
+"""
+
+from __future__ import annotations
+
+
+class PyvolError(Exception):
+    """Base class: an error whose message is shown to the user as is."""
+
+
+class InvalidRequest(PyvolError):
+    """The request body lacks a field the endpoint needs."""
+
+
+class InvalidName(PyvolError):
+    """A volume or snapshot name is not acceptable."""
+
+
+class InvalidOption(PyvolError):
+    """A ``-o key=value`` driver option is unknown or has a bad value."""
+
+
+class VolumeNotFound(PyvolError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"volume {name!r} not found: list volumes with `docker volume ls -f driver=pyvol`"
+        )
+        self.name = name
+
+
+class VolumeExists(PyvolError):
+    """Create was asked again for a name that exists with other options."""
+
+
+class VolumeInUse(PyvolError):
+    def __init__(self, name: str, mounts: int) -> None:
+        super().__init__(
+            f"volume {name!r} is in use by {mounts} mount(s): stop the containers using it "
+            "and try again"
+        )
+        self.name = name
+        self.mounts = mounts
+
+
+class VolumeBroken(PyvolError):
+    """The volume's record exists but its data directory is missing."""
+
+
+class StateError(PyvolError):
+    """The plugin's state database could not be read or written."""

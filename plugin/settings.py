@@ -1,0 +1,44 @@
+"""Plugin-wide settings: command-line paths plus ``docker plugin set`` environment values."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    """Where volume data and the state database live."""
+    socket: Path
+    mount_root: Path | None = None
+    """Managed plugins: the propagatedMount under which volumes are bind-mounted."""
+    log_level: str = "INFO"
+    default_backend: str = "local"
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str],
+        *,
+        root: Path,
+        socket: Path,
+        mount_root: Path | None = None,
+    ) -> Settings:
+        level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
+        if level not in LOG_LEVELS:
+            logging.getLogger(__name__).warning(
+                "LOG_LEVEL=%r is not one of %s; using INFO", level, ", ".join(LOG_LEVELS)
+            )
+            level = "INFO"
+        return cls(
+            root=root,
+            socket=socket,
+            mount_root=mount_root,
+            log_level=level,
+            default_backend=(env.get("DEFAULT_BACKEND") or "local").strip(),
+        )

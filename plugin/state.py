@@ -1,0 +1,178 @@
+"""Crash-safe plugin state in SQLite (WAL mode): volume records and mount references.
+
+Every change is one transaction, O(1) in the number of volumes.  Options are stored raw, as
+Docker sent them, and parsed again on load.  A failed write raises :class:`StateError` and
+fails the call that caused it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from plugin.errors import StateError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    name TEXT PRIMARY KEY,
+    backend TEXT NOT NULL,
+    options TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    name TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    mount_id TEXT NOT NULL,
+    count INTEGER NOT NULL CHECK (count > 0),
+    PRIMARY KEY (name, mount_id)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    name: str
+    backend: str
+    options: Mapping[str, str] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class StateStore:
+    """Thread-safe; one connection serialised by a lock (SQLite calls take microseconds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open the state database {path}: {exc}") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StateError(f"the state database {self.path} failed: {exc}") from exc
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StateError(f"the state database {self.path} failed: {exc}") from exc
+
+    # volumes
+
+    def add_volume(self, record: VolumeRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO volumes (name, backend, options, created_at) VALUES (?, ?, ?, ?)",
+                (record.name, record.backend, json.dumps(dict(record.options), sort_keys=True),
+                 record.created_at.isoformat()),
+            )
+
+    def get_volume(self, name: str) -> VolumeRecord | None:
+        rows = self._read(
+            "SELECT name, backend, options, created_at FROM volumes WHERE name = ?", (name,)
+        )
+        return _record(rows[0]) if rows else None
+
+    def list_volumes(self) -> list[VolumeRecord]:
+        rows = self._read("SELECT name, backend, options, created_at FROM volumes ORDER BY name")
+        return [_record(row) for row in rows]
+
+    def delete_volume(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+
+    # mount references, counted per (volume, Docker mount ID)
+
+    def mount_count(self, name: str) -> int:
+        rows = self._read("SELECT COALESCE(SUM(count), 0) FROM mounts WHERE name = ?", (name,))
+        total = rows[0][0]
+        assert isinstance(total, int)  # noqa: S101 -- SUM over INTEGER
+        return total
+
+    def add_mount(self, name: str, mount_id: str) -> int:
+        """Count one more use of ``name`` by ``mount_id``; return the volume's total."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO mounts (name, mount_id, count) VALUES (?, ?, 1) "
+                "ON CONFLICT (name, mount_id) DO UPDATE SET count = count + 1",
+                (name, mount_id),
+            )
+            return int(db.execute(
+                "SELECT SUM(count) FROM mounts WHERE name = ?", (name,)).fetchone()[0])
+
+    def drop_mount(self, name: str, mount_id: str) -> tuple[bool, int]:
+        """Count one use less; return (whether the ID was known, the volume's total)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT count FROM mounts WHERE name = ? AND mount_id = ?", (name, mount_id)
+            ).fetchone()
+            if row is not None:
+                if row[0] > 1:
+                    db.execute("UPDATE mounts SET count = count - 1 WHERE name = ? AND "
+                               "mount_id = ?", (name, mount_id))
+                else:
+                    db.execute("DELETE FROM mounts WHERE name = ? AND mount_id = ?",
+                               (name, mount_id))
+            total = db.execute(
+                "SELECT COALESCE(SUM(count), 0) FROM mounts WHERE name = ?", (name,)
+            ).fetchone()[0]
+            return row is not None, int(total)
+
+    def mounted_volumes(self) -> dict[str, int]:
+        rows = self._read("SELECT name, SUM(count) FROM mounts GROUP BY name")
+        return {str(name): int(total) for name, total in rows}  # type: ignore[call-overload]
+
+    def clear_mounts(self) -> int:
+        with self._tx() as db:
+            return db.execute("DELETE FROM mounts").rowcount
+
+    # small key/value facts (boot id, schema notes)
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                       "SET value = excluded.value", (key, value))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _record(row: tuple[object, ...]) -> VolumeRecord:
+    name, backend, options, created_at = row
+    return VolumeRecord(
+        name=str(name),
+        backend=str(backend),
+        options=json.loads(str(options)),
+        created_at=datetime.fromisoformat(str(created_at)),
+    )
