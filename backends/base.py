@@ -8,9 +8,13 @@ plugin; backends still confine every path they build (``backends.fs.confined``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+Populate = Callable[[Path], None]
+"""Fills a new, empty directory with a volume's initial content (clone, restore)."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +29,14 @@ class DirSpec:
 class Backend(Protocol):
     """One volume store.  Every method names the volume it acts on."""
 
-    def create(self, volume: str, spec: DirSpec) -> None:
-        """Create an empty volume.  Raises ``BackendError`` if it already exists."""
+    def create(self, volume: str, spec: DirSpec, populate: Populate | None = None) -> None:
+        """Create a volume, empty or filled by ``populate``; all or nothing.
+
+        Raises ``BackendError`` if it already exists.
+        """
+
+    def replace(self, volume: str, populate: Populate) -> None:
+        """Swap the volume's content for what ``populate`` builds; all or nothing."""
 
     def remove(self, volume: str) -> None:
         """Delete the volume and its data.  Idempotent: a missing volume is fine."""

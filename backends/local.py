@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from backends.base import DirSpec
+from backends.base import DirSpec, Populate
 from backends.errors import BackendError
 from backends.fs import confined, fsync_dir, remove_tree
 from backends.usage import UsageCache
@@ -26,7 +26,8 @@ class LocalBackend:
         self.root = root / "volumes"
         self._creating = root / "volumes" / ".creating"
         self._removing = root / "volumes" / ".removing"
-        for d in (self.root, self._creating, self._removing):
+        self._replacing = root / "volumes" / ".replacing"
+        for d in (self.root, self._creating, self._removing, self._replacing):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # noqa: S103 -- traversal only, no listing
         self._usage = usage or UsageCache()
@@ -37,7 +38,7 @@ class LocalBackend:
     def exists(self, volume: str) -> bool:
         return self.path(volume).is_dir()
 
-    def create(self, volume: str, spec: DirSpec) -> None:
+    def create(self, volume: str, spec: DirSpec, populate: Populate | None = None) -> None:
         final = self.path(volume)
         if final.exists():
             raise BackendError(f"directory {final} already exists; remove it or pick another name")
@@ -45,15 +46,50 @@ class LocalBackend:
         remove_tree(staging)
         staging.mkdir(mode=0o700)
         try:
+            if populate is not None:
+                populate(staging)
             if spec.uid is not None or spec.gid is not None:
                 os.chown(staging, -1 if spec.uid is None else spec.uid,
                          -1 if spec.gid is None else spec.gid)
-            os.chmod(staging, spec.mode)
+            if populate is None or spec.mode != DirSpec.mode:
+                os.chmod(staging, spec.mode)
             os.rename(staging, final)
             fsync_dir(self.root)
-        except OSError as exc:
+        except BaseException as exc:
             remove_tree(staging)
-            raise BackendError(f"cannot create the directory of volume {volume!r}: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise BackendError(
+                    f"cannot create the directory of volume {volume!r}: {exc}") from exc
+            raise
+
+    def replace(self, volume: str, populate: Populate) -> None:
+        """Build the new content in ``.replacing/NAME.partial``, mark it ready, then swap.
+
+        After a crash, :meth:`recover` drops a partial build and completes a ready one.
+        """
+        final = self.path(volume)
+        partial = confined(self._replacing, f"{volume}.partial")
+        ready = confined(self._replacing, f"{volume}.ready")
+        remove_tree(partial)
+        remove_tree(ready)
+        partial.mkdir(mode=0o700)
+        try:
+            populate(partial)
+            os.rename(partial, ready)
+            fsync_dir(self._replacing)
+        except BaseException:
+            remove_tree(partial)
+            raise
+        self._swap_in(volume, ready, final)
+
+    def _swap_in(self, volume: str, ready: Path, final: Path) -> None:
+        doomed = confined(self._removing, f"{volume}@{secrets.token_hex(4)}")
+        if final.exists():
+            os.rename(final, doomed)
+        os.rename(ready, final)
+        fsync_dir(self.root)
+        remove_tree(doomed)
+        self._usage.forget(final)
 
     def remove(self, volume: str) -> None:
         final = self.path(volume)
@@ -100,6 +136,14 @@ class LocalBackend:
         }
 
     def recover(self) -> set[str]:
+        for entry in os.scandir(self._replacing):
+            volume, _, state = entry.name.rpartition(".")
+            if state == "ready":
+                log.info("completing the interrupted content swap of volume %s", volume)
+                self._swap_in(volume, Path(entry.path), self.path(volume))
+            else:
+                log.info("discarding %s: its build did not complete", entry.path)
+                remove_tree(Path(entry.path))
         for entry in os.scandir(self._creating):
             log.info("discarding %s: its create did not complete", entry.path)
             remove_tree(Path(entry.path))

@@ -7,15 +7,43 @@ they are parsed again through :func:`parse_options` whenever a volume is loaded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from backends.base import DirSpec
 from plugin.errors import InvalidOption
+from plugin.names import VOLUME_NAME
 
 MAX_ID = 2**32 - 2
 CREDENTIAL_HINTS = ("secret", "password", "passwd", "token", "access_key", "credential")
+
+
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}")
+S3_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=/-]{0,511}")
+DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    on_unmount: bool = False
+    every: int | None = None
+    """Seconds between periodic snapshots, or None."""
+    keep: int = 10
+    """Automatic snapshots kept; manual ones are never pruned automatically."""
+    on_remove: Literal["keep", "delete"] = "keep"
+
+
+@dataclass(frozen=True)
+class S3Policy:
+    bucket: str
+    prefix: str
+    sync: Literal["on-unmount", "manual", "periodic"] = "on-unmount"
+    every: int | None = None
+    restore: str = "latest"
+    """``latest``, ``never`` or a remote snapshot id."""
+    keep: int = 30
 
 
 @dataclass(frozen=True)
@@ -24,6 +52,10 @@ class VolumeOptions:
     uid: int | None = None
     gid: int | None = None
     mode: int = 0o755
+    source: str | None = None
+    """``from=VOLUME`` or ``from=VOLUME@SNAPSHOT``: the volume starts as a copy of it."""
+    snapshot: SnapshotPolicy = field(default_factory=SnapshotPolicy)
+    s3: S3Policy | None = None
 
     def dir_spec(self) -> DirSpec:
         return DirSpec(uid=self.uid, gid=self.gid, mode=self.mode)
@@ -33,7 +65,7 @@ class VolumeOptions:
         shown: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or f.name in ("snapshot", "s3"):
                 continue
             shown[f.name] = f"{value:04o}" if f.name == "mode" else str(value)
         return shown
@@ -62,10 +94,101 @@ def _mode(key: str, value: str) -> int:
     return number
 
 
+def _bool(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise InvalidOption(f"option {key}={value!r} must be true or false")
+
+
+def _positive(key: str, value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise InvalidOption(
+            f"option {key}={value!r} must be a positive whole number, e.g. {key}=10"
+        )
+    return int(value)
+
+
+def parse_duration(key: str, value: str) -> int:
+    """``30s``, ``15m``, ``6h``, ``1d`` or combinations (``1h30m``) to seconds."""
+    match = DURATION.fullmatch(value.lower())
+    if not value or match is None or not any(match.groups()):
+        raise InvalidOption(
+            f"option {key}={value!r} is not a duration: use a number with s, m, h or d, "
+            f"e.g. {key}=15m"
+        )
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total < 1:
+        raise InvalidOption(f"option {key}={value!r} must be at least 1s")
+    return total
+
+
+def _source(key: str, value: str) -> str:
+    volume, _, snapshot = value.partition("@")
+    if VOLUME_NAME.fullmatch(volume) is None or (
+        "@" in value and SNAPSHOT_NAME.fullmatch(snapshot) is None
+    ):
+        raise InvalidOption(
+            f"option {key}={value!r} must name a pyvol volume, VOLUME or VOLUME@SNAPSHOT"
+        )
+    return value
+
+
+def _on_remove(key: str, value: str) -> str:
+    if value not in ("keep", "delete"):
+        raise InvalidOption(f"option {key}={value!r} must be keep or delete")
+    return value
+
+
+def _s3_sync(key: str, value: str) -> tuple[str, int | None]:
+    if value in ("on-unmount", "manual"):
+        return value, None
+    try:
+        return "periodic", parse_duration(key, value)
+    except InvalidOption:
+        raise InvalidOption(
+            f"option {key}={value!r} must be on-unmount, manual or a duration such as 5m"
+        ) from None
+
+
+def _s3_prefix(key: str, value: str) -> str:
+    value = value.strip("/")
+    if S3_PREFIX.fullmatch(value) is None or ".." in value.split("/") or "//" in value:
+        raise InvalidOption(
+            f"option {key}={value!r} must be a relative key prefix from A-Z a-z 0-9 _ . = / -"
+        )
+    return value
+
+
+def _s3_restore(key: str, value: str) -> str:
+    if value in ("latest", "never") or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", value):
+        return value
+    raise InvalidOption(f"option {key}={value!r} must be latest, never or a remote snapshot id")
+
+
+def _text(key: str, value: str) -> str:
+    if not value:
+        raise InvalidOption(f"option {key} needs a value")
+    return value
+
+
 PARSERS: dict[str, Callable[[str, str], Any]] = {
     "uid": _id,
     "gid": _id,
     "mode": _mode,
+    "from": _source,
+    "snapshot_on_unmount": _bool,
+    "snapshot_every": parse_duration,
+    "snapshot_keep": _positive,
+    "snapshot_on_remove": _on_remove,
+    "s3_bucket": _text,
+    "s3_prefix": _s3_prefix,
+    "s3_sync": _s3_sync,
+    "s3_restore": _s3_restore,
+    "s3_keep": _positive,
 }
 VALID_KEYS = ("backend", *PARSERS)
 
@@ -88,6 +211,8 @@ def parse_options(
     *,
     default_backend: str,
     backends: Collection[str],
+    volume: str = "",
+    default_bucket: str = "",
 ) -> VolumeOptions:
     """Parse driver options into :class:`VolumeOptions`.
 
@@ -111,5 +236,26 @@ def parse_options(
         raise InvalidOption(
             f"option backend={backend!r} names no backend; available: {', '.join(sorted(backends))}"
         )
-    parsed = {key: PARSERS[key](key, value) for key, value in opts.items() if key in PARSERS}
-    return VolumeOptions(backend=backend, **parsed)
+    p = {key: PARSERS[key](key, value) for key, value in opts.items() if key in PARSERS}
+    snapshot = SnapshotPolicy(
+        on_unmount=p.get("snapshot_on_unmount", False),
+        every=p.get("snapshot_every"),
+        keep=p.get("snapshot_keep", SnapshotPolicy.keep),
+        on_remove=p.get("snapshot_on_remove", "keep"),
+    )
+    s3 = None
+    if any(key.startswith("s3_") for key in p):
+        bucket = p.get("s3_bucket") or default_bucket
+        if not bucket:
+            raise InvalidOption(
+                "S3 sync needs a bucket: add -o s3_bucket=NAME, or set a default with "
+                "`docker plugin set pyvol S3_BUCKET=NAME`"
+            )
+        sync, every = p.get("s3_sync", ("on-unmount", None))
+        s3 = S3Policy(bucket=bucket, prefix=p.get("s3_prefix") or volume, sync=sync,
+                      every=every, restore=p.get("s3_restore", "latest"),
+                      keep=p.get("s3_keep", S3Policy.keep))
+    return VolumeOptions(
+        backend=backend, uid=p.get("uid"), gid=p.get("gid"), mode=p.get("mode", 0o755),
+        source=p.get("from"), snapshot=snapshot, s3=s3,
+    )

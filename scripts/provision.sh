@@ -90,6 +90,20 @@ step_engine() {
   die "dockerd (pid $pid) did not answer docker info within 60 s; see $DOCKERD_LOG"
 }
 
+# Temporary directories, removed on exit. debootstrap mounts /proc and /sys inside its target,
+# so unmount first and never let rm cross into another file system.
+TMPDIRS=()
+cleanup() {
+  local d m
+  for d in "${TMPDIRS[@]}"; do
+    for m in dev/pts proc sys; do
+      mountpoint -q "$d/$m" 2>/dev/null && umount -R "$d/$m" 2>/dev/null || true
+    done
+    rm -rf --one-file-system "$d"
+  done
+}
+trap cleanup EXIT
+
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
 build_busybox_image() {
@@ -102,7 +116,7 @@ build_busybox_image() {
   ! ldd "$bb" >/dev/null 2>&1 || die "$bb is dynamically linked: install busybox-static"
   local dir
   dir=$(mktemp -d /tmp/pyvol-busybox.XXXXXX)
-  trap 'rm -rf "$dir"' RETURN
+  TMPDIRS+=("$dir")
   mkdir -p "$dir"/{bin,sbin,usr/bin,usr/sbin,etc,root,tmp,proc,sys,dev}
   chmod 1777 "$dir/tmp"
   cp "$bb" "$dir/bin/busybox"
@@ -152,8 +166,7 @@ build_python_image() {
   mkdir -p "$CACHE"
   local dir how
   dir=$(mktemp -d /var/tmp/pyvol-rootfs.XXXXXX)
-  # debootstrap mounts /proc and /sys inside the target: never let rm cross into them.
-  trap 'umount -R "$dir/proc" "$dir/sys" "$dir/dev/pts" 2>/dev/null; rm -rf --one-file-system "$dir"' RETURN
+  TMPDIRS+=("$dir")
   if [[ -s $PYTHON_TARBALL ]]; then
     how="from cached $PYTHON_TARBALL"
     tar -C "$dir" --numeric-owner -xpf "$PYTHON_TARBALL"
