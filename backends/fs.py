@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -127,8 +128,55 @@ def unmount(target: Path) -> None:
             raise
 
 
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """Undo mountinfo's octal escapes (``\\040`` for a space, ``\\134`` for a backslash)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
 def is_mountpoint(path: Path) -> bool:
+    """Whether something is mounted on ``path``, bind mounts within one filesystem included.
+
+    ``os.path.ismount`` compares device numbers with the parent's, so it misses a bind mount
+    of a directory from the same filesystem; mountinfo lists every mount.
+    """
     try:
-        return os.path.ismount(path)
+        target = os.fsencode(os.path.realpath(path))
+        with MOUNTINFO.open("rb") as f:
+            return any(
+                len(fields) > 4 and _unescape_mountinfo(fields[4]) == target
+                for fields in (line.split() for line in f)
+            )
     except OSError:
-        return False
+        try:
+            return os.path.ismount(path)
+        except OSError:
+            return False
+
+
+def syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding ``path`` (one call instead of an fsync per file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _load_libc().syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync, rename and directory fsync."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)

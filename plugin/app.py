@@ -57,6 +57,40 @@ def _volume(info: VolumeInfo) -> Body:
     return wire
 
 
+def _field(body: Body, key: str, required: bool = True) -> str | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"the request needs a non-empty string {key!r}")
+    return value
+
+
+def _volume_arg(body: Body) -> str:
+    volume = _field(body, "Volume")
+    assert volume is not None  # noqa: S101 -- required
+    return volume
+
+
+def _snapshot_create(d: Driver, b: Body) -> Body:
+    info = d.snapshot_create(_volume_arg(b), _field(b, "Name", required=False))
+    return {"Snapshot": info.to_json()}
+
+
+def _snapshot_remove(d: Driver, b: Body) -> Body:
+    name = _field(b, "Name", required=False)
+    if name is None and b.get("All") is not True:
+        raise InvalidRequest("name a snapshot, or pass All: true to remove every snapshot")
+    d.snapshot_remove(_volume_arg(b), name)
+    return {}
+
+
+def _snapshot_restore(d: Driver, b: Body) -> Body:
+    name = _field(b, "Name")
+    assert name is not None  # noqa: S101 -- required
+    return {"Safety": d.snapshot_restore(_volume_arg(b), name).to_json()}
+
+
 def _create(d: Driver, b: Body) -> Body:
     d.create(_name(b), _opts(b))
     return {}
@@ -85,7 +119,13 @@ ROUTES: dict[str, Handler] = {
     "VolumeDriver.Unmount": _unmount,
     "VolumeDriver.Path": lambda d, b: {"Mountpoint": str(d.path(_name(b)))},
     "VolumeDriver.Get": lambda d, b: {"Volume": _volume(d.get(_name(b)))},
-    "VolumeDriver.List": lambda d, b: {"Volumes": [_volume(v) for v in d.list()]},
+    "VolumeDriver.List": lambda d, b: {"Volumes": [_volume(v) for v in d.list_volumes()]},
+    # pyvol's management API, used by the `pyvol` CLI (documented in README.md)
+    "pyvol/snapshot/create": _snapshot_create,
+    "pyvol/snapshot/list": lambda d, b: {
+        "Snapshots": [s.to_json() for s in d.snapshot_list(_volume_arg(b))]},
+    "pyvol/snapshot/remove": _snapshot_remove,
+    "pyvol/snapshot/restore": _snapshot_restore,
 }
 
 
@@ -101,25 +141,31 @@ def create_app(driver: Driver, extra_routes: dict[str, Handler] | None = None) -
     def dispatch(endpoint: str) -> Response | tuple[Response, int]:
         handler = routes.get(endpoint)
         if handler is None:
+            log.warning("unknown endpoint %.80r", f"/{endpoint}")
             return _err(f"unknown endpoint /{endpoint}", 404)
-        body = request.get_json(force=True, silent=True)
+        try:
+            body = request.get_json(force=True, silent=True)
+        except RecursionError:  # nested too deep for json; silent=True only covers ValueError
+            body = None
         if not isinstance(body, dict):
             body = {}
+        # Names are logged escaped and cut short: a hostile Name must not forge log lines.
         started = time.perf_counter()
         try:
             result = handler(driver, body)
         except (PyvolError, BackendError) as exc:
-            log.info("%s %s failed: %s", endpoint, body.get("Name", ""), exc)
+            log.info("%s %.80r failed: %s", endpoint, body.get("Name", ""), exc)
             return _err(str(exc))
         except Exception as exc:
-            log.exception("%s %s crashed", endpoint, body.get("Name", ""))
+            log.exception("%s %.80r crashed", endpoint, body.get("Name", ""))
             return _err(f"internal error in pyvol during {endpoint}: {exc}; see the plugin log")
-        log.info("%s %s ok (%.1f ms)", endpoint, body.get("Name", ""),
-                (time.perf_counter() - started) * 1000)
+        log.info("%s %.80r ok (%.1f ms)", endpoint, body.get("Name", ""),
+                 (time.perf_counter() - started) * 1000)
         return jsonify(result)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
+        log.warning("%s %.80r refused: %s", request.method, request.path, exc.name)
         return _err(f"{exc.name}: use POST /VolumeDriver.<Method>", exc.code or 500)
 
     return app

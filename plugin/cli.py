@@ -1,11 +1,18 @@
-"""The ``pyvol`` command: ``pyvol serve`` runs the plugin server."""
+"""The ``pyvol`` command.
+
+``pyvol serve`` runs the plugin server (legacy mode, or inside the managed plugin).  The other
+commands talk to a running plugin over its socket.  Every error prints one line on stderr and
+exits non-zero.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_SOCKET = Path("/run/docker/plugins/pyvol.sock")
 DEFAULT_ROOT = Path("/var/lib/pyvol")
@@ -20,9 +27,60 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call(args: argparse.Namespace, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    from plugin.client import call, find_socket
+
+    return call(args.socket or find_socket(), endpoint, body)
+
+
+def _split(ref: str) -> tuple[str, str]:
+    volume, at, name = ref.partition("@")
+    if not at or not volume or not name:
+        raise SystemExit(f"pyvol: expected VOLUME@SNAPSHOT, got {ref!r}")
+    return volume, name
+
+
+def _snapshot_create(args: argparse.Namespace) -> int:
+    body = {"Volume": args.volume, **({"Name": args.name} if args.name else {})}
+    snap = _call(args, "pyvol/snapshot/create", body)["Snapshot"]
+    print(f"{snap['volume']}@{snap['name']}")
+    return 0
+
+
+def _snapshot_ls(args: argparse.Namespace) -> int:
+    snaps = _call(args, "pyvol/snapshot/list", {"Volume": args.volume})["Snapshots"]
+    if args.json:
+        print(json.dumps(snaps, indent=2))
+    else:
+        for snap in snaps:
+            print(snap["name"])
+    return 0
+
+
+def _snapshot_rm(args: argparse.Namespace) -> int:
+    if args.all:
+        if "@" in args.ref:
+            raise SystemExit("pyvol: with --all, give the VOLUME only")
+        _call(args, "pyvol/snapshot/remove", {"Volume": args.ref, "All": True})
+        return 0
+    volume, name = _split(args.ref)
+    _call(args, "pyvol/snapshot/remove", {"Volume": volume, "Name": name})
+    return 0
+
+
+def _snapshot_restore(args: argparse.Namespace) -> int:
+    volume, name = _split(args.ref)
+    safety = _call(args, "pyvol/snapshot/restore", {"Volume": volume, "Name": name})["Safety"]
+    print(f"restored {volume} from {name}; previous content kept as {volume}@{safety['name']}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pyvol", description="pyvol Docker volume plugin")
+    top.add_argument("--socket", type=Path, default=None,
+                     help="the plugin's socket (default: found through `docker plugin inspect`)")
     sub = top.add_subparsers(dest="command", required=True)
+
     serve = sub.add_parser("serve", help="run the volume plugin server on a unix socket")
     serve.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
                        help=f"unix socket to listen on (default {DEFAULT_SOCKET})")
@@ -31,12 +89,39 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--mount-root", type=Path, default=None,
                        help="managed plugins: the propagatedMount to bind volumes under")
     serve.set_defaults(func=_serve)
+
+    snapshot = sub.add_parser("snapshot", help="point-in-time copies of volumes")
+    snap = snapshot.add_subparsers(dest="action", required=True)
+    create = snap.add_parser("create", help="snapshot VOLUME now (NAME: a UTC timestamp)")
+    create.add_argument("volume")
+    create.add_argument("name", nargs="?")
+    create.set_defaults(func=_snapshot_create)
+    ls = snap.add_parser("ls", help="list VOLUME's snapshots, oldest first")
+    ls.add_argument("volume")
+    ls.add_argument("--json", action="store_true", help="details as JSON")
+    ls.set_defaults(func=_snapshot_ls)
+    rm = snap.add_parser("rm", help="remove VOLUME@NAME (or --all VOLUME)")
+    rm.add_argument("ref")
+    rm.add_argument("--all", action="store_true", help="remove every snapshot of VOLUME")
+    rm.set_defaults(func=_snapshot_rm)
+    restore = snap.add_parser(
+        "restore", help="replace VOLUME's content with VOLUME@NAME (volume must be unmounted)")
+    restore.add_argument("ref")
+    restore.set_defaults(func=_snapshot_restore)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    from plugin.errors import PyvolError
+
     args = parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except PyvolError as exc:
+        print(f"pyvol: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -18,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from backends import REGISTRY, Backend
+from backends.base import Populate
 from backends.fs import bind_mount, confined, is_mountpoint, unmount
-from plugin.errors import VolumeExists, VolumeInUse, VolumeNotFound
+from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
+from backends.tree import copy_tree
+from plugin.errors import InvalidOption, VolumeExists, VolumeInUse, VolumeNotFound
+from plugin.jobs import Jobs
 from plugin.names import validate_volume_name
 from plugin.options import VolumeOptions, parse_options
 from plugin.settings import Settings
+from plugin.snapshotting import Snapshotter, validate_snapshot_name
 from plugin.state import StateStore, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,8 @@ class Driver:
         }
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.jobs = Jobs(name="snapshot")
+        self.snapshots = Snapshotter(SnapshotStore(settings.root), self.jobs)
 
     # helpers
 
@@ -66,7 +73,10 @@ class Driver:
     def options_of(self, record: VolumeRecord) -> VolumeOptions:
         """Parse a stored record's raw options again, exactly as Create parsed them."""
         return parse_options(record.options, default_backend=record.backend,
-                             backends=self.backends.keys())
+                             backends=self.backends.keys(), volume=record.name)
+
+    def _data(self, name: str) -> Path:
+        return self.backends[self._record(name).backend].path(name)
 
     def _record(self, name: str) -> VolumeRecord:
         record = self.state.get_volume(validate_volume_name(name))
@@ -86,7 +96,13 @@ class Driver:
         """Create a volume.  Idempotent for the same options; other options raise VolumeExists."""
         validate_volume_name(name)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
-                                backends=self.backends.keys())
+                                backends=self.backends.keys(), volume=name,
+                                default_bucket=self.settings.s3_bucket)
+        stored = {k: str(v) for k, v in (raw_options or {}).items()}
+        if options.s3 is not None:
+            # Persist the bucket resolved now: a later S3_BUCKET change must not move it.
+            stored = {k: v for k, v in stored.items() if k.strip().lower() != "s3_bucket"}
+            stored["s3_bucket"] = options.s3.bucket
         with self._locked(name):
             existing = self.state.get_volume(name)
             if existing is not None:
@@ -98,16 +114,33 @@ class Driver:
                     "same options, or pick another name"
                 )
             backend = self.backends[options.backend]
-            backend.create(name, options.dir_spec())
+            backend.create(name, options.dir_spec(), self._populate(name, options))
             try:
-                self.state.add_volume(VolumeRecord(
-                    name=name, backend=options.backend,
-                    options={k: str(v) for k, v in (raw_options or {}).items()},
-                ))
+                self.state.add_volume(VolumeRecord(name=name, backend=options.backend,
+                                                   options=stored))
             except BaseException:
                 backend.remove(name)
                 raise
+        self.snapshots.track(name, options.snapshot, lambda: self._data(name))
         log.info("created volume %s with %s", name, options.describe())
+
+    def _populate(self, name: str, options: VolumeOptions) -> Populate | None:
+        """What a new volume starts with: a copy of ``from=`` if given, else nothing."""
+        if options.source is None:
+            return None
+        volume, _, snapshot = options.source.partition("@")
+        if snapshot:
+            return self.snapshots.store.populate_from(volume, snapshot)
+        if volume == name:
+            raise InvalidOption(f"option from={volume} names the volume being created")
+        source = self.state.get_volume(volume)
+        if source is None:
+            raise InvalidOption(
+                f"option from={volume}: no pyvol volume {volume!r} (a volume of another driver "
+                "cannot be cloned); see `docker volume ls -f driver=pyvol`"
+            )
+        data = self.backends[source.backend].path(volume)
+        return lambda dst: copy_tree(data, dst)
 
     def remove(self, name: str) -> None:
         """Delete a volume and its data.  Raises VolumeNotFound or VolumeInUse."""
@@ -116,6 +149,7 @@ class Driver:
             mounts = self.state.mount_count(name)
             if mounts:
                 raise VolumeInUse(name, mounts)
+            self.snapshots.on_remove(name, self.options_of(record).snapshot)
             self.backends[record.backend].remove(name)
             self.state.delete_volume(name)
 
@@ -129,6 +163,7 @@ class Driver:
             backend = self.backends[record.backend]
             first = self.state.mount_count(name) == 0
             if first:
+                self.snapshots.before_mount(name)
                 self._expose(name, backend.mount(name))
             try:
                 self.state.add_mount(name, mount_id)
@@ -142,14 +177,18 @@ class Driver:
         """Count one use less.  An unknown ID or volume is logged and succeeds."""
         with self._locked(name):
             if self.state.get_volume(validate_volume_name(name)) is None:
-                log.warning("unmount of unknown volume %s (mount %s) ignored", name, mount_id)
+                log.warning("unmount of unknown volume %s (mount %.80r) ignored", name, mount_id)
                 return
             known, remaining = self.state.drop_mount(name, mount_id)
             if not known:
-                log.warning("unmount of %s with unknown mount ID %s ignored", name, mount_id)
+                log.warning("unmount of %s with unknown mount ID %.80r ignored", name, mount_id)
                 return
             if remaining == 0:
-                self._unexpose(name, self.backends[self._record(name).backend])
+                record = self._record(name)
+                backend = self.backends[record.backend]
+                self._unexpose(name, backend)
+                self.snapshots.after_last_unmount(
+                    name, self.options_of(record).snapshot, backend.path(name))
 
     def path(self, name: str) -> Path:
         return self._mountpoint(self._record(name))
@@ -159,7 +198,7 @@ class Driver:
         return VolumeInfo(name=record.name, mountpoint=self._mountpoint(record),
                           created_at=record.created_at, status=self._status(record))
 
-    def list(self) -> list[VolumeInfo]:
+    def list_volumes(self) -> list[VolumeInfo]:
         return [
             VolumeInfo(name=r.name, mountpoint=self._mountpoint(r), created_at=r.created_at)
             for r in self.state.list_volumes()
@@ -171,9 +210,11 @@ class Driver:
         """Never raises: Get of an existing volume must not fail (dockerd would purge it)."""
         status: dict[str, Any] = {}
         try:
-            status["options"] = self.options_of(record).describe()
+            options = self.options_of(record)
+            status["options"] = options.describe()
             status["mounts"] = self.state.mount_count(record.name)
             status.update(self.backends[record.backend].status(record.name))
+            status.update(self.snapshots.status(record.name, options.snapshot))
         except Exception as exc:
             log.exception("status of volume %s failed", record.name)
             status["status_error"] = str(exc)
@@ -193,7 +234,60 @@ class Driver:
         finally:
             backend.unmount(name)
 
+    # snapshots (the management API)
+
+    def snapshot_create(self, volume: str, name: str | None) -> SnapshotInfo:
+        if name is not None:
+            validate_snapshot_name(name)
+        data = self._data(volume)
+        return self.snapshots.store.create(volume, data, name, kind="manual")
+
+    def snapshot_list(self, volume: str) -> list[SnapshotInfo]:
+        validate_volume_name(volume)
+        snaps = self.snapshots.store.list_snapshots(volume)
+        if not snaps and self.state.get_volume(volume) is None:
+            raise VolumeNotFound(volume)
+        return snaps
+
+    def snapshot_remove(self, volume: str, name: str | None) -> None:
+        """Remove one snapshot, or all of the volume's snapshots when ``name`` is None."""
+        validate_volume_name(volume)
+        if name is None:
+            self.snapshots.store.remove_all(volume)
+        else:
+            self.snapshots.store.remove(volume, validate_snapshot_name(name))
+
+    def snapshot_restore(self, volume: str, name: str) -> SnapshotInfo:
+        """Replace the volume's content with ``volume@name``; returns the safety snapshot.
+
+        Only while unmounted: a safety snapshot of the current content is taken first.
+        """
+        validate_snapshot_name(name)
+        with self._locked(volume):
+            record = self._record(volume)
+            mounts = self.state.mount_count(volume)
+            if mounts:
+                raise VolumeInUse(volume, mounts)
+            store = self.snapshots.store
+            store.get(volume, name)
+            self.jobs.wait(volume)
+            backend = self.backends[record.backend]
+            safety = store.create(volume, backend.path(volume), f"pre-restore-{default_name()}",
+                                  kind="safety")
+            backend.replace(volume, store.populate_from(volume, name))
+            log.info("volume %s restored from snapshot %s (safety snapshot %s)", volume, name,
+                     safety.name)
+            return safety
+
     # start-up
+
+    def start(self) -> None:
+        """Start background work: snapshot recovery and the snapshot schedule."""
+        for record in self.state.list_volumes():
+            self.snapshots.track(record.name, self.options_of(record).snapshot,
+                                 lambda n=record.name: self._data(n))  # type: ignore[misc]
+        self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
+        self.snapshots.start()
 
     def recover(self) -> None:
         """Reconcile state and disk after a restart or crash; never deletes user data."""

@@ -29,6 +29,7 @@ def build_app(settings: Settings) -> Flask:
 
     driver = Driver(settings)
     driver.recover()
+    driver.start()
     return create_app(driver)
 
 

@@ -19,6 +19,8 @@ class Settings:
     """Managed plugins: the propagatedMount under which volumes are bind-mounted."""
     log_level: str = "INFO"
     default_backend: str = "local"
+    s3_bucket: str = ""
+    """Default bucket for volumes created with ``-o s3_sync`` but no ``s3_bucket``."""
 
     @classmethod
     def from_env(
@@ -41,4 +43,5 @@ class Settings:
             mount_root=mount_root,
             log_level=level,
             default_backend=(env.get("DEFAULT_BACKEND") or "local").strip(),
+            s3_bucket=(env.get("S3_BUCKET") or "").strip(),
         )

@@ -1,0 +1,132 @@
+"""Snapshot policies in action: on last unmount, on a schedule, with retention.
+
+Holds the snapshot store; the driver calls it at mount, unmount and remove.  Automatic
+snapshots run as background jobs, so no Docker call waits on them, except a Mount of the
+same volume, which waits (bounded) until its on-unmount snapshot has read the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backends.snapshots import SnapshotStore
+from plugin.errors import InvalidName
+from plugin.jobs import Jobs
+from plugin.options import SNAPSHOT_NAME, SnapshotPolicy
+
+log = logging.getLogger(__name__)
+
+MOUNT_WAIT = 90.0
+STATUS_SNAPSHOTS = 20
+
+
+def validate_snapshot_name(name: str) -> str:
+    if SNAPSHOT_NAME.fullmatch(name) is None:
+        raise InvalidName(
+            f"invalid snapshot name {name[:40]!r}: use 1-255 characters from A-Z a-z 0-9 "
+            "_ . : -, starting with a letter or digit"
+        )
+    return name
+
+
+class Snapshotter:
+    def __init__(self, store: SnapshotStore, jobs: Jobs) -> None:
+        self.store = store
+        self.jobs = jobs
+        self._periodic: dict[str, tuple[SnapshotPolicy, Callable[[], Path]]] = {}
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # driver hooks
+
+    def track(self, volume: str, policy: SnapshotPolicy, data: Callable[[], Path]) -> None:
+        """Register a volume's periodic policy (at create and at start-up)."""
+        if policy.every:
+            with self._guard:
+                self._periodic[volume] = (policy, data)
+
+    def untrack(self, volume: str) -> None:
+        with self._guard:
+            self._periodic.pop(volume, None)
+
+    def before_mount(self, volume: str) -> None:
+        if not self.jobs.wait(volume, MOUNT_WAIT):
+            log.warning("volume %s: mounting while its snapshot is still running; the snapshot "
+                        "may include writes made from now on", volume)
+
+    def after_last_unmount(self, volume: str, policy: SnapshotPolicy, data: Path) -> None:
+        if policy.on_unmount:
+            self.jobs.submit(volume, "snapshot on unmount",
+                             lambda: self._automatic(volume, policy, data))
+
+    def on_remove(self, volume: str, policy: SnapshotPolicy) -> None:
+        self.untrack(volume)
+        self.jobs.wait(volume)
+        if policy.on_remove == "delete":
+            self.store.remove_all(volume)
+
+    def status(self, volume: str, policy: SnapshotPolicy) -> dict[str, Any]:
+        snaps = self.store.list_snapshots(volume)
+        status: dict[str, Any] = {
+            "snapshot_policy": {
+                "on_unmount": policy.on_unmount,
+                "every_seconds": policy.every,
+                "keep": policy.keep,
+                "on_remove": policy.on_remove,
+            },
+            "snapshot_count": len(snaps),
+            "snapshots": [
+                {"name": s.name, "created": s.created.isoformat(), "kind": s.kind,
+                 "size_bytes": s.size, "files": s.files}
+                for s in reversed(snaps[-STATUS_SNAPSHOTS:])
+            ],
+        }
+        if self.jobs.busy(volume):
+            status["snapshot_state"] = "running"
+        error = self.jobs.errors.get(volume)
+        if error:
+            status["snapshot_error"] = error
+        return status
+
+    def _automatic(self, volume: str, policy: SnapshotPolicy, data: Path) -> None:
+        self.store.create(volume, data, kind="automatic")
+        dropped = self.store.prune(volume, policy.keep)
+        if dropped:
+            log.info("volume %s: pruned %d automatic snapshot(s)", volume, len(dropped))
+
+    # the schedule
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="snapshot-schedule", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._guard:
+                periodic = dict(self._periodic)
+            now = time.time()
+            for volume, (policy, data) in periodic.items():
+                if self.jobs.busy(volume) or policy.every is None:
+                    continue
+                automatic = [s for s in self.store.list_snapshots(volume) if s.kind == "automatic"]
+                last = automatic[-1].created.timestamp() if automatic else 0.0
+                if now - last >= policy.every:
+                    self.jobs.submit(volume, "periodic snapshot",
+                                     self._periodic_job(volume, policy, data))
+
+    def _periodic_job(self, volume: str, policy: SnapshotPolicy,
+                      data: Callable[[], Path]) -> Callable[[], None]:
+        def run() -> None:
+            path = data()
+            if path.is_dir():
+                self._automatic(volume, policy, path)
+        return run
