@@ -33,7 +33,7 @@ from backends.tree import Entry, clone_or_copy, materialize, scan
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["manual", "automatic", "safety"]
+Kind = Literal["manual", "automatic", "safety", "sync"]
 COPY_THREADS = 4
 
 
@@ -227,7 +227,14 @@ class SnapshotStore:
             self.remove(volume, name)
         return doomed
 
-    def remove_all(self, volume: str) -> None:
+    def remove_all(self, volume: str, keep_kinds: frozenset[str] = frozenset()) -> None:
+        """Remove every snapshot of the volume, except those of ``keep_kinds``."""
+        kept = [i for i in self.list_snapshots(volume) if i.kind in keep_kinds]
+        if kept:
+            for info in self.list_snapshots(volume):
+                if info.kind not in keep_kinds:
+                    self.remove(volume, info.name)
+            return
         with self._lock(volume):
             remove_tree(self._dir(volume))
             with self._guard:

@@ -91,6 +91,31 @@ def _snapshot_restore(d: Driver, b: Body) -> Body:
     return {"Safety": d.snapshot_restore(_volume_arg(b), name).to_json()}
 
 
+def _sync_push(d: Driver, b: Body) -> Body:
+    d.sync_push(_volume_arg(b))
+    return {}
+
+
+def _sync_status(d: Driver, b: Body) -> Body:
+    status = d.get(_volume_arg(b)).status or {}
+    return {"Status": status.get("s3")}
+
+
+def _sync_restore(d: Driver, b: Body) -> Body:
+    snapshot = _field(b, "Snapshot")
+    assert snapshot is not None  # noqa: S101 -- required
+    safety = d.sync_restore(_volume_arg(b), snapshot)
+    return {"Safety": safety.to_json() if safety else None}
+
+
+def _sync_delete_remote(d: Driver, b: Body) -> Body:
+    volume = _volume_arg(b)
+    if b.get("Confirm") != volume:
+        raise InvalidRequest(f"deleting the remote copy needs Confirm: {volume!r}")
+    d.sync_delete_remote(volume)
+    return {}
+
+
 def _create(d: Driver, b: Body) -> Body:
     d.create(_name(b), _opts(b))
     return {}
@@ -126,6 +151,12 @@ ROUTES: dict[str, Handler] = {
         "Snapshots": [s.to_json() for s in d.snapshot_list(_volume_arg(b))]},
     "pyvol/snapshot/remove": _snapshot_remove,
     "pyvol/snapshot/restore": _snapshot_restore,
+    "pyvol/sync/push": _sync_push,
+    "pyvol/sync/status": _sync_status,
+    "pyvol/sync/list": lambda d, b: {
+        "Snapshots": [s.to_json() for s in d.sync_list(_volume_arg(b))]},
+    "pyvol/sync/restore": _sync_restore,
+    "pyvol/sync/delete-remote": _sync_delete_remote,
 }
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ def _serve(args: argparse.Namespace) -> int:
     serve(Settings.from_env(os.environ, root=args.root, socket=args.socket,
                             mount_root=args.mount_root))
     return 0
+
+
+class ClientFailure(Exception):
+    """A CLI usage or outcome error: one line on stderr, exit 1."""
 
 
 def _call(args: argparse.Namespace, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +80,71 @@ def _snapshot_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar(done: int, total: int) -> None:
+    width = 40
+    filled = width * done // total if total else 0
+    percent = 100 * done // total if total else 0
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {percent:3d}% "
+                     f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB")
+    sys.stderr.flush()
+
+
+def _sync_push(args: argparse.Namespace, volume: str) -> int:
+    before = (_call(args, "pyvol/sync/status", {"Volume": volume})["Status"] or {})
+    started = (before.get("last_push") or {}).get("at")
+    _call(args, "pyvol/sync/push", {"Volume": volume})
+    if not args.wait:
+        print(f"push of {volume} queued; follow it with `docker volume inspect {volume}`")
+        return 0
+    tty = sys.stderr.isatty()
+    seen_error = (before.get("last_error") or {}).get("at")
+    while True:
+        time.sleep(0.3)
+        status = _call(args, "pyvol/sync/status", {"Volume": volume})["Status"] or {}
+        if tty and status.get("state") == "syncing":
+            _progress_bar(int(status.get("bytes_done", 0)), int(status.get("bytes_total", 0)))
+        last = status.get("last_push") or {}
+        if status.get("state") == "idle" and last.get("at") != started:
+            if tty:
+                sys.stderr.write("\n")
+            print(f"pushed {volume} as remote snapshot {last.get('remote_snapshot')}")
+            return 0
+        error = status.get("last_error") or {}
+        if error.get("at") and error.get("at") != seen_error:
+            if tty:
+                sys.stderr.write("\n")
+            raise ClientFailure(f"push of {volume} failed: {error.get('message')} "
+                                "(it is retried in the background)")
+
+
+def _sync(args: argparse.Namespace) -> int:
+    words = args.words
+    if words[0] == "ls" and len(words) == 2:
+        snaps = _call(args, "pyvol/sync/list", {"Volume": words[1]})["Snapshots"]
+        if args.json:
+            print(json.dumps(snaps, indent=2))
+        for snap in snaps if not args.json else []:
+            print(f"{snap['id']}\t{snap['created']}\t{snap['size']}\t{snap['files']}")
+        return 0
+    if words[0] == "restore" and len(words) == 3:
+        answer = _call(args, "pyvol/sync/restore", {"Volume": words[1], "Snapshot": words[2]})
+        safety = answer.get("Safety")
+        print(f"restored {words[1]} from remote snapshot {words[2]}"
+              + (f"; previous content kept as {words[1]}@{safety['name']}" if safety else ""))
+        return 0
+    if words[0] == "delete-remote" and len(words) == 2:
+        if not args.yes:
+            raise ClientFailure(f"this deletes every remote snapshot of {words[1]}: "
+                                "add --yes to confirm")
+        _call(args, "pyvol/sync/delete-remote", {"Volume": words[1], "Confirm": words[1]})
+        print(f"deleted the remote copy of {words[1]}")
+        return 0
+    if len(words) == 1 and words[0] not in ("ls", "restore", "delete-remote"):
+        return _sync_push(args, words[0])
+    raise ClientFailure("usage: pyvol sync VOLUME [--wait] | sync ls VOLUME | "
+                        "sync restore VOLUME ID | sync delete-remote VOLUME --yes")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pyvol", description="pyvol Docker volume plugin")
     top.add_argument("--socket", type=Path, default=None,
@@ -108,6 +178,17 @@ def parser() -> argparse.ArgumentParser:
         "restore", help="replace VOLUME's content with VOLUME@NAME (volume must be unmounted)")
     restore.add_argument("ref")
     restore.set_defaults(func=_snapshot_restore)
+
+    sync = sub.add_parser(
+        "sync", help="S3 sync: VOLUME (push now), ls VOLUME, restore VOLUME ID, "
+        "delete-remote VOLUME",
+        description="Removing a volume with `docker volume rm` keeps its remote copy; "
+        "`pyvol sync delete-remote VOLUME --yes` deletes it.")
+    sync.add_argument("words", nargs="+", metavar="ARG")
+    sync.add_argument("--wait", action="store_true", help="push: wait and show progress")
+    sync.add_argument("--json", action="store_true", help="ls: details as JSON")
+    sync.add_argument("--yes", action="store_true", help="delete-remote: confirm")
+    sync.set_defaults(func=_sync)
     return top
 
 
@@ -117,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except PyvolError as exc:
+    except (PyvolError, ClientFailure) as exc:
         print(f"pyvol: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends import REGISTRY, Backend
 from backends.base import Populate
@@ -25,10 +25,14 @@ from backends.tree import copy_tree
 from plugin.errors import InvalidOption, VolumeExists, VolumeInUse, VolumeNotFound
 from plugin.jobs import Jobs
 from plugin.names import validate_volume_name
-from plugin.options import VolumeOptions, parse_options
+from plugin.options import S3Policy, VolumeOptions, parse_options
 from plugin.settings import Settings
 from plugin.snapshotting import Snapshotter, validate_snapshot_name
 from plugin.state import StateStore, VolumeRecord
+from plugin.syncing import Syncer
+
+if TYPE_CHECKING:
+    from backends.s3 import RemoteSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,10 @@ class Driver:
         }
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self.jobs = Jobs(name="snapshot")
-        self.snapshots = Snapshotter(SnapshotStore(settings.root), self.jobs)
+        self.jobs = Jobs(name="volume-jobs")
+        store = SnapshotStore(settings.root)
+        self.snapshots = Snapshotter(store, self.jobs)
+        self.sync = Syncer(settings.root, self.state, store, self.jobs, dict(settings.s3_env))
 
     # helpers
 
@@ -121,6 +127,10 @@ class Driver:
             except BaseException:
                 backend.remove(name)
                 raise
+            if options.s3 is not None:
+                restore = options.s3 if options.source is None else \
+                    replace(options.s3, restore="never")
+                self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
         self.snapshots.track(name, options.snapshot, lambda: self._data(name))
         log.info("created volume %s with %s", name, options.describe())
 
@@ -149,8 +159,12 @@ class Driver:
             mounts = self.state.mount_count(name)
             if mounts:
                 raise VolumeInUse(name, mounts)
-            self.snapshots.on_remove(name, self.options_of(record).snapshot)
-            self.backends[record.backend].remove(name)
+            options = self.options_of(record)
+            backend = self.backends[record.backend]
+            if options.s3 is not None:
+                self.sync.on_remove(name, options.s3, backend.path(name))
+            self.snapshots.on_remove(name, options.snapshot)
+            backend.remove(name)
             self.state.delete_volume(name)
 
     def mount(self, name: str, mount_id: str) -> Path:
@@ -164,6 +178,9 @@ class Driver:
             first = self.state.mount_count(name) == 0
             if first:
                 self.snapshots.before_mount(name)
+                s3 = self.options_of(record).s3
+                if s3 is not None:
+                    self.sync.before_mount(name, s3)
                 self._expose(name, backend.mount(name))
             try:
                 self.state.add_mount(name, mount_id)
@@ -187,8 +204,10 @@ class Driver:
                 record = self._record(name)
                 backend = self.backends[record.backend]
                 self._unexpose(name, backend)
-                self.snapshots.after_last_unmount(
-                    name, self.options_of(record).snapshot, backend.path(name))
+                options = self.options_of(record)
+                self.snapshots.after_last_unmount(name, options.snapshot, backend.path(name))
+                if options.s3 is not None:
+                    self.sync.after_last_unmount(name, options.s3, backend.path(name))
 
     def path(self, name: str) -> Path:
         return self._mountpoint(self._record(name))
@@ -215,6 +234,8 @@ class Driver:
             status["mounts"] = self.state.mount_count(record.name)
             status.update(self.backends[record.backend].status(record.name))
             status.update(self.snapshots.status(record.name, options.snapshot))
+            if options.s3 is not None:
+                status.update(self.sync.status(record.name, options.s3))
         except Exception as exc:
             log.exception("status of volume %s failed", record.name)
             status["status_error"] = str(exc)
@@ -244,7 +265,7 @@ class Driver:
 
     def snapshot_list(self, volume: str) -> list[SnapshotInfo]:
         validate_volume_name(volume)
-        snaps = self.snapshots.store.list_snapshots(volume)
+        snaps = [s for s in self.snapshots.store.list_snapshots(volume) if s.kind != "sync"]
         if not snaps and self.state.get_volume(volume) is None:
             raise VolumeNotFound(volume)
         return snaps
@@ -279,15 +300,63 @@ class Driver:
                      safety.name)
             return safety
 
+    # S3 sync (the management API)
+
+    def _s3(self, volume: str) -> tuple[VolumeRecord, S3Policy]:
+        record = self._record(volume)
+        s3 = self.options_of(record).s3
+        if s3 is None:
+            raise InvalidOption(
+                f"volume {volume!r} has no S3 sync: create it with -o s3_bucket=NAME")
+        return record, s3
+
+    def sync_push(self, volume: str) -> None:
+        """Queue a push now; returns at once (poll Get's Status.s3 to follow it)."""
+        record, s3 = self._s3(volume)
+        self.sync.request_push(volume, s3, self.backends[record.backend].path(volume))
+
+    def sync_list(self, volume: str) -> list[RemoteSnapshot]:
+        return self.sync.remote_list(self._s3(volume)[1])
+
+    def sync_restore(self, volume: str, snapshot_id: str) -> SnapshotInfo | None:
+        """Restore a remote snapshot in place, while unmounted; returns the safety snapshot."""
+        with self._locked(volume):
+            record, s3 = self._s3(volume)
+            mounts = self.state.mount_count(volume)
+            if mounts:
+                raise VolumeInUse(volume, mounts)
+            self.jobs.wait(volume)
+            backend = self.backends[record.backend]
+            safety = self.snapshots.store.create(
+                volume, backend.path(volume), f"pre-restore-{default_name()}", kind="safety")
+            self.sync.restore_in_place(volume, s3, snapshot_id,
+                                       lambda populate: backend.replace(volume, populate))
+            return safety
+
+    def sync_delete_remote(self, volume: str) -> None:
+        self.sync.delete_remote(volume, self._s3(volume)[1])
+
     # start-up
 
     def start(self) -> None:
-        """Start background work: snapshot recovery and the snapshot schedule."""
+        """Start background work: recovery, schedules, and pushes a restart interrupted."""
+        periodic: dict[str, tuple[S3Policy, Callable[[], Path | None]]] = {}
         for record in self.state.list_volumes():
-            self.snapshots.track(record.name, self.options_of(record).snapshot,
-                                 lambda n=record.name: self._data(n))  # type: ignore[misc]
+            options = self.options_of(record)
+            self.snapshots.track(record.name, options.snapshot, self._data_fn(record.name))
+            if options.s3 is not None:
+                self.sync.resume(record.name, self._data(record.name))
+                if options.s3.every:
+                    periodic[record.name] = (options.s3, self._mounted_data_fn(record.name))
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
         self.snapshots.start()
+        self.sync.start(periodic)
+
+    def _data_fn(self, name: str) -> Callable[[], Path]:
+        return lambda: self._data(name)
+
+    def _mounted_data_fn(self, name: str) -> Callable[[], Path | None]:
+        return lambda: self._data(name) if self.state.mount_count(name) else None
 
     def recover(self) -> None:
         """Reconcile state and disk after a restart or crash; never deletes user data."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -21,6 +21,8 @@ class Settings:
     default_backend: str = "local"
     s3_bucket: str = ""
     """Default bucket for volumes created with ``-o s3_sync`` but no ``s3_bucket``."""
+    s3_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """S3 endpoint and credentials (``S3_*``, ``AWS_*``); never logged or shown."""
 
     @classmethod
     def from_env(
@@ -44,4 +46,5 @@ class Settings:
             log_level=level,
             default_backend=(env.get("DEFAULT_BACKEND") or "local").strip(),
             s3_bucket=(env.get("S3_BUCKET") or "").strip(),
+            s3_env={k: v for k, v in env.items() if k.startswith(("S3_", "AWS_"))},
         )

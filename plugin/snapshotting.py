@@ -69,10 +69,11 @@ class Snapshotter:
         self.untrack(volume)
         self.jobs.wait(volume)
         if policy.on_remove == "delete":
-            self.store.remove_all(volume)
+            # A pending S3 push still reads its sync snapshot; the syncer drops it after.
+            self.store.remove_all(volume, keep_kinds=frozenset({"sync"}))
 
     def status(self, volume: str, policy: SnapshotPolicy) -> dict[str, Any]:
-        snaps = self.store.list_snapshots(volume)
+        snaps = [s for s in self.store.list_snapshots(volume) if s.kind != "sync"]
         status: dict[str, Any] = {
             "snapshot_policy": {
                 "on_unmount": policy.on_unmount,

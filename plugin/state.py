@@ -33,7 +33,43 @@ CREATE TABLE IF NOT EXISTS mounts (
     PRIMARY KEY (name, mount_id)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sync (
+    volume TEXT PRIMARY KEY,
+    bucket TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    keep INTEGER NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0,
+    snapshot TEXT,
+    restoring TEXT,
+    last_ok_at TEXT,
+    last_id TEXT,
+    last_error TEXT,
+    last_error_at TEXT
+);
 """
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    """A volume's S3 sync bookkeeping; outlives the volume while a push is pending."""
+
+    volume: str
+    bucket: str
+    prefix: str
+    keep: int
+    pending: bool = False
+    """A push was requested and has not succeeded yet (durable queue)."""
+    snapshot: str | None = None
+    """The local snapshot the pending push uploads, once taken."""
+    restoring: str | None = None
+    """Remote snapshot id (or ``latest``) being restored into the volume."""
+    last_ok_at: str | None = None
+    last_id: str | None = None
+    last_error: str | None = None
+    last_error_at: str | None = None
+
+
+SYNC_FIELDS = tuple(SyncRecord.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -152,6 +188,28 @@ class StateStore:
         with self._tx() as db:
             return db.execute("DELETE FROM mounts").rowcount
 
+    # S3 sync bookkeeping
+
+    def put_sync(self, record: SyncRecord) -> None:
+        values = tuple(getattr(record, f) for f in SYNC_FIELDS)
+        with self._tx() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO sync ({', '.join(SYNC_FIELDS)}) "  # noqa: S608
+                f"VALUES ({', '.join('?' * len(SYNC_FIELDS))})", values)
+
+    def get_sync(self, volume: str) -> SyncRecord | None:
+        rows = self._read(f"SELECT {', '.join(SYNC_FIELDS)} FROM sync "  # noqa: S608
+                          "WHERE volume = ?", (volume,))
+        return _sync(rows[0]) if rows else None
+
+    def list_sync(self) -> list[SyncRecord]:
+        rows = self._read(f"SELECT {', '.join(SYNC_FIELDS)} FROM sync")  # noqa: S608
+        return [_sync(row) for row in rows]
+
+    def delete_sync(self, volume: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sync WHERE volume = ?", (volume,))
+
     # small key/value facts (boot id, schema notes)
 
     def get_meta(self, key: str) -> str | None:
@@ -166,6 +224,12 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _sync(row: tuple[object, ...]) -> SyncRecord:
+    data = dict(zip(SYNC_FIELDS, row, strict=True))
+    data["pending"] = bool(data["pending"])
+    return SyncRecord(**data)  # type: ignore[arg-type]
 
 
 def _record(row: tuple[object, ...]) -> VolumeRecord:

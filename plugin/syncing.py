@@ -1,0 +1,339 @@
+"""S3 sync in action: a durable push queue, restores at create, status for inspect.
+
+A push has two stages.  First a local snapshot (kind ``sync``) captures a consistent view of
+the volume; it runs as the volume's background job, so a Mount of that volume waits for it
+(briefly: it is incremental) and no other call does.  Then the upload runs from that snapshot
+on the upload pool, which nothing waits on.  The queue lives in the state database
+(``sync.pending``), so a requested push survives a plugin restart or kill -9 and resumes.
+Local data is never touched by a failing push; failures retry with backoff and show in Status.
+
+boto3 is imported only through ``backends.s3``, and only when a volume uses S3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backends.base import Populate
+from backends.snapshots import SnapshotStore, default_name
+from plugin.errors import PyvolError
+from plugin.jobs import Jobs
+from plugin.options import S3Policy
+from plugin.state import StateStore, SyncRecord
+
+if TYPE_CHECKING:
+    from backends.s3 import RemoteSnapshot, RemoteStore, S3Config
+
+log = logging.getLogger(__name__)
+
+Replace = Callable[[Populate], None]
+"""Swap a volume's content for what a populate function builds (``Backend.replace``)."""
+MountedData = Callable[[], Path | None]
+
+MOUNT_WAIT = 100.0
+RETRY_MIN, RETRY_MAX = 5.0, 300.0
+
+
+class RestoreInProgress(PyvolError):
+    pass
+
+
+class SyncFailed(PyvolError):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Syncer:
+    def __init__(self, root: Path, state: StateStore, snapshots: SnapshotStore, jobs: Jobs,
+                 env: dict[str, str]) -> None:
+        self.root = root
+        self.state = state
+        self.snapshots = snapshots
+        self.jobs = jobs
+        self.env = env
+        self.uploads = Jobs(workers=2, name="s3")
+        self._config: S3Config | None = None
+        self._remotes: dict[tuple[str, str], RemoteStore] = {}
+        self._guard = threading.Lock()
+        self._progress: dict[str, tuple[str, int, int]] = {}
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._stop = threading.Event()
+
+    # plumbing
+
+    def remote(self, bucket: str, prefix: str) -> RemoteStore:
+        from backends.s3 import RemoteStore, S3Config
+
+        with self._guard:
+            if self._config is None:
+                self._config = S3Config.from_env(self.env)
+            key = (bucket, prefix)
+            if key not in self._remotes:
+                digest = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:32]
+                cache = self.root / "s3cache" / digest
+                cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._remotes[key] = RemoteStore(self._config, bucket, prefix, cache)
+            return self._remotes[key]
+
+    def _record(self, volume: str, policy: S3Policy) -> SyncRecord:
+        record = self.state.get_sync(volume)
+        if record is None or (record.bucket, record.prefix) != (policy.bucket, policy.prefix):
+            record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
+                                keep=policy.keep)
+            self.state.put_sync(record)
+        return record
+
+    def _update(self, volume: str, **changes: Any) -> SyncRecord:
+        record = self.state.get_sync(volume)
+        assert record is not None  # noqa: S101 -- created by _record first
+        record = replace(record, **changes)
+        self.state.put_sync(record)
+        return record
+
+    # driver hooks
+
+    def on_create(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
+        """Queue the restore a new volume asked for (``s3_restore``, default ``latest``)."""
+        self._record(volume, policy)
+        if policy.restore != "never":
+            self._update(volume, restoring=policy.restore)
+            self._queue_restore(volume, policy, replace_content)
+
+    def _queue_restore(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
+        def run() -> None:
+            record = self.state.get_sync(volume)
+            if record is None or not record.restoring:
+                return
+            remote = self.remote(policy.bucket, policy.prefix)
+            try:
+                snaps = remote.list()
+                wanted = record.restoring
+                target = snaps[-1] if wanted == "latest" and snaps else None
+                if wanted != "latest":
+                    target = next((s for s in snaps if s.id == wanted), None)
+                    if target is None:
+                        raise SyncFailed(f"remote snapshot {wanted!r} not found in "
+                                         f"s3://{policy.bucket}/{policy.prefix}: see "
+                                         f"`pyvol sync ls {volume}`")
+                if target is not None:
+                    self._progress[volume] = ("restoring", 0, target.size)
+                    replace_content(lambda dst: remote.restore(
+                        target.id, dst, self._progress_fn(volume, "restoring")))
+                    log.info("volume %s: restored remote snapshot %s from s3://%s/%s", volume,
+                             target.id, policy.bucket, policy.prefix)
+                self._update(volume, restoring=None, last_error=None, last_error_at=None,
+                             last_id=target.id if target else None)
+            except Exception as exc:
+                self._update(volume, last_error=f"restore failed: {exc}", last_error_at=_now())
+                raise
+            finally:
+                self._progress.pop(volume, None)
+
+        self.jobs.submit(volume, "S3 restore", run)
+
+    def before_mount(self, volume: str, policy: S3Policy) -> None:
+        """Wait for a pending restore; never serve half a volume."""
+        self.jobs.wait(volume, MOUNT_WAIT)
+        record = self.state.get_sync(volume)
+        if record is None or not record.restoring:
+            return
+        progress = self._progress.get(volume)
+        if progress is not None:
+            _, done, total = progress
+            percent = 100 * done // total if total else 0
+            raise RestoreInProgress(
+                f"volume {volume!r}: restore from s3://{policy.bucket}/{policy.prefix} in "
+                f"progress, {percent}% done; try again shortly (`docker volume inspect {volume}` "
+                "shows progress)")
+        raise RestoreInProgress(
+            f"volume {volume!r}: its restore from s3://{policy.bucket}/{policy.prefix} has not "
+            f"completed ({record.last_error or 'waiting to run'}); fix the S3 settings and run "
+            f"`pyvol sync restore {volume} {record.restoring}`, or recreate the volume with "
+            "-o s3_restore=never")
+
+    def after_last_unmount(self, volume: str, policy: S3Policy, data: Path) -> None:
+        if policy.sync != "manual":
+            self.request_push(volume, policy, data)
+
+    def request_push(self, volume: str, policy: S3Policy, data: Path) -> None:
+        """Queue a push durably: snapshot now-ish, upload in the background."""
+        self._record(volume, policy)
+        self._update(volume, pending=True, snapshot=None)
+        self.jobs.submit(volume, "S3 sync snapshot", lambda: self._capture(volume, data))
+
+    def _capture(self, volume: str, data: Path) -> None:
+        record = self.state.get_sync(volume)
+        if record is None or not record.pending:
+            return
+        if record.snapshot is None:
+            info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync")
+            record = self._update(volume, snapshot=info.name)
+        self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
+
+    def _upload(self, volume: str) -> None:
+        record = self.state.get_sync(volume)
+        if record is None or not record.pending or record.snapshot is None:
+            return
+        remote = self.remote(record.bucket, record.prefix)
+        self._progress[volume] = ("syncing", 0, 0)
+        try:
+            pushed: RemoteSnapshot = remote.push(self.snapshots.view(volume, record.snapshot),
+                                                 self._progress_fn(volume, "syncing"))
+        except Exception as exc:
+            failures = self._failures.get(volume, 0) + 1
+            self._failures[volume] = failures
+            delay = min(RETRY_MAX, RETRY_MIN * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
+            self._retry_at[volume] = time.monotonic() + delay
+            self._update(volume, last_error=str(exc), last_error_at=_now())
+            log.error("volume %s: push to s3://%s/%s failed (retry in %.0f s): %s", volume,
+                      record.bucket, record.prefix, delay, exc)
+            return
+        finally:
+            self._progress.pop(volume, None)
+        self._failures.pop(volume, None)
+        self._retry_at.pop(volume, None)
+        self._update(volume, pending=False, last_ok_at=_now(), last_id=pushed.id,
+                     last_error=None, last_error_at=None)
+        log.info("volume %s: pushed remote snapshot %s (%d bytes uploaded)", volume, pushed.id,
+                 pushed.uploaded_bytes)
+        if self.state.get_volume(volume) is None:
+            # The volume was removed while this push was pending: its last data is now safe.
+            self._drop_old_sync_snapshots(volume, keep=None)
+            self.state.delete_sync(volume)
+            return
+        self._drop_old_sync_snapshots(volume, keep=record.snapshot)
+        try:
+            remote.prune(record.keep)
+        except Exception as exc:
+            log.warning("volume %s: pruning remote snapshots failed: %s", volume, exc)
+
+    def _upload_job(self, volume: str) -> Callable[[], None]:
+        return lambda: self._upload(volume)
+
+    def _drop_old_sync_snapshots(self, volume: str, keep: str | None) -> None:
+        for snap in self.snapshots.list_snapshots(volume):
+            if snap.kind == "sync" and snap.name != keep:
+                self.snapshots.remove(volume, snap.name)
+
+    def _progress_fn(self, volume: str, what: str) -> Any:
+        def progress(done: int, total: int) -> None:
+            self._progress[volume] = (what, done, total)
+        return progress
+
+    def on_remove(self, volume: str, policy: S3Policy, data: Path) -> None:
+        """The local data goes; the remote copy stays.  A pending push still completes."""
+        record = self.state.get_sync(volume)
+        if record is not None and record.pending and record.snapshot is None:
+            self.jobs.wait(volume)
+            record = self.state.get_sync(volume)
+            if record is not None and record.pending and record.snapshot is None and \
+                    data.is_dir():
+                info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync")
+                self._update(volume, snapshot=info.name)
+                self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
+
+    def status(self, volume: str, policy: S3Policy) -> dict[str, Any]:
+        record = self.state.get_sync(volume)
+        progress = self._progress.get(volume)
+        state = "idle"
+        if record is not None and record.restoring:
+            state = "restoring"
+        elif progress is not None:
+            state = progress[0]
+        elif record is not None and record.pending:
+            state = "error" if record.last_error else "pending"
+        elif record is not None and record.last_error:
+            state = "error"
+        status: dict[str, Any] = {
+            "state": state,
+            "bucket": policy.bucket,
+            "prefix": policy.prefix,
+            "mode": policy.sync if policy.sync != "periodic" else f"every {policy.every}s",
+            "keep": policy.keep,
+        }
+        if record is not None:
+            status["last_push"] = (
+                {"at": record.last_ok_at, "remote_snapshot": record.last_id}
+                if record.last_ok_at else None)
+            if record.last_error:
+                status["last_error"] = {"message": record.last_error, "at": record.last_error_at}
+        if progress is not None:
+            status["bytes_done"], status["bytes_total"] = progress[1], progress[2]
+        return {"s3": status}
+
+    # explicit actions (CLI)
+
+    def remote_list(self, policy: S3Policy) -> list[RemoteSnapshot]:
+        snaps: list[RemoteSnapshot] = self.remote(policy.bucket, policy.prefix).list()
+        return snaps
+
+    def restore_in_place(self, volume: str, policy: S3Policy, snapshot_id: str,
+                         replace_content: Replace) -> None:
+        remote = self.remote(policy.bucket, policy.prefix)
+        ids = [s.id for s in remote.list()]
+        wanted = ids[-1] if snapshot_id == "latest" and ids else snapshot_id
+        if wanted not in ids:
+            raise SyncFailed(f"remote snapshot {snapshot_id!r} not found in "
+                             f"s3://{policy.bucket}/{policy.prefix}: see `pyvol sync ls {volume}`")
+        replace_content(lambda dst: remote.restore(wanted, dst,
+                                                   self._progress_fn(volume, "restoring")))
+        self._progress.pop(volume, None)
+
+    def delete_remote(self, volume: str, policy: S3Policy) -> None:
+        self.remote(policy.bucket, policy.prefix).delete_all()
+        self.state.delete_sync(volume)
+
+    # the schedule and the durable queue
+
+    def start(self, periodic: dict[str, tuple[S3Policy, MountedData]]) -> None:
+        """Resume pending pushes and restores; run periodic pushes and retries."""
+        self._periodic = periodic
+        for record in self.state.list_sync():
+            if record.pending and record.snapshot and self.state.get_volume(record.volume) is None:
+                log.info("volume %s (removed): resuming its pending S3 push", record.volume)
+                self.uploads.submit(record.volume, "S3 push", self._upload_job(record.volume))
+        threading.Thread(target=self._loop, name="s3-schedule", daemon=True).start()
+
+    def resume(self, volume: str, data: Path) -> None:
+        record = self.state.get_sync(volume)
+        if record is not None and record.pending:
+            log.info("volume %s: resuming a pending S3 push", volume)
+            if record.snapshot is None:
+                self.jobs.submit(volume, "S3 sync snapshot", lambda: self._capture(volume, data))
+            else:
+                self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        last_push: dict[str, float] = {}
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            for volume, at in list(self._retry_at.items()):
+                if now >= at and not self.uploads.busy(volume):
+                    del self._retry_at[volume]
+                    self.uploads.submit(volume, "S3 push", self._upload_job(volume))
+            for volume, (policy, mounted_data) in list(self._periodic.items()):
+                if policy.every is None:
+                    continue
+                data = mounted_data()
+                if data is None:
+                    continue
+                if now - last_push.setdefault(volume, now) >= policy.every and \
+                        not self.jobs.busy(volume) and not self.uploads.busy(volume):
+                    last_push[volume] = now
+                    self.request_push(volume, policy, data)
