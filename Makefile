@@ -2,8 +2,9 @@
 # PLUGIN_NAME may carry a registry and tag (make plugin push PLUGIN_NAME=127.0.0.1:5000/pyvol:dev).
 PLUGIN_NAME ?= pyvol
 BASE_IMAGE ?= python:3.12-slim
+APT_PACKAGES ?=
 VENV ?= .venv
-export PLUGIN_NAME BASE_IMAGE
+export PLUGIN_NAME BASE_IMAGE APT_PACKAGES
 
 .PHONY: provision plugin push install test test-unit lint clean
 

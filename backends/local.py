@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -63,40 +62,44 @@ class LocalBackend:
             raise
 
     def replace(self, volume: str, populate: Populate) -> None:
-        """Build the new content in ``.replacing/NAME.partial``, mark it ready, then swap.
+        """Build the new content in ``.replacing/NAME/partial``, mark it ready, then swap.
 
         After a crash, :meth:`recover` drops a partial build and completes a ready one.
         """
         final = self.path(volume)
-        partial = confined(self._replacing, f"{volume}.partial")
-        ready = confined(self._replacing, f"{volume}.ready")
-        remove_tree(partial)
-        remove_tree(ready)
+        work = confined(self._replacing, volume)
+        partial, ready = work / "partial", work / "ready"
+        remove_tree(work)
+        work.mkdir(mode=0o700)
         partial.mkdir(mode=0o700)
         try:
             populate(partial)
             os.rename(partial, ready)
-            fsync_dir(self._replacing)
+            fsync_dir(work)
         except BaseException:
-            remove_tree(partial)
+            remove_tree(work)
             raise
         self._swap_in(volume, ready, final)
 
     def _swap_in(self, volume: str, ready: Path, final: Path) -> None:
-        doomed = confined(self._removing, f"{volume}@{secrets.token_hex(4)}")
+        doomed = confined(self._removing, volume)
+        remove_tree(doomed)
         if final.exists():
             os.rename(final, doomed)
         os.rename(ready, final)
         fsync_dir(self.root)
         remove_tree(doomed)
+        remove_tree(ready.parent)
         self._usage.forget(final)
 
     def remove(self, volume: str) -> None:
         final = self.path(volume)
         if not final.exists():
             return
-        doomed = confined(self._removing, f"{volume}@{secrets.token_hex(4)}")
+        # The bare name: NAME@suffix would pass NAME_MAX (255) for the longest volume names.
+        doomed = confined(self._removing, volume)
         try:
+            remove_tree(doomed)  # left by an earlier removal of this name that failed half-way
             os.rename(final, doomed)
             fsync_dir(self.root)
             remove_tree(doomed)
@@ -137,10 +140,10 @@ class LocalBackend:
 
     def recover(self) -> set[str]:
         for entry in os.scandir(self._replacing):
-            volume, _, state = entry.name.rpartition(".")
-            if state == "ready":
-                log.info("completing the interrupted content swap of volume %s", volume)
-                self._swap_in(volume, Path(entry.path), self.path(volume))
+            ready = Path(entry.path) / "ready"
+            if ready.is_dir():
+                log.info("completing the interrupted content swap of volume %s", entry.name)
+                self._swap_in(entry.name, ready, self.path(entry.name))
             else:
                 log.info("discarding %s: its build did not complete", entry.path)
                 remove_tree(Path(entry.path))

@@ -151,6 +151,7 @@ ROUTES: dict[str, Handler] = {
         "Snapshots": [s.to_json() for s in d.snapshot_list(_volume_arg(b))]},
     "pyvol/snapshot/remove": _snapshot_remove,
     "pyvol/snapshot/restore": _snapshot_restore,
+    "pyvol/mounts/reset": lambda d, b: {"Cleared": d.reset_mounts(_volume_arg(b))},
     "pyvol/sync/push": _sync_push,
     "pyvol/sync/status": _sync_status,
     "pyvol/sync/list": lambda d, b: {

@@ -145,6 +145,12 @@ def _sync(args: argparse.Namespace) -> int:
                         "sync restore VOLUME ID | sync delete-remote VOLUME --yes")
 
 
+def _mounts_reset(args: argparse.Namespace) -> int:
+    cleared = _call(args, "pyvol/mounts/reset", {"Volume": args.volume})["Cleared"]
+    print(f"cleared {cleared} mount reference(s) of {args.volume}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pyvol", description="pyvol Docker volume plugin")
     top.add_argument("--socket", type=Path, default=None,
@@ -178,6 +184,13 @@ def parser() -> argparse.ArgumentParser:
         "restore", help="replace VOLUME's content with VOLUME@NAME (volume must be unmounted)")
     restore.add_argument("ref")
     restore.set_defaults(func=_snapshot_restore)
+
+    mounts = sub.add_parser("mounts", help="mount references")
+    mounts_sub = mounts.add_subparsers(dest="action", required=True)
+    reset = mounts_sub.add_parser(
+        "reset", help="forget VOLUME's mount references (only when no container uses it)")
+    reset.add_argument("volume")
+    reset.set_defaults(func=_mounts_reset)
 
     sync = sub.add_parser(
         "sync", help="S3 sync: VOLUME (push now), ls VOLUME, restore VOLUME ID, "

@@ -209,6 +209,16 @@ class Driver:
                 if options.s3 is not None:
                     self.sync.after_last_unmount(name, options.s3, backend.path(name))
 
+    def reset_mounts(self, name: str) -> int:
+        """Forget all mount references of a volume (stale after a daemon crash)."""
+        with self._locked(name):
+            record = self._record(name)
+            dropped = self.state.clear_mounts(name)
+            if dropped:
+                self._unexpose(name, self.backends[record.backend])
+                log.warning("volume %s: %d mount reference(s) cleared by request", name, dropped)
+            return dropped
+
     def path(self, name: str) -> Path:
         return self._mountpoint(self._record(name))
 

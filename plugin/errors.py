@@ -40,7 +40,8 @@ class VolumeInUse(PyvolError):
     def __init__(self, name: str, mounts: int) -> None:
         super().__init__(
             f"volume {name!r} is in use by {mounts} mount(s): stop the containers using it "
-            "and try again"
+            "and try again (if none uses it, e.g. after the Docker daemon crashed, clear the "
+            f"stale count with `pyvol mounts reset {name}`)"
         )
         self.name = name
         self.mounts = mounts

@@ -184,9 +184,12 @@ class StateStore:
         rows = self._read("SELECT name, SUM(count) FROM mounts GROUP BY name")
         return {str(name): int(total) for name, total in rows}  # type: ignore[call-overload]
 
-    def clear_mounts(self) -> int:
+    def clear_mounts(self, name: str | None = None) -> int:
+        """Forget mount references: of one volume, or of all when ``name`` is None."""
         with self._tx() as db:
-            return db.execute("DELETE FROM mounts").rowcount
+            if name is None:
+                return db.execute("DELETE FROM mounts").rowcount
+            return db.execute("DELETE FROM mounts WHERE name = ?", (name,)).rowcount
 
     # S3 sync bookkeeping
 

@@ -67,13 +67,16 @@ step_engine() {
   command -v dockerd >/dev/null || die "docker info fails and there is no dockerd to start (Debian package docker.io)"
   [[ $EUID -eq 0 ]] || die "docker info fails and only root can start dockerd: $(docker info 2>&1 | tail -n 1)"
   local pid
-  if pid=$(pidof dockerd); then
+  if pid=$(pidof -s dockerd); then
     say engine "dockerd (pid $pid) is running but not answering yet; waiting"
   else
     # dockerd needs the cgroup hierarchies; cgroupfs-mount (recommended by docker.io) mounts them.
     if ! mountpoint -q /sys/fs/cgroup && command -v cgroupfs-mount >/dev/null; then
       cgroupfs-mount
     fi
+    # No dockerd runs, so a pid file is stale (left by a killed one); dockerd refuses to start
+    # while the pid in it is alive, which a reused pid or a not yet reaped zombie can be.
+    rm -f /var/run/docker.pid
     nohup setsid dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
     pid=$!
   fi
