@@ -31,11 +31,15 @@ def confined(root: Path, *parts: str) -> Path:
         if not part or part in (".", "..") or "/" in part or "\0" in part:
             raise UnsafePath(f"refusing path component {part!r} under {root}")
     path = root.joinpath(*parts)
-    resolved_root = root.resolve()
-    # resolve(strict=False) follows symlinks of existing prefixes: a link planted inside the
-    # root that points outside is caught here.
-    if not path.resolve().is_relative_to(resolved_root):
-        raise UnsafePath(f"path {path} escapes {root}")
+    # The parts are plain names, so only a symlink among them can lead out of the root: a
+    # link planted inside it is resolved and checked (an lstat per part, no realpath).
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            if not path.resolve().is_relative_to(root.resolve()):
+                raise UnsafePath(f"path {path} escapes {root}")
+            break
     return path
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends import REGISTRY, Backend
 from backends.base import Populate
+from backends.errors import BackendError
 from backends.fs import bind_mount, confined, is_mountpoint, unmount
 from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
 from backends.tree import copy_tree
@@ -91,10 +92,18 @@ class Driver:
         return record
 
     def _mountpoint(self, record: VolumeRecord) -> Path:
-        """Where containers see the volume: under the propagated mount, or the data itself."""
+        """Where containers see the volume: under the propagated mount, or the data itself.
+
+        Names were validated at create, so under the mount root the path is built lexically
+        (Get and List stay free of filesystem calls).
+        """
         if self.settings.mount_root is None:
-            return self.backends[record.backend].path(record.name)
-        return confined(self.settings.mount_root, record.name)
+            try:
+                return self.backends[record.backend].path(record.name)
+            except BackendError:
+                log.exception("volume %s: its data path is unsafe", record.name)
+                return Path("/nonexistent/unsafe") / record.name
+        return self.settings.mount_root / record.name
 
     # the VolumeDriver verbs
 
@@ -284,6 +293,7 @@ class Driver:
         """Remove one snapshot, or all of the volume's snapshots when ``name`` is None."""
         validate_volume_name(volume)
         if name is None:
+            self.snapshot_list(volume)  # VolumeNotFound: neither a volume nor its snapshots
             self.snapshots.store.remove_all(volume)
         else:
             self.snapshots.store.remove(volume, validate_snapshot_name(name))
@@ -416,7 +426,10 @@ class Driver:
             for entry in self.settings.mount_root.iterdir():
                 if entry.name not in mounted:
                     log.info("releasing stale mount %s", entry)
-                    unmount(entry)
+                    try:
+                        unmount(entry)
+                    except (OSError, BackendError) as exc:
+                        log.warning("cannot release %s: %s", entry, exc)
         for name in sorted(mounted):
             record = self.state.get_volume(name)
             if record is None:

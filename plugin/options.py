@@ -72,10 +72,9 @@ class VolumeOptions:
 
 
 def _id(key: str, value: str) -> int:
-    try:
-        number = int(value, 10)
-    except ValueError:
-        raise InvalidOption(f"option {key}={value!r} must be a number from 0 to {MAX_ID}") from None
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidOption(f"option {key}={value!r} must be a number from 0 to {MAX_ID}")
+    number = int(value, 10)
     if not 0 <= number <= MAX_ID:
         raise InvalidOption(f"option {key}={value} is out of range: use 0 to {MAX_ID}")
     return number
@@ -84,6 +83,8 @@ def _id(key: str, value: str) -> int:
 def _mode(key: str, value: str) -> int:
     digits = value[2:] if value.lower().startswith("0o") else value
     try:
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError(digits)
         number = int(digits, 8)
     except ValueError:
         raise InvalidOption(
@@ -194,7 +195,7 @@ VALID_KEYS = ("backend", *PARSERS)
 
 
 def normalise(raw: Mapping[str, object] | None) -> dict[str, str]:
-    """Lower-case and trim keys and values; reject non-strings and duplicates."""
+    """Lower-case and trim keys, trim values; reject non-strings and duplicate keys."""
     result: dict[str, str] = {}
     for key, value in (raw or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

@@ -81,7 +81,12 @@ class VolumeRecord:
 
 
 class StateStore:
-    """Thread-safe; one connection serialised by a lock (SQLite calls take microseconds)."""
+    """Thread-safe; one connection serialised by a lock (SQLite calls take microseconds).
+
+    Volume records and mount totals are also kept in memory, written through after each
+    commit, so ``Get`` and ``List`` never wait on the database.  That is exact because one
+    process owns the store (the server runs a single worker).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -95,6 +100,14 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._volumes = {
+                r.name: r for r in map(_record, self._db.execute(
+                    "SELECT name, backend, options, created_at FROM volumes"))
+            }
+            self._totals: dict[str, int] = {
+                str(name): int(total) for name, total in self._db.execute(
+                    "SELECT name, SUM(count) FROM mounts GROUP BY name")
+            }
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the state database {path}: {exc}") from exc
 
@@ -128,27 +141,30 @@ class StateStore:
                 (record.name, record.backend, json.dumps(dict(record.options), sort_keys=True),
                  record.created_at.isoformat()),
             )
+        self._volumes[record.name] = record
 
     def get_volume(self, name: str) -> VolumeRecord | None:
-        rows = self._read(
-            "SELECT name, backend, options, created_at FROM volumes WHERE name = ?", (name,)
-        )
-        return _record(rows[0]) if rows else None
+        return self._volumes.get(name)
 
     def list_volumes(self) -> list[VolumeRecord]:
-        rows = self._read("SELECT name, backend, options, created_at FROM volumes ORDER BY name")
-        return [_record(row) for row in rows]
+        return sorted(self._volumes.values(), key=lambda r: r.name)
 
     def delete_volume(self, name: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+        self._volumes.pop(name, None)
+        self._totals.pop(name, None)
 
     # mount references, counted per (volume, Docker mount ID)
 
     def mount_count(self, name: str) -> int:
-        rows = self._read("SELECT COALESCE(SUM(count), 0) FROM mounts WHERE name = ?", (name,))
-        total = rows[0][0]
-        assert isinstance(total, int)  # noqa: S101 -- SUM over INTEGER
+        return self._totals.get(name, 0)
+
+    def _set_total(self, name: str, total: int) -> int:
+        if total:
+            self._totals[name] = total
+        else:
+            self._totals.pop(name, None)
         return total
 
     def add_mount(self, name: str, mount_id: str) -> int:
@@ -159,8 +175,9 @@ class StateStore:
                 "ON CONFLICT (name, mount_id) DO UPDATE SET count = count + 1",
                 (name, mount_id),
             )
-            return int(db.execute(
+            total = int(db.execute(
                 "SELECT SUM(count) FROM mounts WHERE name = ?", (name,)).fetchone()[0])
+        return self._set_total(name, total)
 
     def drop_mount(self, name: str, mount_id: str) -> tuple[bool, int]:
         """Count one use less; return (whether the ID was known, the volume's total)."""
@@ -178,18 +195,23 @@ class StateStore:
             total = db.execute(
                 "SELECT COALESCE(SUM(count), 0) FROM mounts WHERE name = ?", (name,)
             ).fetchone()[0]
-            return row is not None, int(total)
+        return row is not None, self._set_total(name, int(total))
 
     def mounted_volumes(self) -> dict[str, int]:
-        rows = self._read("SELECT name, SUM(count) FROM mounts GROUP BY name")
-        return {str(name): int(total) for name, total in rows}  # type: ignore[call-overload]
+        return dict(self._totals)
 
     def clear_mounts(self, name: str | None = None) -> int:
         """Forget mount references: of one volume, or of all when ``name`` is None."""
         with self._tx() as db:
             if name is None:
-                return db.execute("DELETE FROM mounts").rowcount
-            return db.execute("DELETE FROM mounts WHERE name = ?", (name,)).rowcount
+                dropped = db.execute("DELETE FROM mounts").rowcount
+            else:
+                dropped = db.execute("DELETE FROM mounts WHERE name = ?", (name,)).rowcount
+        if name is None:
+            self._totals.clear()
+        else:
+            self._totals.pop(name, None)
+        return dropped
 
     # S3 sync bookkeeping
 

@@ -1,0 +1,351 @@
+"""The contract every storage backend meets (backends/base.py), run on each entry of REGISTRY.
+
+A new backend registered in ``backends.REGISTRY`` gets this whole suite for free.  Crashes are
+simulated by killing the operation at its N-th filesystem mutation, for every N, then building
+a fresh backend over the same root (a restart) and calling ``recover()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from backends import REGISTRY, Backend
+from backends.base import DirSpec
+from backends.errors import BackendError, UnsafePath
+
+Factory = Callable[[Path], Backend]
+VOLUME = "crashvol"
+MUTATORS = ("mkdir", "rename", "replace", "chmod", "chown", "rmdir", "unlink", "fsync",
+            "symlink", "link")
+
+
+@pytest.fixture(params=sorted(REGISTRY))
+def factory(request: pytest.FixtureRequest) -> Factory:
+    return REGISTRY[request.param]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def backend(factory: Factory, root: Path) -> Backend:
+    return factory(root)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory outside the backend's root that nothing may touch."""
+    d = tmp_path / "outside"
+    d.mkdir()
+    (d / "precious").write_text("keep me")
+    return d
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.lstat().st_mode, p.lstat().st_size)
+            for p in [path, *path.rglob("*")]}
+
+
+def populate(path: Path) -> None:
+    (path / "a.txt").write_text("a")
+    (path / "sub").mkdir()
+    (path / "sub" / "b.txt").write_text("b" * 5000)
+    (path / "sub" / "deeper").mkdir()
+    (path / "sub" / "deeper" / "c.txt").write_text("c")
+
+
+def is_populated(path: Path) -> bool:
+    return ((path / "a.txt").read_text() == "a"
+            and (path / "sub" / "b.txt").read_text() == "b" * 5000
+            and (path / "sub" / "deeper" / "c.txt").read_text() == "c")
+
+
+# the basic verbs
+
+
+def test_create_exists_path_names(backend: Backend) -> None:
+    assert not backend.exists("v")
+    assert backend.names() == set()
+    backend.create("v", DirSpec())
+    assert backend.exists("v")
+    path = backend.path("v")
+    assert path.is_absolute()
+    assert path.is_dir()
+    assert backend.path("v") == path  # stable
+    assert list(path.iterdir()) == []  # a new volume is empty
+    backend.create("w", DirSpec())
+    assert backend.names() == {"v", "w"}  # no bookkeeping entries leak into names()
+
+
+def test_path_of_an_unknown_volume_creates_nothing(backend: Backend) -> None:
+    path = backend.path("nope")
+    assert not path.exists()
+    assert not backend.exists("nope")
+    assert backend.names() == set()
+
+
+def test_create_twice_errors_and_keeps_the_data(backend: Backend) -> None:
+    backend.create("v", DirSpec(mode=0o750))
+    (backend.path("v") / "data").write_text("x")
+    with pytest.raises(BackendError) as excinfo:
+        backend.create("v", DirSpec(mode=0o700))
+    assert "v" in str(excinfo.value)
+    assert (backend.path("v") / "data").read_text() == "x"
+    assert stat.S_IMODE(backend.path("v").stat().st_mode) == 0o750
+
+
+def test_remove_is_idempotent(backend: Backend) -> None:
+    backend.remove("never-created")
+    backend.create("v", DirSpec())
+    populate(backend.path("v"))
+    backend.remove("v")
+    assert not backend.exists("v")
+    assert not backend.path("v").exists()
+    assert backend.names() == set()
+    backend.remove("v")
+    backend.create("v", DirSpec())  # the name is free again, and the new volume is empty
+    assert list(backend.path("v").iterdir()) == []
+
+
+def test_longest_name_round_trip(backend: Backend) -> None:
+    longest = "n" * 255  # names may use all of NAME_MAX: no suffixes on the bare name
+    backend.create(longest, DirSpec())
+    populate(backend.mount(longest))
+    backend.unmount(longest)
+    assert backend.names() == {longest}
+    backend.remove(longest)
+    assert not backend.exists(longest)
+    assert backend.names() == set()
+    assert backend.recover() == set()
+
+
+def test_remove_does_not_follow_links_out(backend: Backend, outside: Path) -> None:
+    before = snapshot(outside)
+    backend.create("v", DirSpec())
+    (backend.path("v") / "link").symlink_to(outside, target_is_directory=True)
+    (backend.path("v") / "file-link").symlink_to(outside / "precious")
+    backend.remove("v")
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("spec", [
+    DirSpec(),
+    DirSpec(mode=0o700),
+    DirSpec(mode=0o777),  # exact, not cut by the umask
+    DirSpec(mode=0o2770),  # setgid directory
+    DirSpec(uid=1234, gid=5678, mode=0o750),
+    DirSpec(gid=4321),
+    DirSpec(uid=4321),
+], ids=repr)
+def test_uid_gid_mode_applied(backend: Backend, spec: DirSpec) -> None:
+    if (spec.uid is not None or spec.gid is not None) and os.geteuid() != 0:
+        pytest.skip("chown to another uid/gid needs root")
+    old_umask = os.umask(0o022)
+    try:
+        backend.create("v", spec)
+    finally:
+        os.umask(old_umask)
+    st = backend.path("v").stat()
+    assert stat.S_IMODE(st.st_mode) == spec.mode
+    assert st.st_uid == (os.geteuid() if spec.uid is None else spec.uid)
+    assert st.st_gid == (os.getegid() if spec.gid is None else spec.gid)
+
+
+def test_mount_and_unmount(backend: Backend) -> None:
+    backend.create("v", DirSpec())
+    data = backend.mount("v")
+    assert data.is_dir()
+    (data / "f").write_text("hello")
+    backend.unmount("v")
+    assert (backend.path("v") / "f").read_text() == "hello"
+
+
+def test_mount_of_a_vanished_volume_errors(backend: Backend) -> None:
+    backend.create("v", DirSpec())
+    shutil.rmtree(backend.path("v"))
+    with pytest.raises(BackendError) as excinfo:
+        backend.mount("v")
+    assert "'v'" in str(excinfo.value)
+
+
+def test_status_of_existing_volume(backend: Backend) -> None:
+    backend.create("v", DirSpec())
+    populate(backend.path("v"))
+    status = backend.status("v")
+    assert isinstance(status, dict)
+    json.dumps(status)  # goes on the wire as is
+    assert status.get("state") != "missing"
+
+
+@pytest.mark.parametrize("how", ["deleted out of band", "never created"])
+def test_status_of_missing_volume(backend: Backend, how: str) -> None:
+    if how == "deleted out of band":
+        backend.create("v", DirSpec())
+        shutil.rmtree(backend.path("v"))
+    status = backend.status("v")
+    json.dumps(status)
+    assert status["state"] == "missing"
+
+
+def test_recover_on_a_clean_root_changes_nothing(factory: Factory, root: Path) -> None:
+    backend = factory(root)
+    backend.create("v", DirSpec())
+    populate(backend.path("v"))
+    before = snapshot(root)
+    assert factory(root).recover() == set()
+    assert snapshot(root) == before
+
+
+# confinement
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "../x", "a/b", "/etc", "x\0y", "../../tmp"])
+def test_traversal_refused(backend: Backend, root: Path, tmp_path: Path, name: str) -> None:
+    before = snapshot(tmp_path)
+    with pytest.raises(UnsafePath):
+        backend.path(name)
+    with pytest.raises(UnsafePath):
+        backend.create(name, DirSpec())
+    with pytest.raises(UnsafePath):
+        backend.remove(name)
+    assert snapshot(tmp_path) == before
+
+
+def test_symlink_escape_refused(backend: Backend, outside: Path) -> None:
+    # Plant a link where a volume named "evil" would live, pointing out of the root.
+    planted = backend.path("probe").parent / "evil"
+    planted.symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    with pytest.raises(UnsafePath):
+        backend.path("evil")
+    with pytest.raises(BackendError):
+        backend.create("evil", DirSpec(mode=0o777))
+    with pytest.raises(BackendError):
+        backend.remove("evil")
+    with pytest.raises(BackendError):
+        backend.mount("evil")
+    assert "evil" not in backend.names()
+    backend.recover()
+    assert snapshot(outside) == before
+
+
+# crashes
+
+
+class SimulatedKill(BaseException):
+    """kill -9 at this instant: no except clause catches it, no cleanup runs."""
+
+
+class KillSwitch:
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.calls = 0
+        self.fired = False
+
+
+@contextlib.contextmanager
+def kill_at(n: int) -> Iterator[KillSwitch]:
+    """Let the first n-1 filesystem mutations happen, then die instead of doing the n-th.
+
+    A dead process changes nothing more: cleanup code that catches the kill cannot touch the
+    disk either.
+    """
+    switch = KillSwitch(n)
+    originals = {name: getattr(os, name) for name in MUTATORS}
+
+    def wrap(name: str) -> Callable[..., object]:
+        def mutation(*args: object, **kwargs: object) -> object:
+            switch.calls += 1
+            if switch.fired or switch.calls == switch.at:
+                switch.fired = True
+                raise SimulatedKill(f"killed at os.{name}{args}")
+            return originals[name](*args, **kwargs)
+        return mutation
+
+    for name in MUTATORS:
+        setattr(os, name, wrap(name))
+    try:
+        yield switch
+    finally:
+        for name, fn in originals.items():
+            setattr(os, name, fn)
+
+
+def leftovers(root: Path, backend: Backend) -> list[Path]:
+    """Paths anywhere under root that carry the volume's name but are not the volume."""
+    volume = backend.path(VOLUME)
+    return [p for p in root.rglob(f"*{VOLUME}*")
+            if p != volume and volume not in p.parents]
+
+
+def crash_points(op: Callable[[Backend], None], factory: Factory, base: Path,
+                 prepare: Callable[[Backend], None]) -> Iterator[tuple[Path, bool]]:
+    """Run op in a fresh root killed at mutation 1, 2, ... until it completes uncut."""
+    for n in range(1, 1000):
+        root = base / f"kill-at-{n}"
+        backend = factory(root)
+        prepare(backend)
+        with kill_at(n) as switch, contextlib.suppress(SimulatedKill):
+            op(backend)
+        if not switch.fired:
+            return
+        yield root, bool(leftovers(root, backend))
+    raise AssertionError("the operation never completed")
+
+
+def test_crashed_create_is_complete_or_absent_after_recover(
+    factory: Factory, tmp_path: Path
+) -> None:
+    spec = DirSpec(uid=1234 if os.geteuid() == 0 else None, mode=0o750)
+    had_leftovers = False
+    points = 0
+    for root, dirty in crash_points(lambda b: b.create(VOLUME, spec), factory, tmp_path,
+                                    prepare=lambda b: None):
+        points += 1
+        had_leftovers |= dirty
+        restarted = factory(root)
+        restarted.recover()
+        assert leftovers(root, restarted) == [], f"{root.name}: create leftovers not cleared"
+        if restarted.exists(VOLUME):
+            st = restarted.path(VOLUME).stat()
+            assert stat.S_IMODE(st.st_mode) == spec.mode, f"{root.name}: half-made volume"
+            if spec.uid is not None:
+                assert st.st_uid == spec.uid, f"{root.name}: half-made volume"
+            assert restarted.names() == {VOLUME}
+        else:
+            assert restarted.names() == set()
+            restarted.create(VOLUME, spec)  # the name is usable again
+    assert points > 0
+    assert had_leftovers, "no crash point left anything for recover() to clear"
+
+
+def test_crashed_remove_is_finished_and_reported_by_recover(
+    factory: Factory, tmp_path: Path
+) -> None:
+    def prepare(b: Backend) -> None:
+        b.create(VOLUME, DirSpec())
+        populate(b.path(VOLUME))
+
+    reported_any = False
+    for root, _ in crash_points(lambda b: b.remove(VOLUME), factory, tmp_path, prepare):
+        restarted = factory(root)
+        reported = restarted.recover()
+        assert leftovers(root, restarted) == [], f"{root.name}: removal not finished"
+        if restarted.exists(VOLUME):
+            assert is_populated(restarted.path(VOLUME)), f"{root.name}: half-deleted volume"
+        else:
+            # The driver drops a record only for names reported here.
+            assert VOLUME in reported, f"{root.name}: interrupted removal not reported"
+            reported_any = True
+            assert restarted.names() == set()
+    assert reported_any, "no crash point interrupted a removal"

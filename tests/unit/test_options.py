@@ -1,0 +1,168 @@
+"""The one options parser: normalise, type, range-check, refuse unknown keys and credentials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from backends.base import DirSpec
+from plugin.errors import InvalidOption
+from plugin.options import VALID_KEYS, VolumeOptions, parse_options
+from plugin.settings import Settings
+
+BACKENDS = ("local",)
+
+
+def parse(raw: object, default_backend: str = "local",
+          backends: tuple[str, ...] = BACKENDS) -> VolumeOptions:
+    return parse_options(raw, default_backend=default_backend,  # type: ignore[arg-type]
+                         backends=backends)
+
+
+def refused(raw: object, **kwargs: object) -> str:
+    with pytest.raises(InvalidOption) as excinfo:
+        parse(raw, **kwargs)  # type: ignore[arg-type]
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize("raw", [None, {}])
+def test_defaults(raw: dict[str, str] | None) -> None:
+    assert parse(raw) == VolumeOptions(backend="local", uid=None, gid=None, mode=0o755)
+    assert parse(raw).dir_spec() == DirSpec(uid=None, gid=None, mode=0o755)
+
+
+def test_every_option() -> None:
+    opts = parse({"backend": "local", "uid": "1000", "gid": "2000", "mode": "0750"})
+    assert opts == VolumeOptions(backend="local", uid=1000, gid=2000, mode=0o750)
+    assert opts.dir_spec() == DirSpec(uid=1000, gid=2000, mode=0o750)
+    assert opts.describe() == {"backend": "local", "uid": "1000", "gid": "2000", "mode": "0750"}
+
+
+@pytest.mark.parametrize("raw", [
+    {"UID": "7"}, {"Uid": "7"}, {" uid ": "7"}, {"uid": " 7 "}, {"\tUID\n": "7"},
+])
+def test_keys_and_values_normalised(raw: dict[str, str]) -> None:
+    assert parse(raw).uid == 7
+
+
+def test_dash_and_underscore_are_the_same_key() -> None:
+    # No current option has an underscore, so the effect shows in what the errors name.
+    assert "'some_thing'" in refused({"Some-Thing": "1"})
+    assert "given twice" in refused({"some-thing": "1", "SOME_THING": "2"})
+
+
+def test_same_key_twice_after_normalisation() -> None:
+    message = refused({"uid": "1", "UID": "2"})
+    assert "'uid'" in message
+    assert "given twice" in message
+
+
+@pytest.mark.parametrize(("value", "mode"), [
+    ("0755", 0o755), ("755", 0o755), ("0o755", 0o755), ("0O755", 0o755), (" 0750 ", 0o750),
+    ("0", 0), ("0000", 0), ("700", 0o700), ("2775", 0o2775), ("7777", 0o7777),
+    ("0o7777", 0o7777),
+])
+def test_mode_octal_forms(value: str, mode: int) -> None:
+    assert parse({"mode": value}).mode == mode
+
+
+def test_equal_modes_written_differently_parse_equal() -> None:
+    assert parse({"mode": "755"}) == parse({"Mode": "0755"}) == parse({"mode": "0o755"})
+    assert parse({"mode": "0755"}) == parse(None)  # 0755 is the default
+
+
+@pytest.mark.parametrize("value", ["8", "9", "0o8", "0x1ff", "rwxr-xr-x", "", "0o", "-1",
+                                   "10000", "0o10000", "7.5", "u+x"])
+def test_mode_refused(value: str) -> None:
+    message = refused({"mode": value})
+    assert "mode" in message
+    assert "0750" in message or "7777" in message  # says what a valid value looks like
+
+
+@pytest.mark.parametrize(("key", "value", "number"), [
+    ("uid", "0", 0), ("uid", "1000", 1000), ("uid", "4294967294", 2**32 - 2),
+    ("gid", "0", 0), ("gid", "65534", 65534), ("gid", "4294967294", 2**32 - 2),
+])
+def test_ids_in_range(key: str, value: str, number: int) -> None:
+    assert getattr(parse({key: value}), key) == number
+
+
+@pytest.mark.parametrize("key", ["uid", "gid"])
+@pytest.mark.parametrize("value", ["-1", "4294967295", "99999999999", "abc", "", "1.5",
+                                   "0x10", "1e3", "root"])
+def test_ids_refused(key: str, value: str) -> None:
+    message = refused({key: value})
+    assert key in message
+    assert "4294967294" in message  # names the valid range
+
+
+def test_unknown_key_names_it_and_lists_valid_ones() -> None:
+    message = refused({"colour": "blue"})
+    assert "unknown option 'colour'" in message
+    assert f"valid options are: {', '.join(sorted(VALID_KEYS))}" in message
+    for key in ("backend", "uid", "gid", "mode"):
+        assert key in VALID_KEYS
+
+
+@pytest.mark.parametrize("key", [
+    "password", "PASSWORD", "passwd", "secret", "aws_secret_access_key", "AWS_ACCESS_KEY_ID",
+    "access-key", "Secret-Key", "token", "api-token", "credentials", "s3_credential",
+])
+def test_credential_keys_refused_pointing_at_plugin_set(key: str) -> None:
+    message = refused({key: "hunter2-very-secret"})
+    assert "docker plugin set" in message
+    assert "credential" in message
+    assert "hunter2" not in message  # the value must never be echoed into Err or logs
+
+
+@pytest.mark.parametrize(("raw", "named"), [
+    ({"uid": 1000}, "'uid'"),
+    ({"uid": None}, "'uid'"),
+    ({"mode": 0o755}, "'mode'"),
+    ({"gid": ["1"]}, "'gid'"),
+    ({"backend": {"name": "local"}}, "'backend'"),
+    ({"uid": True}, "'uid'"),
+    ({1: "x"}, "1"),
+])
+def test_non_string_values_refused(raw: dict[object, object], named: str) -> None:
+    message = refused(raw)
+    assert named in message
+    assert "string" in message
+
+
+def test_input_never_mutated() -> None:
+    raw = {" UID ": " 1000 ", "Mode": "0o750", "GID": "5"}
+    before = dict(raw)
+    parse(raw)
+    assert raw == before
+    # A read-only mapping works too, so the parser cannot be writing into its input.
+    assert parse(MappingProxyType(raw)) == VolumeOptions(uid=1000, gid=5, mode=0o750)
+
+
+def test_default_backend_used_and_overridable() -> None:
+    both = ("local", "other")
+    assert parse({}, default_backend="other", backends=both).backend == "other"
+    assert parse({"backend": "local"}, default_backend="other", backends=both).backend == "local"
+    assert parse({"backend": " local "}, default_backend="other", backends=both).backend == "local"
+    assert parse({"backend": ""}, default_backend="other", backends=both).backend == "other"
+
+
+def test_default_backend_from_plugin_settings(tmp_path: Path) -> None:
+    settings = Settings.from_env({"DEFAULT_BACKEND": " other "}, root=tmp_path, socket=tmp_path)
+    assert settings.default_backend == "other"
+    assert Settings.from_env({}, root=tmp_path, socket=tmp_path).default_backend == "local"
+
+
+@pytest.mark.parametrize("raw", [{"backend": "nope"}, {"BACKEND": "nope"}])
+def test_unknown_backend_names_it_and_lists_available(raw: dict[str, str]) -> None:
+    message = refused(raw, backends=("local", "other"))
+    assert "'nope'" in message
+    assert "available: local, other" in message
+
+
+def test_unknown_default_backend_is_refused() -> None:
+    message = refused({}, default_backend="s3")
+    assert "'s3'" in message
+    assert "available: local" in message
