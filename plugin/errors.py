@@ -27,7 +27,8 @@ class InvalidOption(PyvolError):
 class VolumeNotFound(PyvolError):
     def __init__(self, name: str) -> None:
         super().__init__(
-            f"volume {name!r} not found: list volumes with `docker volume ls -f driver=pyvol`"
+            f"volume {name!r} not found: list volumes with "
+            "`docker volume ls -f driver=pyvol:latest`"
         )
         self.name = name
 
