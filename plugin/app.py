@@ -182,16 +182,17 @@ def create_app(driver: Driver, extra_routes: dict[str, Handler] | None = None) -
         if not isinstance(body, dict):
             body = {}
         # Names are logged escaped and cut short: a hostile Name must not forge log lines.
+        subject = body.get("Name", body.get("Volume", ""))
         started = time.perf_counter()
         try:
             result = handler(driver, body)
         except (PyvolError, BackendError) as exc:
-            log.info("%s %.80r failed: %s", endpoint, body.get("Name", ""), exc)
+            log.info("%s %.80r failed: %s", endpoint, subject, exc)
             return _err(str(exc))
         except Exception as exc:
-            log.exception("%s %.80r crashed", endpoint, body.get("Name", ""))
+            log.exception("%s %.80r crashed", endpoint, subject)
             return _err(f"internal error in pyvol during {endpoint}: {exc}; see the plugin log")
-        log.info("%s %.80r ok (%.1f ms)", endpoint, body.get("Name", ""),
+        log.info("%s %.80r ok (%.1f ms)", endpoint, subject,
                  (time.perf_counter() - started) * 1000)
         return jsonify(result)
 

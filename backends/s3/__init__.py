@@ -1,0 +1,39 @@
+"""S3 sync engine: off-host, incremental, point-in-time copies of a volume.
+
+boto3 is imported only inside this package (``client.py``).  See ``store.py`` for the API,
+``layout.py`` for the objects in the bucket, ``push.py``, ``restore.py`` and ``prune.py`` for
+how each operation stays safe.
+"""
+
+from __future__ import annotations
+
+from backends.s3.config import RetryPolicy, S3Config
+from backends.s3.errors import (
+    AccessDenied,
+    BucketMissing,
+    CorruptObject,
+    EndpointUnreachable,
+    S3SyncError,
+    SnapshotNotFound,
+    StoreBusy,
+    TransientFailure,
+)
+from backends.s3.manifest import RemoteSnapshot
+from backends.s3.prune import PruneReport
+from backends.s3.store import RemoteStore
+
+__all__ = [
+    "AccessDenied",
+    "BucketMissing",
+    "CorruptObject",
+    "EndpointUnreachable",
+    "PruneReport",
+    "RemoteSnapshot",
+    "RemoteStore",
+    "RetryPolicy",
+    "S3Config",
+    "S3SyncError",
+    "SnapshotNotFound",
+    "StoreBusy",
+    "TransientFailure",
+]

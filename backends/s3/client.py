@@ -1,0 +1,252 @@
+"""One bucket behind boto3: whole-object operations with retries and precise errors.
+
+This is the only module that imports boto3/botocore.  botocore retries single requests a few
+times itself (standard mode); :meth:`Bucket._run` re-runs a whole operation, a GET including
+the read of its body, with exponential backoff and full jitter, until the
+:class:`RetryPolicy` budget (attempts and total seconds) is spent.  Every failure leaves as an
+:class:`S3SyncError` subclass whose message says what to do and carries no secret.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar
+
+import boto3
+import botocore.exceptions as bx
+from botocore.config import Config
+
+from backends.s3.config import RetryPolicy, S3Config
+from backends.s3.errors import (
+    AccessDenied,
+    BucketMissing,
+    CorruptObject,
+    EndpointUnreachable,
+    S3SyncError,
+    TransientFailure,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+T = TypeVar("T")
+
+ACCESS_CODES = frozenset({
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+    "ExpiredToken", "InvalidClientTokenId", "AuthorizationHeaderMalformed", "AllAccessDisabled",
+})
+THROTTLE_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+    "ServiceUnavailable", "TooManyRequestsException", "RequestLimitExceeded",
+})
+UNREACHABLE = (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ProxyConnectionError,
+               bx.ConnectionClosedError, bx.ReadTimeoutError, bx.SSLError)
+STREAM_ERRORS = (bx.IncompleteReadError, bx.ResponseStreamingError, bx.ChecksumError,
+                 bx.HTTPClientError)
+_jitter = secrets.SystemRandom()
+
+
+class _DeleteFailed(Exception):
+    """DeleteObjects answered 200 but listed per-key errors."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class ObjectMissing(CorruptObject):
+    """GET or HEAD of a key that does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime
+    """The store's own clock (LastModified), timezone-aware."""
+
+
+class Bucket:
+    """A bucket through one thread-safe boto3 client; methods may run from many threads."""
+
+    def __init__(self, config: S3Config, bucket: str, retry: RetryPolicy, pool: int = 16,
+                 *, where: str = "") -> None:
+        self.config = config
+        self.name = bucket
+        self.retry = retry
+        self.where = where or f"s3://{bucket} at {config.where}"
+        session = boto3.session.Session(
+            aws_access_key_id=config.access_key_id or None,
+            aws_secret_access_key=config.secret_access_key or None,
+            region_name=config.region or None,
+        )
+        self._client: S3Client = session.client(
+            "s3",
+            endpoint_url=config.endpoint_url or None,
+            config=Config(
+                max_pool_connections=pool,
+                connect_timeout=retry.connect_timeout,
+                read_timeout=retry.read_timeout,
+                retries={"mode": "standard", "total_max_attempts": retry.botocore_attempts},
+                # Every blob carries its own blake3 hash, checked on restore; skip the
+                # per-request CRC32 pass that botocore would add by default.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"} if config.endpoint_url else None,
+            ),
+        )
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    # -- operations ----------------------------------------------------------------------
+
+    def put(self, key: str, body: bytes) -> None:
+        self._run(f"uploading {key}", lambda: self._client.put_object(
+            Bucket=self.name, Key=key, Body=body, ContentLength=len(body)))
+
+    def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The object's bytes, or bytes ``[start, end)``; raises :class:`ObjectMissing`."""
+        def op() -> bytes:
+            if start is None or end is None:
+                resp = self._client.get_object(Bucket=self.name, Key=key)
+            else:
+                resp = self._client.get_object(Bucket=self.name, Key=key,
+                                               Range=f"bytes={start}-{end - 1}")
+            data = resp["Body"].read()
+            if start is not None and end is not None and len(data) != end - start:
+                raise CorruptObject(
+                    f"object {key} in {self.where} is shorter than the snapshot says "
+                    f"({len(data)} of {end - start} bytes from offset {start})")
+            return data
+        return self._run(f"downloading {key}", op)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix``, one retried LIST call per page of 1000."""
+        found: list[ObjectInfo] = []
+        token = ""
+        while True:
+            def page(token: str = token) -> tuple[list[ObjectInfo], str]:
+                if token:
+                    resp = self._client.list_objects_v2(Bucket=self.name, Prefix=prefix,
+                                                        ContinuationToken=token)
+                else:
+                    resp = self._client.list_objects_v2(Bucket=self.name, Prefix=prefix)
+                items = [ObjectInfo(o["Key"], o["Size"], o["LastModified"])
+                         for o in resp.get("Contents", [])]
+                nxt = resp.get("NextContinuationToken", "") if resp.get("IsTruncated") else ""
+                return items, nxt
+            items, token = self._run(f"listing {prefix}", page)
+            found.extend(items)
+            if not token:
+                return found
+
+    def delete(self, keys: Sequence[str], *, retry: bool = True) -> None:
+        """Delete ``keys`` (missing ones are fine), 1000 per request; one try if not ``retry``."""
+        if len(keys) == 1:  # DELETE has no body; DeleteObjects sends XML
+            key = keys[0]
+            self._run(f"deleting {key}", lambda: self._client.delete_object(
+                Bucket=self.name, Key=key), retry)
+            return
+        for i in range(0, len(keys), 1000):
+            batch = list(keys[i:i + 1000])
+
+            def op(batch: list[str] = batch) -> None:
+                resp = self._client.delete_objects(
+                    Bucket=self.name,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+                errors = resp.get("Errors", [])
+                if errors:
+                    code = errors[0].get("Code", "Unknown")
+                    if code in THROTTLE_CODES or code in ACCESS_CODES:
+                        raise _DeleteFailed(code)
+                    raise S3SyncError(f"{self.where} refused to delete {errors[0].get('Key')} "
+                                      f"({code}) and {len(errors) - 1} more")
+            self._run(f"deleting {len(batch)} objects", op, retry)
+
+    def check(self) -> None:
+        """Prove the endpoint answers, the credentials work and the bucket exists."""
+        self._run("checking the bucket", lambda: self._client.head_bucket(Bucket=self.name))
+
+    # -- retries and errors --------------------------------------------------------------
+
+    def _run(self, what: str, op: Callable[[], T], retry: bool = True) -> T:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._lock:
+                self.requests += 1
+            try:
+                return op()
+            except Exception as exc:
+                elapsed = time.monotonic() - started
+                delay = _jitter.uniform(0, min(self.retry.max_delay,
+                                               self.retry.base_delay * 2 ** (attempt - 1)))
+                if (not retry or not transient(exc) or attempt >= self.retry.attempts
+                        or elapsed + delay > self.retry.deadline):
+                    translated = self._translate(exc, what, attempt, elapsed)
+                    if translated is exc:
+                        raise
+                    raise translated from exc
+                time.sleep(delay)
+
+    def _translate(self, exc: Exception, what: str, attempt: int, elapsed: float) -> Exception:
+        if isinstance(exc, S3SyncError):
+            return exc
+        tried = f"{attempt} attempt{'s' if attempt > 1 else ''} over {elapsed:.1f}s"
+        if isinstance(exc, bx.ClientError | _DeleteFailed):
+            code, status = _code(exc)
+            if code in ACCESS_CODES or status == 403:
+                return AccessDenied(
+                    f"{self.where} refused access ({code}) while {what}: check "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the plugin settings "
+                    "(docker plugin set) and that they may list, read, write and delete in "
+                    f"bucket {self.name!r}")
+            if code == "NoSuchBucket" or (code in ("404", "NotFound") and "bucket" in what):
+                return BucketMissing(
+                    f"bucket {self.name!r} does not exist at {self.config.where}: create it "
+                    f"(e.g. aws s3 mb s3://{self.name}) or point s3_bucket at an existing one")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectMissing(f"object missing in {self.where} while {what}")
+            if status >= 500 or status == 429 or code in THROTTLE_CODES:
+                return TransientFailure(
+                    f"{self.where} kept failing ({code}, HTTP {status}) while {what}, "
+                    f"{tried}: the store is overloaded or down; try again later")
+            return S3SyncError(f"{self.where} rejected {what}: {code} (HTTP {status})")
+        if isinstance(exc, UNREACHABLE):
+            return EndpointUnreachable(
+                f"cannot reach the S3 endpoint {self.config.where} while {what} "
+                f"({type(exc).__name__}), {tried}: check S3_ENDPOINT_URL / AWS_REGION in the "
+                "plugin settings and that the store is up and reachable from this host")
+        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+            return AccessDenied(
+                f"no usable S3 credentials for {self.where}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY with `docker plugin set`")
+        if isinstance(exc, STREAM_ERRORS):
+            return TransientFailure(
+                f"{self.where} kept dropping data ({type(exc).__name__}) while {what}, "
+                f"{tried}: try again later")
+        if isinstance(exc, bx.BotoCoreError):
+            return S3SyncError(f"S3 request to {self.where} failed while {what}: "
+                               f"{type(exc).__name__}")
+        return exc
+
+
+def _code(exc: bx.ClientError | _DeleteFailed) -> tuple[str, int]:
+    if isinstance(exc, _DeleteFailed):
+        return exc.code, 403 if exc.code in ACCESS_CODES else 503
+    code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+    return code, int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether running the same operation again may succeed."""
+    if isinstance(exc, bx.ClientError | _DeleteFailed):
+        code, status = _code(exc)
+        return status >= 500 or status == 429 or code in THROTTLE_CODES
+    return isinstance(exc, UNREACHABLE + STREAM_ERRORS)

@@ -1,0 +1,42 @@
+"""Errors of the S3 sync engine.
+
+Every message names the endpoint, bucket and prefix (or the object) involved and says what to
+do.  None ever contains a secret: messages are built from our own text and botocore's error
+codes, never from request headers or credentials.
+"""
+
+from __future__ import annotations
+
+from backends.errors import BackendError
+
+
+class S3SyncError(BackendError):
+    """An S3 sync operation failed; local data was not changed by the failure."""
+
+
+class EndpointUnreachable(S3SyncError):
+    """The S3 endpoint did not answer (refused, timed out, DNS) within the retry budget."""
+
+
+class AccessDenied(S3SyncError):
+    """The store refused the credentials (unknown key, bad signature, no permission)."""
+
+
+class BucketMissing(S3SyncError):
+    """The bucket does not exist."""
+
+
+class CorruptObject(S3SyncError):
+    """A stored object is missing, truncated or does not match its content hash."""
+
+
+class SnapshotNotFound(S3SyncError):
+    """No remote snapshot has the requested id."""
+
+
+class StoreBusy(S3SyncError):
+    """Another process holds a conflicting lock on the same bucket and prefix."""
+
+
+class TransientFailure(S3SyncError):
+    """The store kept failing (5xx, throttling, dropped connections) past the retry budget."""

@@ -1,0 +1,136 @@
+"""Reading what pushes wrote: snapshot listings, manifests, blobs and trees.
+
+Blobs are fetched per pack, with nearby blobs merged into one ranged GET, and every blob is
+checked against its BLAKE3 hash before anyone sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from backends.s3 import blobs
+from backends.s3.cache import Cache
+from backends.s3.client import Bucket, ObjectMissing
+from backends.s3.errors import CorruptObject, SnapshotNotFound
+from backends.s3.layout import Layout
+from backends.s3.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, decode_manifest, parse_tree
+
+MERGE_GAP = 1 << 20
+"""Blobs of one pack closer than this are fetched by one ranged GET."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """What every operation on one (bucket, prefix) needs."""
+
+    bucket: Bucket
+    layout: Layout
+    cache: Cache
+    workers: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.bucket.where}, prefix {self.layout.root or '/'}"
+
+    def snapshot_ids(self) -> list[str]:
+        """Ids of the snapshots in the store, oldest first."""
+        ids = (Layout.tail(o.key, self.layout.snapshots)
+               for o in self.bucket.list(self.layout.snapshots))
+        return sorted(i for i in ids if SNAPSHOT_ID.fullmatch(i))
+
+    def pack_ids(self) -> set[str]:
+        return {Layout.tail(o.key, self.layout.data) for o in self.bucket.list(self.layout.data)}
+
+    def manifest(self, snapshot_id: str) -> Manifest:
+        key = self.layout.snapshot(snapshot_id)
+        data = self.cache.manifest(snapshot_id)
+        if data is None:
+            try:
+                data = self.bucket.get(key)
+            except ObjectMissing:
+                raise SnapshotNotFound(
+                    f"snapshot {snapshot_id!r} is not in {self.where}: list the snapshots "
+                    "and pick one, or use 'latest'") from None
+            manifest = decode_manifest(data, key)
+            self.cache.keep_manifest(snapshot_id, data)
+        else:
+            manifest = decode_manifest(data, key)
+        if manifest.snapshot.id != snapshot_id:
+            raise CorruptObject(f"manifest {key} names snapshot {manifest.snapshot.id!r}; "
+                                "it was moved or overwritten: restore another snapshot")
+        return manifest
+
+    def manifests(self, ids: Iterable[str]) -> list[Manifest]:
+        wanted = list(ids)
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self.manifest, wanted))
+
+    def tree(self, manifest: Manifest) -> Tree:
+        found = self.fetch(manifest.tree + manifest.patches, manifest.snapshot.id)
+        return parse_tree([found[(r.pack, r.offset)] for r in manifest.tree],
+                          [found[(r.pack, r.offset)] for r in manifest.patches],
+                          manifest.snapshot.id)
+
+    def fetch(self, refs: Iterable[ChunkRef], snapshot_id: str) -> dict[tuple[str, int], bytes]:
+        """Plain content of every blob in ``refs``, keyed by (pack, offset), verified."""
+        spans = plan(refs)
+        found: dict[tuple[str, int], bytes] = {}
+        with ThreadPoolExecutor(self.workers) as pool:
+            for result in pool.map(lambda s: self.fetch_span(s, snapshot_id), spans):
+                found.update(result)
+        return found
+
+    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], bytes]:
+        key = self.layout.pack(span.pack)
+        try:
+            data = self.bucket.get(key, span.start, span.end)
+        except ObjectMissing:
+            raise CorruptObject(
+                f"snapshot {snapshot_id} needs {key}, which is missing from {self.where}: "
+                "restore another snapshot; the next push uploads lost content again") from None
+        view = memoryview(data)
+        out: dict[tuple[str, int], bytes] = {}
+        for ref in span.refs:
+            stored = view[ref.offset - span.start:ref.offset - span.start + ref.length]
+            try:
+                out[(ref.pack, ref.offset)] = blobs.unpack(stored, ref.size, ref.hash)
+            except ValueError as exc:
+                raise CorruptObject(
+                    f"object {key} is corrupt: the blob at offset {ref.offset} ({exc}); "
+                    f"snapshot {snapshot_id} cannot be restored from it: restore another "
+                    "snapshot, or push again to write a good copy") from None
+        return out
+
+
+@dataclass
+class Span:
+    """One ranged GET: bytes [start, end) of a pack, holding ``refs``."""
+
+    pack: str
+    start: int
+    end: int
+    refs: list[ChunkRef] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def plan(refs: Iterable[ChunkRef], gap: int = MERGE_GAP) -> list[Span]:
+    """Group blobs into ranged GETs, packs in order of first use, each blob once."""
+    by_pack: dict[str, dict[int, ChunkRef]] = {}
+    for ref in refs:
+        by_pack.setdefault(ref.pack, {}).setdefault(ref.offset, ref)
+    spans: list[Span] = []
+    for pack, located in by_pack.items():
+        current: Span | None = None
+        for offset in sorted(located):
+            ref = located[offset]
+            if current is None or offset - current.end > gap:
+                current = Span(pack, offset, offset + ref.length)
+                spans.append(current)
+            current.end = max(current.end, offset + ref.length)
+            current.refs.append(ref)
+    return spans

@@ -1,0 +1,107 @@
+"""RemoteStore: an off-host, snapshotted copy of one directory in an S3-compatible store.
+
+The local directory is the source of truth: push only reads it, and no failure of the store
+changes it.  Each push that changes something becomes a point-in-time snapshot that can be
+listed and restored.  Every method raises :class:`~backends.s3.errors.S3SyncError`
+subclasses with messages that say what to do.
+"""
+
+from __future__ import annotations
+
+import builtins
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from backends.s3 import prune as prune_mod
+from backends.s3 import push as push_mod
+from backends.s3 import restore as restore_mod
+from backends.s3.cache import Cache
+from backends.s3.client import Bucket
+from backends.s3.config import RetryPolicy, S3Config
+from backends.s3.errors import S3SyncError, SnapshotNotFound
+from backends.s3.layout import Layout
+from backends.s3.locks import local_lock
+from backends.s3.manifest import RemoteSnapshot
+from backends.s3.prune import PruneReport
+from backends.s3.push import Progress
+from backends.s3.remote import Remote
+from backends.tree import TreeView
+
+
+class RemoteStore:
+    def __init__(self, config: S3Config, bucket: str, prefix: str, cache_dir: Path, *,
+                 retry: RetryPolicy | None = None, workers: int = 8) -> None:
+        prefix = prefix.strip("/")
+        if not prefix or ".." in prefix.split("/") or "//" in prefix:
+            raise S3SyncError(f"S3 prefix {prefix!r} must be a non-empty relative key prefix, "
+                              "e.g. the volume name")
+        client = Bucket(config, bucket, retry or RetryPolicy(), pool=workers * 2 + 4)
+        layout = Layout(prefix)
+        self._remote = Remote(client, layout, Cache(cache_dir, config.endpoint_url, bucket,
+                                                    prefix), workers)
+        self._lock = local_lock(config.endpoint_url, bucket, prefix)
+        self._workers = workers
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self._remote.where})"
+
+    @property
+    def requests(self) -> int:
+        """Requests sent so far, retries included (for tests and benchmarks)."""
+        return self._remote.bucket.requests
+
+    def check(self) -> None:
+        """Prove that the endpoint answers, the credentials work and the bucket exists.
+
+        Raises EndpointUnreachable, AccessDenied or BucketMissing; sends one HEAD request.
+        """
+        self._remote.bucket.check()
+
+    def push(self, view: TreeView, progress: Progress | None = None) -> RemoteSnapshot:
+        """Upload what changed and write a new snapshot; return it.
+
+        If nothing changed since the newest snapshot (same content and metadata), nothing is
+        written and that snapshot is returned, so no-op pushes do not crowd real history out
+        of ``prune``.  ``progress(done, total)`` gets bytes of file content processed.  An
+        interrupted push leaves every existing snapshot intact; the new one does not exist.
+        """
+        with self._lock, ThreadPoolExecutor(self._workers, "s3-push") as pool:
+            return push_mod.push(self._remote, view, progress, pool)
+
+    def list(self) -> builtins.list[RemoteSnapshot]:
+        """Every snapshot in the store, oldest first."""
+        return [m.snapshot for m in self._remote.manifests(self._remote.snapshot_ids())]
+
+    def resolve(self, snapshot_id: str) -> str:
+        """``latest`` to the newest snapshot's id; any other id checked to exist."""
+        ids = self._remote.snapshot_ids()
+        if snapshot_id == "latest" and ids:
+            return ids[-1]
+        if snapshot_id in ids:
+            return snapshot_id
+        hint = (f"the newest is {ids[-1]!r} ({len(ids)} in all)" if ids
+                else "there are none yet: push first")
+        raise SnapshotNotFound(f"no snapshot {snapshot_id!r} in {self._remote.where}; {hint}")
+
+    def restore(self, snapshot_id: str, dst: Path, progress: Progress | None = None) -> None:
+        """Rebuild snapshot ``snapshot_id`` (or ``latest``) in the existing, empty ``dst``.
+
+        Every blob is checked against its hash; a missing or corrupt object raises
+        :class:`CorruptObject` and ``dst`` is left empty.
+        """
+        manifest = self._remote.manifest(self.resolve(snapshot_id))
+        with ThreadPoolExecutor(self._workers, "s3-restore") as pool:
+            restore_mod.restore(self._remote, manifest, dst, progress, pool)
+
+    def prune(self, keep: int) -> PruneReport:
+        """Keep the newest ``keep`` snapshots; delete the rest and data only they used."""
+        with self._lock:
+            return prune_mod.prune(self._remote, keep)
+
+    def delete_all(self) -> int:
+        """Delete every object under the prefix and the local cache; returns objects deleted."""
+        with self._lock:
+            objects = self._remote.bucket.list(self._remote.layout.root)
+            self._remote.bucket.delete([o.key for o in objects])
+            self._remote.cache.clear()
+            return len(objects)

@@ -1,0 +1,373 @@
+"""Benchmark: pyvol's S3 sync next to aws s3 sync, rclone sync and restic, on one moto server.
+
+Not a test.  Run from the repository root::
+
+    python bench/s3_bench.py              # both trees, every tool found on PATH
+    python bench/s3_bench.py --quick      # smaller trees, to try the script out
+
+Two trees of random (incompressible) content: (a) 10,000 files, ~80 MiB in 100 directories;
+(b) 8 files of 64 MiB.  For each: a full push, a push with no change, a push after changing
+1% (a: rewrite 100 files, add 5, remove 5; b: overwrite a 1% region of one file, add one
+1 MiB file, remove one file), and a full restore into an empty directory.  Every tool runs as
+its own process against the same moto server, through one HTTP relay that counts request
+body bytes: "uploaded" is the sum of PUT and POST bodies, measured the same way for all.
+Restores are checked byte for byte against the source.  Each step starts after sync(2), so
+one step's dirty pages do not slow the next; restored trees are deleted only at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "functional"))
+
+from s3_fixtures import ACCESS_KEY, SECRET_KEY, MotoServer, Relay  # noqa: E402
+
+MiB = 1 << 20
+PASSWORD = "pyvol-bench-password"  # noqa: S105 -- restic repository password, bench only
+SCENARIOS = ("full push", "no-change push", "1% change push", "full restore")
+
+
+# -- the trees ----------------------------------------------------------------------------
+
+def make_small(root: Path, files: int, rng: random.Random) -> None:
+    dirs = max(1, files // 100)
+    for d in range(dirs):
+        (root / f"dir{d:03d}").mkdir(parents=True)
+    for i in range(files):
+        size = rng.randint(1024, 15 * 1024)
+        (root / f"dir{i % dirs:03d}" / f"file{i:05d}.bin").write_bytes(os.urandom(size))
+
+
+def change_small(root: Path, rng: random.Random) -> None:
+    paths = sorted(root.rglob("*.bin"))
+    count = max(1, len(paths) // 100)
+    picked = rng.sample(paths, count + 5)
+    for path in picked[:count]:
+        path.write_bytes(os.urandom(path.stat().st_size))
+    for path in picked[count:]:
+        path.unlink()
+    for i in range(5):
+        (root / "dir000" / f"new{i}.bin").write_bytes(os.urandom(8192))
+
+
+def make_large(root: Path, files: int, size: int) -> None:
+    root.mkdir(parents=True)
+    for i in range(files):
+        with open(root / f"big{i}.bin", "wb") as f:
+            for _ in range(size // (4 * MiB)):
+                f.write(os.urandom(4 * MiB))
+
+
+def change_large(root: Path, rng: random.Random) -> None:
+    paths = sorted(root.glob("big*.bin"))
+    total = sum(p.stat().st_size for p in paths)
+    region = total // 100
+    target = paths[0]
+    offset = rng.randrange(0, target.stat().st_size - region)
+    with open(target, "r+b") as f:
+        f.seek(offset)
+        f.write(os.urandom(region))
+    paths[-1].unlink()
+    (root / "added.bin").write_bytes(os.urandom(MiB))
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            out[str(path.relative_to(root))] = hashlib.blake2b(path.read_bytes()).hexdigest()
+    return out
+
+
+# -- the tools ----------------------------------------------------------------------------
+
+@dataclass
+class Tool:
+    name: str
+    env: dict[str, str]
+    push: Callable[[Path, str], list[str]]
+    restore: Callable[[Path, str], list[str]]
+    setup: Callable[[str], list[str]] | None = None
+    cwd_is_src: bool = False
+    daemon: Daemon | None = None
+
+
+class Daemon:
+    """pyvol as the plugin runs it: one long-lived process, one RemoteStore per volume."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def call(self, cmd: list[str]) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(" ".join(cmd[-4:]) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline().strip()
+        if reply != "ok":
+            raise RuntimeError(f"pyvol daemon: {reply or 'died'}")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def tools(url: str, work: Path) -> list[Tool]:
+    base = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+            "PATH": os.environ["PATH"], "HOME": str(work / "home")}
+    penv = {**base, "S3_ENDPOINT_URL": url}
+
+    def pyvol(op: str, cache: str) -> Callable[[Path, str], list[str]]:
+        return lambda path, b: [sys.executable, __file__, "--pyvol", op, str(path), b,
+                                str(work / cache / b)]
+    found = [Tool("pyvol", penv, pyvol("push", "daemon-cache"),
+                  pyvol("restore", "daemon-cache"), daemon=Daemon(penv)),
+             Tool("pyvol-cli", penv, pyvol("push", "cli-cache"), pyvol("restore", "cli-cache"))]
+    if shutil.which("aws"):
+        found.append(Tool(
+            "aws s3 sync", base,
+            push=lambda src, b: ["aws", "--endpoint-url", url, "s3", "sync", "--delete",
+                                 "--only-show-errors", str(src), f"s3://{b}/v"],
+            restore=lambda dst, b: ["aws", "--endpoint-url", url, "s3", "sync",
+                                    "--only-show-errors", f"s3://{b}/v", str(dst)]))
+    if shutil.which("rclone"):
+        renv = {**base, "RCLONE_CONFIG": "/dev/null", "RCLONE_S3_PROVIDER": "Other",
+                "RCLONE_S3_ENDPOINT": url, "RCLONE_S3_ACCESS_KEY_ID": ACCESS_KEY,
+                "RCLONE_S3_SECRET_ACCESS_KEY": SECRET_KEY, "RCLONE_S3_REGION": "us-east-1"}
+        flags = ["--fast-list", "--checksum", "--transfers", "8", "--checkers", "16", "-q"]
+        found.append(Tool(
+            "rclone sync", renv,
+            push=lambda src, b: ["rclone", "sync", *flags, str(src), f":s3:{b}/v"],
+            restore=lambda dst, b: ["rclone", "copy", *flags, f":s3:{b}/v", str(dst)]))
+    if shutil.which("restic"):
+        renv = {**base, "RESTIC_PASSWORD": PASSWORD,
+                "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+
+        def repo(b: str) -> str:
+            return f"s3:{url}/{b}/v"
+        opts = ["-o", "s3.connections=8"]
+        found.append(Tool(
+            "restic", renv,
+            setup=lambda b: ["restic", "-r", repo(b), "init", "-q", "--repository-version",
+                             "2"],
+            push=lambda src, b: ["restic", "-r", repo(b), "backup", "-q", *opts, "."],
+            restore=lambda dst, b: ["restic", "-r", repo(b), "restore", "-q", "-o",
+                                    "s3.connections=8", "latest", "--target", str(dst)],
+            cwd_is_src=True))
+    return found
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None,
+        daemon: Daemon | None = None) -> float:
+    os.sync()  # dirty pages of the previous step must not slow this one down
+    started = time.perf_counter()
+    if daemon is not None:
+        daemon.call(cmd)
+        return time.perf_counter() - started
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return elapsed
+
+
+@dataclass
+class Cell:
+    seconds: float
+    uploaded: int
+    ok: bool = True
+
+
+@dataclass
+class Results:
+    cells: dict[tuple[str, str, str], Cell] = field(default_factory=dict)
+
+
+def bench_tree(label: str, src: Path, change: Callable[[], None], tool_list: list[Tool],
+               moto: MotoServer, relay: Relay, work: Path, results: Results) -> None:
+    s3 = moto.client()
+    buckets = {}
+    for tool in tool_list:
+        bucket = f"bench-{label[0]}-{tool.name.split()[0].lower()}"
+        s3.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+        buckets[tool.name] = bucket
+        if tool.setup is not None:
+            run(tool.setup(bucket), tool.env)
+
+    def push_all(scenario: str) -> None:
+        for tool in tool_list:
+            relay.reset()
+            seconds = run(tool.push(src, buckets[tool.name]), tool.env,
+                          cwd=src if tool.cwd_is_src else None, daemon=tool.daemon)
+            uploaded = relay.reset().uploaded
+            results.cells[(label, scenario, tool.name)] = Cell(seconds, uploaded)
+            print(f"  {label:10} {scenario:16} {tool.name:12} {seconds:7.2f}s "
+                  f"{uploaded / MiB:9.2f} MiB", flush=True)
+
+    push_all("full push")
+    push_all("no-change push")
+    change()
+    push_all("1% change push")
+    expected = digest_tree(src)
+    for tool in tool_list:
+        dst = work / f"restore-{label[0]}-{tool.name.split()[0]}"
+        dst.mkdir()
+        relay.reset()
+        seconds = run(tool.restore(dst, buckets[tool.name]), tool.env, daemon=tool.daemon)
+        relay.reset()
+        ok = digest_tree(dst) == expected
+        results.cells[(label, "full restore", tool.name)] = Cell(seconds, 0, ok)
+        print(f"  {label:10} {'full restore':16} {tool.name:12} {seconds:7.2f}s "
+              f"{'ok' if ok else 'MISMATCH'}", flush=True)
+
+
+def table(results: Results, tool_list: list[Tool], labels: list[str]) -> str:
+    names = [t.name for t in tool_list]
+    peers = [n for n in names if not n.startswith("pyvol")]
+    head = (f"| tree | scenario | {' | '.join(names)} | pyvol/best peer "
+            "| pyvol-cli/best peer |")
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+    for label in labels:
+        for scenario in SCENARIOS:
+            cells = {n: results.cells.get((label, scenario, n)) for n in names}
+            row = []
+            for n in names:
+                c = cells[n]
+                if c is None:
+                    row.append("-")
+                elif scenario == "full restore":
+                    row.append(f"{c.seconds:.2f} s" + ("" if c.ok else " (WRONG)"))
+                else:
+                    row.append(f"{c.seconds:.2f} s, {c.uploaded / MiB:.2f} MiB")
+            peer_cells = [c for p in peers if (c := cells[p]) is not None and c.ok]
+            ratios = [_ratio(cells.get(n), peer_cells, scenario) for n in ("pyvol", "pyvol-cli")]
+            lines.append(f"| {label} | {scenario} | {' | '.join(row)} | {' | '.join(ratios)} |")
+    if ("a: 10k files", "1% change push", "restic") in results.cells:
+        lines.append("")
+        for label in labels:
+            r = results.cells.get((label, "1% change push", "restic"))
+            p = results.cells.get((label, "1% change push", "pyvol"))
+            if r and p and r.uploaded:
+                lines.append(f"1% change, {label}: pyvol uploaded {p.uploaded / r.uploaded:.2f}x "
+                             "restic's bytes (target <= 1.1x)")
+    return "\n".join(lines)
+
+
+def _ratio(mine: Cell | None, peers: list[Cell], scenario: str) -> str:
+    if mine is None or not peers:
+        return "-"
+    best_t = min(c.seconds for c in peers)
+    text = f"time {mine.seconds / best_t:.2f}x"
+    if scenario != "full restore":
+        best_b = min(c.uploaded for c in peers)
+        if best_b:
+            text += f", bytes {mine.uploaded / best_b:.2f}x"
+        else:
+            text += f", bytes {mine.uploaded} B vs 0 B"
+    return text
+
+
+# -- pyvol as its own process ---------------------------------------------------------------
+
+def pyvol_main(op: str, path: str, bucket: str, cache: str) -> None:
+    from backends.s3 import RemoteStore, S3Config
+    from backends.tree import DirectoryView
+    store = RemoteStore(S3Config.from_env(), bucket, "v", Path(cache))
+    if op == "push":
+        store.push(DirectoryView(Path(path)))
+    else:
+        store.restore("latest", Path(path))
+
+
+def serve() -> None:
+    """The daemon side: one line per command (OP PATH BUCKET CACHE), answers "ok"."""
+    from backends.s3 import RemoteStore, S3Config
+    from backends.tree import DirectoryView
+    config = S3Config.from_env()
+    stores: dict[str, RemoteStore] = {}
+    for line in sys.stdin:
+        op, path, bucket, cache = line.split()
+        try:
+            store = stores.setdefault(bucket, RemoteStore(config, bucket, "v", Path(cache)))
+            if op == "push":
+                store.push(DirectoryView(Path(path)))
+            else:
+                store.restore("latest", Path(path))
+            print("ok", flush=True)
+        except Exception as exc:
+            print(f"error {exc}".replace("\n", " "), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small trees, for a dry run")
+    parser.add_argument("--only", default="", help="comma-separated tool names to run")
+    parser.add_argument("--trees", default="ab", help="which trees: a, b or ab")
+    parser.add_argument("--pyvol", nargs=4, metavar=("OP", "PATH", "BUCKET", "CACHE"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve()
+        return
+    if args.pyvol:
+        pyvol_main(*args.pyvol)
+        return
+    rng = random.Random(20240601)
+    work = Path(tempfile.mkdtemp(prefix="pyvol-bench-"))
+    (work / "home").mkdir()
+    moto = MotoServer(work / "moto.log")
+    relay = Relay(moto.port)
+    results = Results()
+    started = time.perf_counter()
+    tool_list: list[Tool] = []
+    try:
+        tool_list = tools(relay.url, work)
+        if args.only:
+            wanted = set(args.only.split(","))
+            tool_list = [t for t in tool_list
+                         if t.name.split()[0] in wanted or t.name.startswith("pyvol")]
+        print("tools:", ", ".join(t.name for t in tool_list), flush=True)
+        labels = []
+        if "a" in args.trees:
+            src = work / "small"
+            make_small(src, 1000 if args.quick else 10_000, rng)
+            labels.append("a: 10k files")
+            bench_tree(labels[-1], src, lambda: change_small(src, rng), tool_list, moto, relay,
+                       work, results)
+        if "b" in args.trees:
+            src = work / "large"
+            make_large(src, 8, (8 if args.quick else 64) * MiB)
+            labels.append("b: 8x64MiB")
+            bench_tree(labels[-1], src, lambda: change_large(src, rng), tool_list, moto, relay,
+                       work, results)
+        print()
+        print(table(results, tool_list, labels))
+        print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+    finally:
+        for tool in tool_list:
+            if tool.daemon is not None:
+                tool.daemon.close()
+        relay.close()
+        moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
