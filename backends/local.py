@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from backends import btrfs
 from backends.base import DirSpec, Populate
 from backends.errors import BackendError
 from backends.fs import confined, fsync_dir, remove_tree
@@ -30,6 +31,15 @@ class LocalBackend:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # noqa: S103 -- traversal only, no listing
         self._usage = usage or UsageCache()
+        self.subvolumes = btrfs.is_btrfs(self.root)
+        """On btrfs every volume is a subvolume, so snapshots of it are atomic and O(1)."""
+
+    def _new_dir(self, path: Path) -> None:
+        if self.subvolumes:
+            btrfs.create_subvolume(path)
+            os.chmod(path, 0o700)
+        else:
+            path.mkdir(mode=0o700)
 
     def path(self, volume: str) -> Path:
         return confined(self.root, volume)
@@ -43,7 +53,7 @@ class LocalBackend:
             raise BackendError(f"directory {final} already exists; remove it or pick another name")
         staging = confined(self._creating, volume)
         remove_tree(staging)
-        staging.mkdir(mode=0o700)
+        self._new_dir(staging)
         try:
             if populate is not None:
                 populate(staging)
@@ -71,7 +81,7 @@ class LocalBackend:
         partial, ready = work / "partial", work / "ready"
         remove_tree(work)
         work.mkdir(mode=0o700)
-        partial.mkdir(mode=0o700)
+        self._new_dir(partial)
         try:
             populate(partial)
             os.rename(partial, ready)
