@@ -53,14 +53,22 @@ def sh(*args: str, timeout: float = 600) -> str:
 # -- 1 and 2: through dockerd ------------------------------------------------------------
 
 
-def control_plane(driver: str, cycles: int) -> float:
+def cycle(driver: str) -> float:
+    name = f"bench-cp-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
+    sh("docker", "volume", "create", "-d", driver, name)
+    sh("docker", "run", "--rm", "-v", f"{name}:/d", IMAGE, "true")
+    sh("docker", "volume", "rm", name)
+    return time.perf_counter() - started
+
+
+def control_plane(cycles: int) -> dict[str, float]:
+    """Median seconds per cycle; the drivers alternate so load drifts hit both alike."""
+    times: dict[str, list[float]] = {"pyvol": [], "local": []}
     for _ in range(cycles):
-        name = f"bench-cp-{uuid.uuid4().hex[:8]}"
-        sh("docker", "volume", "create", "-d", driver, name)
-        sh("docker", "run", "--rm", "-v", f"{name}:/d", IMAGE, "true")
-        sh("docker", "volume", "rm", name)
-    return (time.perf_counter() - started) / cycles
+        for driver in times:
+            times[driver].append(cycle(driver))
+    return {driver: statistics.median(t) for driver, t in times.items()}
 
 
 DATA_SCRIPT = {
@@ -72,22 +80,32 @@ DATA_SCRIPT = {
 }
 
 
-def data_path(driver: str) -> dict[str, float]:
+def data_run(driver: str) -> dict[str, float]:
     name = f"bench-dp-{uuid.uuid4().hex[:8]}"
     sh("docker", "volume", "create", "-d", driver, name)
     results = {}
     try:
-        for label, script in DATA_SCRIPT.items():
-            cid = sh("docker", "run", "-d", "-v", f"{name}:/d", IMAGE, "sleep", "3600").strip()
-            try:
+        cid = sh("docker", "run", "-d", "-v", f"{name}:/d", IMAGE, "sleep", "3600").strip()
+        try:
+            for label, script in DATA_SCRIPT.items():
                 started = time.perf_counter()
                 sh("docker", "exec", cid, "sh", "-c", script)
                 results[label] = time.perf_counter() - started
-            finally:
-                sh("docker", "rm", "-f", cid)
+        finally:
+            sh("docker", "rm", "-f", cid)
     finally:
         sh("docker", "volume", "rm", name)
     return results
+
+
+def data_path(rounds: int) -> dict[str, dict[str, float]]:
+    """Best of ``rounds`` per measure; the drivers alternate within each round."""
+    runs: dict[str, list[dict[str, float]]] = {"local": [], "pyvol": []}
+    for index in range(rounds):
+        for driver in (("local", "pyvol") if index % 2 == 0 else ("pyvol", "local")):
+            runs[driver].append(data_run(driver))
+    return {d: {label: min(r[label] for r in rs) for label in DATA_SCRIPT}
+            for d, rs in runs.items()}
 
 
 # -- 3 and 4: on the socket ------------------------------------------------------------------
@@ -181,11 +199,11 @@ def scale(path: str, total: int) -> dict[int, dict[str, float]]:
         while have < target:
             conn.call("VolumeDriver.Create", {"Name": f"fill-{have}", "Opts": None})
             have += 1
-        probe = [f"probe-{target}-{i}" for i in range(50)]
+        probe = [f"probe-{target}-{i}" for i in range(200)]
         results[target] = {
             "Create": timed(conn, "VolumeDriver.Create",
                             [{"Name": n, "Opts": None} for n in probe]),
-            "Get": timed(conn, "VolumeDriver.Get", [{"Name": n} for n in probe]),
+            "Get": timed(conn, "VolumeDriver.Get", [{"Name": n} for n in probe * 3]),
             "List": timed(conn, "VolumeDriver.List", [{}] * 5),
         }
         for n in probe:
@@ -214,18 +232,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--volumes", type=int, default=10_000)
+    ap.add_argument("--rounds", type=int, default=3, help="data-path repetitions (best of)")
     ap.add_argument("--skip-docker", action="store_true")
     args = ap.parse_args()
     rows: list[tuple[str, str, str, str, str]] = []
 
     if not args.skip_docker:
         sh("docker", "plugin", "inspect", "pyvol")
-        control_plane("pyvol", 2)  # warm up both paths
-        control_plane("local", 2)
-        cp = {d: control_plane(d, args.cycles) for d in ("pyvol", "local")}
+        control_plane(1)  # warm up both paths
+        cp = control_plane(args.cycles)
         rows.append(("control plane, s/cycle", f"{cp['pyvol']:.3f}", f"{cp['local']:.3f}",
                      f"{cp['pyvol'] / cp['local']:.2f}x time", "<= 1.3x"))
-        dp = {d: data_path(d) for d in ("local", "pyvol")}
+        dp = data_path(args.rounds)
         for label in DATA_SCRIPT:
             speed = dp["local"][label] / dp["pyvol"][label]
             rows.append((f"data: {label}, s", f"{dp['pyvol'][label]:.2f}",
