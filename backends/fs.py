@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from backends.errors import BackendError, UnsafePath
@@ -60,16 +61,23 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def tree_usage(path: Path) -> tuple[int, int]:
+class Cancelled(Exception):
+    pass
+
+
+def tree_usage(path: Path, cancelled: Callable[[], bool] = lambda: False) -> tuple[int, int]:
     """Return (bytes on disk, number of entries) below ``path``; never follows symlinks.
 
     Hard-linked files are counted once.  Entries that vanish during the walk are skipped.
+    Raises :class:`Cancelled` soon after ``cancelled()`` turns true.
     """
     total = 0
     count = 0
     seen: set[tuple[int, int]] = set()
     stack = [str(path)]
     while stack:
+        if cancelled():
+            raise Cancelled(str(path))
         current = stack.pop()
         try:
             with os.scandir(current) as it:

@@ -31,6 +31,7 @@ class LocalBackend:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # noqa: S103 -- traversal only, no listing
         self._usage = usage or UsageCache()
+        self._in_use: set[str] = set()
         self.subvolumes = btrfs.is_btrfs(self.root)
         """On btrfs every volume is a subvolume, so snapshots of it are atomic and O(1)."""
 
@@ -124,17 +125,23 @@ class LocalBackend:
                 f"the data directory {path} of volume {volume!r} is missing: restore it from a "
                 "backup or remove the volume with `docker volume rm`"
             )
+        self._in_use.add(volume)
+        self._usage.cancel(path)  # a walk competes with the container for the directories
         return path
 
     def unmount(self, volume: str) -> None:
         # Data likely changed while mounted: measure again on the next Get.
+        self._in_use.discard(volume)
         self._usage.invalidate(self.path(volume))
 
     def status(self, volume: str) -> dict[str, Any]:
         path = self.path(volume)
         if not path.is_dir():
             return {"state": "missing", "path": str(path)}
-        usage = self._usage.get(path)
+        # While containers use the volume its size is not re-measured (a walk competes with
+        # them for the directories, whatever its priority): Status shows the measurement of
+        # when it was last at rest, with its time.  At rest it is refreshed after 30 s.
+        usage = self._usage.get(path, float("inf") if volume in self._in_use else None)
         return {
             "size_bytes": None if usage is None else usage.size_bytes,
             "entries": None if usage is None else usage.entries,

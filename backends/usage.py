@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backends.fs import tree_usage
+from backends.fs import Cancelled, tree_usage
 
 
 @dataclass(frozen=True)
@@ -21,18 +24,35 @@ class Usage:
     measured_at: datetime
 
 
+IOPRIO_WHO_PROCESS = 1
+IOPRIO_CLASS_IDLE = 3
+SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
+
+
+def _lower_priority() -> None:
+    """Idle CPU and I/O priority for the calling thread (Linux sets both per thread)."""
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    number = SYS_IOPRIO_SET.get(os.uname().machine)
+    if number is not None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(number, IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_IDLE << 13)
+
+
 class UsageCache:
     """Measure a directory's usage in the background; serve the last measurement.
 
     A measurement older than ``ttl`` seconds (or invalidated) is refreshed in the background;
-    a caller with no measurement at all waits up to ``wait`` seconds for the first one.
+    a caller with no measurement at all waits up to ``wait`` seconds for the first one.  The
+    walk runs at idle CPU and I/O priority: measuring must never slow a container down.
     """
 
     def __init__(
         self,
         ttl: float = 30.0,
         wait: float = 0.2,
-        measure: Callable[[Path], tuple[int, int]] = tree_usage,
+        measure: Callable[[Path, Callable[[], bool]], tuple[int, int]] = tree_usage,
     ) -> None:
         self._ttl = ttl
         self._wait = wait
@@ -40,12 +60,15 @@ class UsageCache:
         self._lock = threading.Lock()
         self._values: dict[Path, tuple[Usage, float]] = {}
         self._running: dict[Path, Future[Usage]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage")
+        self._cancel: dict[Path, threading.Event] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage",
+                                        initializer=_lower_priority)
 
-    def get(self, path: Path) -> Usage | None:
+    def get(self, path: Path, ttl: float | None = None) -> Usage | None:
         with self._lock:
             cached = self._values.get(path)
-            fresh = cached is not None and time.monotonic() - cached[1] < self._ttl
+            limit = self._ttl if ttl is None else ttl
+            fresh = cached is not None and time.monotonic() - cached[1] < limit
             future = None if fresh else self._start(path)
         if cached is not None:
             return cached[0]
@@ -53,8 +76,15 @@ class UsageCache:
             return None
         try:
             return future.result(timeout=self._wait)
-        except (FutureTimeout, OSError):
+        except (FutureTimeout, OSError, Cancelled):
             return None
+
+    def cancel(self, path: Path) -> None:
+        """Stop a walk of ``path`` under way (its volume is about to be written to)."""
+        with self._lock:
+            event = self._cancel.get(path)
+        if event is not None:
+            event.set()
 
     def invalidate(self, path: Path) -> None:
         with self._lock:
@@ -70,13 +100,15 @@ class UsageCache:
         running = self._running.get(path)
         if running is not None:
             return running
-        future = self._pool.submit(self._run, path)
+        event = threading.Event()
+        future = self._pool.submit(self._run, path, event)
         self._running[path] = future
+        self._cancel[path] = event
         return future
 
-    def _run(self, path: Path) -> Usage:
+    def _run(self, path: Path, event: threading.Event) -> Usage:
         try:
-            size, entries = self._measure(path)
+            size, entries = self._measure(path, event.is_set)
             usage = Usage(size, entries, datetime.now(UTC))
             with self._lock:
                 self._values[path] = (usage, time.monotonic())
@@ -84,3 +116,4 @@ class UsageCache:
         finally:
             with self._lock:
                 self._running.pop(path, None)
+                self._cancel.pop(path, None)
