@@ -15,7 +15,7 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
 
@@ -49,8 +49,12 @@ class Entry:
         return (self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {k: v for k, v in data.items() if v not in (None, 0, {}) or k in ("path", "kind")}
+        # Not dataclasses.asdict: its deep copy was most of an unchanged snapshot's time.
+        data = {k: v for k, v in vars(self).items()
+                if v not in (None, 0, {}) or k in ("path", "kind")}
+        if "xattrs" in data:
+            data["xattrs"] = dict(self.xattrs)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Entry:
@@ -163,7 +167,7 @@ class DirectoryView:
         return os.fdopen(fd, "rb")
 
 
-def clone_or_copy(src: Path, dst: Path, mode: int = 0o600) -> str:
+def clone_or_copy(src: str | Path, dst: str | Path, mode: int = 0o600) -> str:
     """Copy ``src`` to a new file ``dst``; clone extents when the filesystem can.
 
     Returns the method used: ``"reflink"`` or ``"copy"``.  Never follows a symlink at either
@@ -207,21 +211,37 @@ WriteContent = Callable[[Entry, Path], None]
 
 
 def materialize(entries: Sequence[Entry], dst: Path, write: WriteContent) -> None:
-    """Build the tree described by ``entries`` under the existing, empty directory ``dst``."""
+    """Build the tree described by ``entries`` under the existing, empty directory ``dst``.
+
+    Raises ValueError for an entry that would leave the tree: one whose parent is not a
+    directory this call made before it (``..``, absolute paths and paths through the tree's
+    own symlinks all fail that test, without a syscall), or a hard link to anything but a
+    file made before it.
+    """
     dirs: list[tuple[Path, Entry]] = []
+    made_dirs = {"."}
+    made_files: set[str] = set()
     for entry in entries:
-        path = dst if entry.path == "." else dst / entry.path
-        if entry.path != "." and not path.parent.resolve().is_relative_to(dst.resolve()):
-            raise ValueError(f"entry {entry.path!r} leaves the tree")
+        if entry.path == ".":
+            path = dst
+        else:
+            parent, _, name = entry.path.rpartition("/")
+            if (parent or ".") not in made_dirs or name in ("", ".", ".."):
+                raise ValueError(f"entry {entry.path!r} leaves the tree")
+            path = dst / entry.path
         if entry.kind == "dir":
             if entry.path != ".":
                 path.mkdir(mode=0o700)
+                made_dirs.add(entry.path)
             dirs.append((path, entry))
             continue
         if entry.kind == "file":
             write(entry, path)
+            made_files.add(entry.path)
         elif entry.kind == "hardlink":
-            assert entry.target is not None  # noqa: S101
+            if entry.target not in made_files:
+                raise ValueError(f"hard link {entry.path!r} leaves the tree: its target "
+                                 f"{entry.target!r} is no file made before it")
             os.link(dst / entry.target, path, follow_symlinks=False)
             continue
         elif entry.kind == "symlink":

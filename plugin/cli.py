@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 DEFAULT_SOCKET = Path("/run/docker/plugins/pyvol.sock")
 DEFAULT_ROOT = Path("/var/lib/pyvol")
@@ -151,8 +151,15 @@ def _mounts_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr, like every other error (subparsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="pyvol", description="pyvol Docker volume plugin")
+    top = _Parser(prog="pyvol", description="pyvol Docker volume plugin")
     top.add_argument("--socket", type=Path, default=None,
                      help="the plugin's socket (default: found through `docker plugin inspect`)")
     sub = top.add_subparsers(dest="command", required=True)

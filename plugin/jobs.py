@@ -15,31 +15,52 @@ log = logging.getLogger(__name__)
 
 
 class Jobs:
-    def __init__(self, workers: int = 2, name: str = "jobs") -> None:
+    """``workers`` caps how many volumes' jobs run at once.  Threads start on demand, so the
+    default is generous: a Mount waits for its volume's job, which must not queue behind other
+    volumes' long ones."""
+
+    def __init__(self, workers: int = 64, name: str = "jobs") -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
         self._lock = threading.Lock()
         self._pending: dict[str, Future[None]] = {}
         self.errors: dict[str, str] = {}
 
     def submit(self, volume: str, what: str, work: Callable[[], None]) -> Future[None]:
-        """Queue ``work`` for ``volume`` after any job already queued for it."""
+        """Queue ``work`` for ``volume`` after any job already queued for it.
+
+        A queued job takes a worker only once the job before it is done: a backlog on one
+        volume never holds workers that other volumes' jobs need.
+        """
+        future: Future[None] = Future()
         with self._lock:
             before = self._pending.get(volume)
-            future = self._pool.submit(self._run, volume, what, work, before)
             self._pending[volume] = future
         future.add_done_callback(lambda f: self._done(volume, f))
+        if before is None:
+            self._start(volume, what, work, future)
+        else:
+            before.add_done_callback(lambda _: self._start(volume, what, work, future))
         return future
 
+    def _start(self, volume: str, what: str, work: Callable[[], None],
+               future: Future[None]) -> None:
+        try:
+            self._pool.submit(self._run, volume, what, work, future)
+        except RuntimeError:  # shut down: the job will never run
+            future.cancel()
+
     def _run(self, volume: str, what: str, work: Callable[[], None],
-             before: Future[None] | None) -> None:
-        if before is not None:
-            wait([before])
+             future: Future[None]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
         try:
             work()
             self.errors.pop(volume, None)
         except Exception as exc:
             log.exception("%s of volume %s failed", what, volume)
             self.errors[volume] = f"{what} failed: {exc}"
+        finally:
+            future.set_result(None)
 
     def _done(self, volume: str, future: Future[None]) -> None:
         with self._lock:
