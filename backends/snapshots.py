@@ -11,6 +11,10 @@ Layout under ``<root>/snapshots/<volume>/``:
 
 A new snapshot reuses the objects of the newest one for files whose (inode, size, mtime,
 ctime) did not change, so its cost is proportional to what changed.
+
+A volume that is a btrfs subvolume gets native snapshots instead: ``subvols/<name>`` is a
+read-only snapshot of the whole subvolume, taken atomically in one ioctl, sharing extents
+copy-on-write; the entries and catalog files work as above.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from backends import btrfs
 from backends.errors import BackendError
 from backends.fs import confined, remove_tree, syncfs, write_atomic
 from backends.tree import Entry, clone_or_copy, materialize, scan
@@ -35,6 +40,8 @@ from backends.tree import Entry, clone_or_copy, materialize, scan
 log = logging.getLogger(__name__)
 
 Kind = Literal["manual", "automatic", "safety", "sync"]
+NATIVE = "btrfs-snapshot"
+"""The method of snapshots taken as read-only btrfs subvolume snapshots."""
 COPY_THREADS = 4
 RACY_NS = 100_000_000
 RACY_COARSE_NS = 2_000_000_000
@@ -67,7 +74,7 @@ class SnapshotInfo:
     copied_bytes: int
     """Bytes this snapshot had to store anew (the rest is shared with older snapshots)."""
     method: str
-    """``reflink``, ``copy`` or ``none`` (nothing new to store)."""
+    """``btrfs-snapshot`` (native, atomic), ``reflink``, ``copy`` or ``none`` (nothing new)."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -87,16 +94,16 @@ def default_name() -> str:
 class SnapshotView:
     """One snapshot as a ``backends.tree.TreeView`` (for S3 pushes)."""
 
-    def __init__(self, objects: Path, entries: Sequence[Entry]) -> None:
-        self._objects = objects
+    def __init__(self, locate: Callable[[Entry], Path], entries: Sequence[Entry]) -> None:
+        self._locate = locate
         self._entries = entries
 
     def entries(self) -> Sequence[Entry]:
         return self._entries
 
     def open(self, entry: Entry) -> BinaryIO:
-        assert entry.ref is not None  # noqa: S101 -- every file entry has an object
-        return open(_object_path(self._objects, entry.ref), "rb")
+        fd = os.open(self._locate(entry), os.O_RDONLY | os.O_NOFOLLOW)
+        return os.fdopen(fd, "rb")
 
 
 def _object_path(objects: Path, ref: str) -> Path:
@@ -148,8 +155,20 @@ class SnapshotStore:
         path = self._dir(volume, "entries", f"{name}.json")
         return [Entry.from_json(item) for item in json.loads(path.read_bytes())]
 
+    def _locator(self, volume: str, name: str) -> Callable[[Entry], Path]:
+        """Where a file entry's content lives: an object, or a native btrfs snapshot."""
+        if self.get(volume, name).method == NATIVE:
+            subvol = self._dir(volume, "subvols", name)
+            return lambda entry: subvol / entry.path
+        objects = self._dir(volume, "objects")
+
+        def locate(entry: Entry) -> Path:
+            assert entry.ref is not None  # noqa: S101 -- every file entry has an object
+            return _object_path(objects, entry.ref)
+        return locate
+
     def view(self, volume: str, name: str) -> SnapshotView:
-        return SnapshotView(self._dir(volume, "objects"), self.entries(volume, name))
+        return SnapshotView(self._locator(volume, name), self.entries(volume, name))
 
     def volumes(self) -> set[str]:
         return {e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")}
@@ -165,12 +184,16 @@ class SnapshotStore:
                 raise SnapshotExists(
                     f"snapshot {volume}@{name} already exists: pick another name or remove it "
                     f"with `pyvol snapshot rm {volume}@{name}`")
-            base = self.list_snapshots(volume)
-            previous = {e.path: e for e in self.entries(volume, base[-1].name)} if base else {}
             objects = self._dir(volume, "objects")
             for sub in ("objects", "entries", "catalog"):
                 self._dir(volume, sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-            entries, copied, method = self._capture(data, objects, previous)
+            if btrfs.is_subvolume(data):
+                entries, copied, method = self._capture_native(volume, name, data)
+            else:
+                base = [i for i in self.list_snapshots(volume) if i.method != NATIVE]
+                previous = {e.path: e for e in self.entries(volume, base[-1].name)} \
+                    if base else {}
+                entries, copied, method = self._capture(data, objects, previous)
             files = [e for e in entries if e.kind == "file"]
             entries_path = self._dir(volume, "entries", f"{name}.json")
             entries_path.write_bytes(json.dumps([e.to_json() for e in entries],
@@ -186,6 +209,15 @@ class SnapshotStore:
             log.info("snapshot %s@%s: %d files, %d bytes stored anew (%s)", volume, name,
                      info.files, copied, method)
             return info
+
+    def _capture_native(self, volume: str, name: str,
+                        data: Path) -> tuple[list[Entry], int, str]:
+        """One atomic, read-only btrfs snapshot of the volume's subvolume; no data copied."""
+        subvols = self._dir(volume, "subvols")
+        subvols.mkdir(mode=0o700, exist_ok=True)
+        target = self._dir(volume, "subvols", name)
+        btrfs.snapshot(data, target, readonly=True)
+        return list(scan(target)), 0, NATIVE
 
     def _capture(self, data: Path, objects: Path,
                  previous: dict[str, Entry]) -> tuple[list[Entry], int, str]:
@@ -265,6 +297,7 @@ class SnapshotStore:
                 # The catalog (the commit point) first: a crash part-way through leaves each
                 # snapshot complete or absent, never listed with its objects gone.
                 remove_tree(self._dir(volume, "catalog"))
+                self._destroy_subvolumes(volume, keep=set())
                 remove_tree(self._dir(volume))
             finally:
                 with self._guard:
@@ -273,11 +306,10 @@ class SnapshotStore:
     def populate_from(self, volume: str, name: str) -> Callable[[Path], None]:
         """A ``populate`` function that rebuilds ``volume@name`` into a new directory."""
         entries = self.entries(volume, name)
-        objects = self._dir(volume, "objects")
+        locate = self._locator(volume, name)
 
         def write(entry: Entry, path: Path) -> None:
-            assert entry.ref is not None  # noqa: S101
-            clone_or_copy(_object_path(objects, entry.ref), path)
+            clone_or_copy(locate(entry), path)
 
         return lambda dst: materialize(entries, dst, write)
 
@@ -298,6 +330,7 @@ class SnapshotStore:
                     for entry in json.loads(Path(item.path).read_bytes()):
                         if entry.get("ref"):
                             referenced.add(entry["ref"])
+        self._destroy_subvolumes(volume, keep=names)
         objects = self._dir(volume, "objects")
         if objects.is_dir():
             with os.scandir(objects) as buckets:
@@ -306,6 +339,15 @@ class SnapshotStore:
                         for obj in objs:
                             if obj.name not in referenced:
                                 os.unlink(obj.path)
+
+    def _destroy_subvolumes(self, volume: str, keep: set[str]) -> None:
+        subvols = self._dir(volume, "subvols")
+        if not subvols.is_dir():
+            return
+        with os.scandir(subvols) as items:
+            for item in items:
+                if item.name not in keep:
+                    btrfs.destroy_subvolume(Path(item.path))
 
     def recover(self) -> None:
         """Remove what interrupted snapshots left: uncommitted entries and orphan objects."""
