@@ -140,6 +140,7 @@ class Driver:
                 restore = options.s3 if options.source is None else \
                     replace(options.s3, restore="never")
                 self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
+                self.sync.track(name, options.s3, self._mounted_data_fn(name))
         self.snapshots.track(name, options.snapshot, lambda: self._data(name))
         log.info("created volume %s with %s", name, options.describe())
 
@@ -156,7 +157,7 @@ class Driver:
         if source is None:
             raise InvalidOption(
                 f"option from={volume}: no pyvol volume {volume!r} (a volume of another driver "
-                "cannot be cloned); see `docker volume ls -f driver=pyvol`"
+                "cannot be cloned); see `docker volume ls -f driver=pyvol:latest`"
             )
         data = self.backends[source.backend].path(volume)
         return lambda dst: copy_tree(data, dst)
@@ -171,6 +172,7 @@ class Driver:
             options = self.options_of(record)
             backend = self.backends[record.backend]
             if options.s3 is not None:
+                self.sync.untrack(name)
                 self.sync.on_remove(name, options.s3, backend.path(name))
             self.snapshots.on_remove(name, options.snapshot)
             backend.remove(name)
@@ -186,10 +188,10 @@ class Driver:
             backend = self.backends[record.backend]
             first = self.state.mount_count(name) == 0
             if first:
-                self.snapshots.before_mount(name)
                 s3 = self.options_of(record).s3
-                if s3 is not None:
+                if s3 is not None:  # first: its bounded wait and precise refusal govern
                     self.sync.before_mount(name, s3)
+                self.snapshots.before_mount(name)
                 self._expose(name, backend.mount(name))
             try:
                 self.state.add_mount(name, mount_id)
@@ -360,17 +362,21 @@ class Driver:
 
     def start(self) -> None:
         """Start background work: recovery, schedules, and pushes a restart interrupted."""
-        periodic: dict[str, tuple[S3Policy, Callable[[], Path | None]]] = {}
         for record in self.state.list_volumes():
             options = self.options_of(record)
             self.snapshots.track(record.name, options.snapshot, self._data_fn(record.name))
             if options.s3 is not None:
-                self.sync.resume(record.name, self._data(record.name))
-                if options.s3.every:
-                    periodic[record.name] = (options.s3, self._mounted_data_fn(record.name))
+                backend = self.backends[record.backend]
+                self.sync.resume(record.name, options.s3, self._data(record.name),
+                                 self._replace_fn(backend, record.name))
+                self.sync.track(record.name, options.s3, self._mounted_data_fn(record.name))
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
         self.snapshots.start()
-        self.sync.start(periodic)
+        self.sync.start()
+
+    @staticmethod
+    def _replace_fn(backend: Backend, name: str) -> Callable[[Populate], None]:
+        return lambda populate: backend.replace(name, populate)
 
     def _data_fn(self, name: str) -> Callable[[], Path]:
         return lambda: self._data(name)

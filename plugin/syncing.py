@@ -70,6 +70,7 @@ class Syncer:
         self._progress: dict[str, tuple[str, int, int]] = {}
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self._periodic: dict[str, tuple[S3Policy, MountedData]] = {}
         self._stop = threading.Event()
 
     # plumbing
@@ -94,6 +95,9 @@ class Syncer:
             record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
                                 keep=policy.keep)
             self.state.put_sync(record)
+        elif record.keep != policy.keep:  # a volume created again with another s3_keep
+            record = replace(record, keep=policy.keep)
+            self.state.put_sync(record)
         return record
 
     def _update(self, volume: str, **changes: Any) -> SyncRecord:
@@ -109,40 +113,64 @@ class Syncer:
         """Queue the restore a new volume asked for (``s3_restore``, default ``latest``)."""
         self._record(volume, policy)
         if policy.restore != "never":
-            self._update(volume, restoring=policy.restore)
+            self._update(volume, restoring=policy.restore, last_error=None, last_error_at=None)
             self._queue_restore(volume, policy, replace_content)
 
     def _queue_restore(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
         def run() -> None:
             record = self.state.get_sync(volume)
-            if record is None or not record.restoring:
-                return
-            remote = self.remote(policy.bucket, policy.prefix)
-            try:
-                snaps = remote.list()
-                wanted = record.restoring
-                target = snaps[-1] if wanted == "latest" and snaps else None
-                if wanted != "latest":
-                    target = next((s for s in snaps if s.id == wanted), None)
-                    if target is None:
-                        raise SyncFailed(f"remote snapshot {wanted!r} not found in "
-                                         f"s3://{policy.bucket}/{policy.prefix}: see "
-                                         f"`pyvol sync ls {volume}`")
-                if target is not None:
-                    self._progress[volume] = ("restoring", 0, target.size)
-                    replace_content(lambda dst: remote.restore(
-                        target.id, dst, self._progress_fn(volume, "restoring")))
-                    log.info("volume %s: restored remote snapshot %s from s3://%s/%s", volume,
-                             target.id, policy.bucket, policy.prefix)
-                self._update(volume, restoring=None, last_error=None, last_error_at=None,
-                             last_id=target.id if target else None)
-            except Exception as exc:
-                self._update(volume, last_error=f"restore failed: {exc}", last_error_at=_now())
-                raise
-            finally:
-                self._progress.pop(volume, None)
+            if record is not None and record.restoring:
+                self._restore(volume, policy, record.restoring, replace_content, at_create=True)
 
         self.jobs.submit(volume, "S3 restore", run)
+
+    def _restore(self, volume: str, policy: S3Policy, wanted: str, replace_content: Replace,
+                 *, at_create: bool) -> None:
+        """Replace the volume's content with remote snapshot ``wanted`` (an id or ``latest``).
+
+        ``at_create``: the restore a new volume asked for (or its completion by `pyvol sync
+        restore`).  Then ``latest`` of an empty prefix restores nothing, a push still pending
+        from a removed volume of the same name wins over the remote copy (it is newer), and a
+        failure is recorded for Status.  Success clears ``restoring``, so Mount is allowed.
+        """
+        record = self._record(volume, policy)
+        try:
+            pending = record.snapshot if record.pending else None
+            if at_create and wanted == "latest" and pending and any(
+                    s.name == pending for s in self.snapshots.list_snapshots(volume)):
+                replace_content(self.snapshots.populate_from(volume, pending))
+                log.info("volume %s: restored from %s, the not yet uploaded last push of the "
+                         "removed volume of the same name", volume, pending)
+                self._update(volume, restoring=None, last_error=None, last_error_at=None)
+                return
+            remote = self.remote(policy.bucket, policy.prefix)
+            snaps = remote.list()
+            if wanted == "latest":
+                target = snaps[-1] if snaps else None
+            else:
+                target = next((s for s in snaps if s.id == wanted), None)
+            if target is None and not (at_create and wanted == "latest"):
+                raise SyncFailed(f"remote snapshot {wanted!r} not found in "
+                                 f"s3://{policy.bucket}/{policy.prefix}: see "
+                                 f"`pyvol sync ls {volume}`")
+            if target is not None:
+                chosen = target
+                self._progress[volume] = ("restoring", 0, chosen.size)
+                replace_content(lambda dst: remote.restore(
+                    chosen.id, dst, self._progress_fn(volume, "restoring")))
+                log.info("volume %s: restored remote snapshot %s from s3://%s/%s", volume,
+                         chosen.id, policy.bucket, policy.prefix)
+            changes: dict[str, Any] = {"restoring": None}
+            if at_create:
+                changes.update(last_error=None, last_error_at=None,
+                               last_id=target.id if target else record.last_id)
+            self._update(volume, **changes)
+        except Exception as exc:
+            if at_create:
+                self._update(volume, last_error=f"restore failed: {exc}", last_error_at=_now())
+            raise
+        finally:
+            self._progress.pop(volume, None)
 
     def before_mount(self, volume: str, policy: S3Policy) -> None:
         """Wait for a pending restore; never serve half a volume."""
@@ -205,16 +233,22 @@ class Syncer:
             self._progress.pop(volume, None)
         self._failures.pop(volume, None)
         self._retry_at.pop(volume, None)
-        self._update(volume, pending=False, last_ok_at=_now(), last_id=pushed.id,
-                     last_error=None, last_error_at=None)
+        current = self.state.get_sync(volume)
+        if current is None:  # `pyvol sync delete-remote` ran meanwhile
+            return
+        # A push requested while this one ran has its own snapshot (or is about to take it):
+        # it stays pending, and its snapshot stays.
+        newer = current.snapshot != record.snapshot
+        self._update(volume, pending=current.pending and newer, last_ok_at=_now(),
+                     last_id=pushed.id, last_error=None, last_error_at=None)
         log.info("volume %s: pushed remote snapshot %s (%d bytes uploaded)", volume, pushed.id,
                  pushed.uploaded_bytes)
-        if self.state.get_volume(volume) is None:
+        if self.state.get_volume(volume) is None and not newer:
             # The volume was removed while this push was pending: its last data is now safe.
-            self._drop_old_sync_snapshots(volume, keep=None)
+            self._drop_old_sync_snapshots(volume, keep=set())
             self.state.delete_sync(volume)
             return
-        self._drop_old_sync_snapshots(volume, keep=record.snapshot)
+        self._drop_old_sync_snapshots(volume, keep={record.snapshot, current.snapshot})
         try:
             remote.prune(record.keep)
         except Exception as exc:
@@ -223,9 +257,9 @@ class Syncer:
     def _upload_job(self, volume: str) -> Callable[[], None]:
         return lambda: self._upload(volume)
 
-    def _drop_old_sync_snapshots(self, volume: str, keep: str | None) -> None:
+    def _drop_old_sync_snapshots(self, volume: str, keep: set[str | None]) -> None:
         for snap in self.snapshots.list_snapshots(volume):
-            if snap.kind == "sync" and snap.name != keep:
+            if snap.kind == "sync" and snap.name not in keep:
                 self.snapshots.remove(volume, snap.name)
 
     def _progress_fn(self, volume: str, what: str) -> Any:
@@ -250,7 +284,7 @@ class Syncer:
         progress = self._progress.get(volume)
         state = "idle"
         if record is not None and record.restoring:
-            state = "restoring"
+            state = "error" if record.last_error and progress is None else "restoring"
         elif progress is not None:
             state = progress[0]
         elif record is not None and record.pending:
@@ -282,15 +316,9 @@ class Syncer:
 
     def restore_in_place(self, volume: str, policy: S3Policy, snapshot_id: str,
                          replace_content: Replace) -> None:
-        remote = self.remote(policy.bucket, policy.prefix)
-        ids = [s.id for s in remote.list()]
-        wanted = ids[-1] if snapshot_id == "latest" and ids else snapshot_id
-        if wanted not in ids:
-            raise SyncFailed(f"remote snapshot {snapshot_id!r} not found in "
-                             f"s3://{policy.bucket}/{policy.prefix}: see `pyvol sync ls {volume}`")
-        replace_content(lambda dst: remote.restore(wanted, dst,
-                                                   self._progress_fn(volume, "restoring")))
-        self._progress.pop(volume, None)
+        """Also completes a restore at create that failed (Mount refuses the volume until then)."""
+        unfinished = bool(self._record(volume, policy).restoring)
+        self._restore(volume, policy, snapshot_id, replace_content, at_create=unfinished)
 
     def delete_remote(self, volume: str, policy: S3Policy) -> None:
         self.remote(policy.bucket, policy.prefix).delete_all()
@@ -298,17 +326,32 @@ class Syncer:
 
     # the schedule and the durable queue
 
-    def start(self, periodic: dict[str, tuple[S3Policy, MountedData]]) -> None:
-        """Resume pending pushes and restores; run periodic pushes and retries."""
-        self._periodic = periodic
+    def track(self, volume: str, policy: S3Policy, mounted_data: MountedData) -> None:
+        """Push ``volume`` every ``policy.every`` seconds while it is mounted."""
+        if policy.every:
+            with self._guard:
+                self._periodic[volume] = (policy, mounted_data)
+
+    def untrack(self, volume: str) -> None:
+        with self._guard:
+            self._periodic.pop(volume, None)
+
+    def start(self) -> None:
+        """Resume pushes of removed volumes; run periodic pushes and retries."""
         for record in self.state.list_sync():
             if record.pending and record.snapshot and self.state.get_volume(record.volume) is None:
                 log.info("volume %s (removed): resuming its pending S3 push", record.volume)
                 self.uploads.submit(record.volume, "S3 push", self._upload_job(record.volume))
         threading.Thread(target=self._loop, name="s3-schedule", daemon=True).start()
 
-    def resume(self, volume: str, data: Path) -> None:
+    def resume(self, volume: str, policy: S3Policy, data: Path,
+               replace_content: Replace) -> None:
+        """Queue again what a restart interrupted: the restore at create, a pending push."""
         record = self.state.get_sync(volume)
+        if record is not None and record.restoring:
+            log.info("volume %s: resuming its restore from s3://%s/%s", volume, record.bucket,
+                     record.prefix)
+            self._queue_restore(volume, policy, replace_content)
         if record is not None and record.pending:
             log.info("volume %s: resuming a pending S3 push", volume)
             if record.snapshot is None:
@@ -327,13 +370,18 @@ class Syncer:
                 if now >= at and not self.uploads.busy(volume):
                     del self._retry_at[volume]
                     self.uploads.submit(volume, "S3 push", self._upload_job(volume))
-            for volume, (policy, mounted_data) in list(self._periodic.items()):
+            with self._guard:
+                periodic = dict(self._periodic)
+            for volume, (policy, mounted_data) in periodic.items():
                 if policy.every is None:
                     continue
-                data = mounted_data()
-                if data is None:
-                    continue
-                if now - last_push.setdefault(volume, now) >= policy.every and \
-                        not self.jobs.busy(volume) and not self.uploads.busy(volume):
-                    last_push[volume] = now
-                    self.request_push(volume, policy, data)
+                try:
+                    data = mounted_data()
+                    if data is None:
+                        continue
+                    if now - last_push.setdefault(volume, now) >= policy.every and \
+                            not self.jobs.busy(volume) and not self.uploads.busy(volume):
+                        last_push[volume] = now
+                        self.request_push(volume, policy, data)
+                except Exception:
+                    log.exception("volume %s: the periodic S3 push could not be queued", volume)

@@ -26,6 +26,9 @@ from backends.s3.layout import Layout
 
 REFRESH = 120.0
 STALE = timedelta(minutes=15)
+PRUNE_STALE = timedelta(seconds=2 * REFRESH + 30)
+"""A push stops waiting for a prune marker not refreshed for two refresh periods: a prune
+that crashed, or whose marker delete failed, must not block pushes for :data:`STALE`."""
 PRUNE_WAIT = 60.0
 
 _registry: dict[tuple[str, str, str], threading.Lock] = {}
@@ -46,8 +49,9 @@ class Held:
     others: tuple[ObjectInfo, ...]
     """Live markers of other runs seen right after ours was written."""
 
-    def running(self, kind: str) -> list[ObjectInfo]:
-        return [o for o in self.others if o.key.rsplit("/", 1)[-1].startswith(kind + "-")]
+    def running(self, kind: str, within: timedelta = STALE) -> list[ObjectInfo]:
+        return [o for o in self.others if o.key.rsplit("/", 1)[-1].startswith(kind + "-")
+                and self.started - o.modified < within]
 
 
 def _look(bucket: Bucket, layout: Layout, own: str) -> tuple[datetime, tuple[ObjectInfo, ...]]:
@@ -70,23 +74,25 @@ def remote_lock(bucket: Bucket, layout: Layout, kind: Literal["push", "prune"]) 
         held = Held(key, started, others)
         if kind == "push":
             deadline = time.monotonic() + PRUNE_WAIT
-            while held.running("prune"):
+            while held.running("prune", PRUNE_STALE):
                 if time.monotonic() > deadline:
                     raise StoreBusy(
                         f"a prune of {bucket.where}/{layout.root} is still running "
-                        f"({held.running('prune')[0].key}); push again in a minute")
+                        f"({held.running('prune', PRUNE_STALE)[0].key}); push again in a minute")
                 time.sleep(1.0)
-                started, others = _look(bucket, layout, key)
-                held = Held(key, held.started, others)
+                latest, others = _look(bucket, layout, key)
+                held = Held(key, latest, others)
+            held = Held(key, started, held.others)
         refresher = threading.Thread(target=_refresh, args=(bucket, key, stop), daemon=True,
                                      name=f"s3-lock-{kind}")
         refresher.start()
         yield held
     finally:
         stop.set()
-        # A marker left behind only delays sweeps until it is STALE.
+        # Retried like any write; a marker still left behind only delays sweeps until it is
+        # STALE, and pushes until PRUNE_STALE.
         with contextlib.suppress(Exception):
-            bucket.delete([key], retry=False)
+            bucket.delete([key])
 
 
 def _refresh(bucket: Bucket, key: str, stop: threading.Event) -> None:

@@ -1,0 +1,238 @@
+"""Helpers of the S3 sync integration tests: ``pyvol serve`` with S3 settings, the ``pyvol``
+CLI, and trees whose every observable property (content, links, modes, owners, mtimes) can be
+compared between hosts.
+
+The server runs exactly as ``python -m plugin.cli serve`` does, with one test-only change
+made in the launcher before the app loads: shorter retry budgets (``FAST_RETRIES``), so a
+dead store is reported in seconds rather than the two minutes a real deployment waits.  The
+code paths are the product's; only the numbers differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from functional_support import LISTEN_DEADLINE, REPO, Plugin, PluginProcess
+
+LAUNCHER = """\
+import functools, os, sys
+import backends.s3.store as store
+import plugin.syncing as syncing
+from backends.s3.config import RetryPolicy
+store.RetryPolicy = functools.partial(
+    RetryPolicy, attempts=3, base_delay=0.05, max_delay=0.2, deadline=3.0,
+    connect_timeout=1.0, read_timeout=20.0, botocore_attempts=1)
+syncing.RETRY_MIN, syncing.RETRY_MAX = 1.0, 8.0
+if os.environ.get("PYVOL_TEST_MOUNT_WAIT"):
+    syncing.MOUNT_WAIT = float(os.environ["PYVOL_TEST_MOUNT_WAIT"])
+from plugin.cli import main
+sys.exit(main())
+"""
+FAST_RETRIES = "one S3 operation: 3 tries within 3 s; a failed push: retried after 1, 2, 4, 8 s"
+
+
+class SyncServer(PluginProcess):
+    """``pyvol serve`` on its own socket directory, with ``env`` as its plugin settings."""
+
+    def __init__(self, root: Path, log: Path, env: dict[str, str]) -> None:
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="pyvol-", dir="/tmp"))
+        super().__init__(self.socket_dir, root, log)
+        self.env = env
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("S3_", "AWS_", "PYVOL_")) and k not in (
+                   "LOG_LEVEL", "DEFAULT_BACKEND")}
+        env.update(self.env)
+        started = time.monotonic()
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", LAUNCHER, "serve", "--socket", str(self.socket),
+                 "--root", str(self.root)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            )
+        while not self._listening():
+            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()}"
+            assert time.monotonic() - started < LISTEN_DEADLINE * 3, (
+                f"socket not listening in time:\n{self.log.read_text()}")
+            time.sleep(0.01)
+        self.client.ok("VolumeDriver.Capabilities", {})
+        self.workers = self.worker_pids()
+
+    def kill9(self) -> None:
+        """SIGKILL the worker and the master (by PID): a crash, nothing runs its cleanup."""
+        assert self.proc is not None
+        for pid in sorted(self.worker_pids()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in self.workers):
+            assert time.monotonic() < deadline, "the worker outlived SIGKILL"
+            time.sleep(0.05)
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The ``pyvol`` CLI against this server, as a user runs it."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_"))}
+        env.pop("PYVOL_SOCKET", None)
+        return subprocess.run(
+            [sys.executable, "-m", "plugin.cli", "--socket", str(self.socket), *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+            stdin=subprocess.DEVNULL)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def sync_servers(base: Path) -> Iterator[Callable[..., SyncServer]]:
+    """Start servers (each on its own socket); kill what is still running at the end."""
+    running: list[SyncServer] = []
+
+    def start(root: Path, env: dict[str, str]) -> SyncServer:
+        server = SyncServer(root, base / f"server-{len(running)}.log", env)
+        running.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in running:
+            if server.proc is not None and server.proc.poll() is None:
+                server.kill9()
+            shutil.rmtree(server.socket_dir, ignore_errors=True)
+
+
+# dockerd's side of a volume's life
+
+def mount(plugin: Plugin, name: str, mount_id: str) -> Path:
+    return Path(plugin.ok("VolumeDriver.Mount", {"Name": name, "ID": mount_id})["Mountpoint"])
+
+
+def unmount(plugin: Plugin, name: str, mount_id: str) -> float:
+    """Unmount; return how long the call took."""
+    started = time.monotonic()
+    plugin.ok("VolumeDriver.Unmount", {"Name": name, "ID": mount_id})
+    return time.monotonic() - started
+
+
+def s3_status(plugin: Plugin, name: str) -> dict[str, Any]:
+    status = plugin.volume(name)["Status"]
+    assert "s3" in status, f"volume {name} shows no S3 sync: {status}"
+    s3: dict[str, Any] = status["s3"]
+    return s3
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, pause: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(pause)
+
+
+def wait_pushed(plugin: Plugin, name: str, previous: str | None = None,
+                timeout: float = 30) -> dict[str, Any]:
+    """Wait until Status shows a push newer than ``previous`` (a last_push time) and idle."""
+    def pushed() -> dict[str, Any] | None:
+        s3 = s3_status(plugin, name)
+        last = s3.get("last_push") or {}
+        if s3["state"] == "idle" and last.get("at") and last["at"] != previous:
+            return s3
+        return None
+    result: dict[str, Any] = wait_for(pushed, timeout, f"a push of {name} to complete")
+    return result
+
+
+# trees
+
+def build_tree(root: Path, tag: str, big: int = 0) -> None:
+    """Files (one of ``big`` random bytes), a subdirectory, relative and absolute symlinks, a
+    hard link, unusual modes and owners, and fixed mtimes, all under the existing ``root``."""
+    (root / "docs").mkdir(mode=0o750)
+    (root / "docs" / "note.txt").write_text(f"note of {tag}\n" * 100)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "random.bin").write_bytes(os.urandom(big or 100_000))
+    (root / "tag").write_text(tag)
+    os.symlink("docs/note.txt", root / "relative-link")
+    os.symlink("/etc/passwd", root / "absolute-link")
+    os.link(root / "tag", root / "tag-hardlink")
+    secret = root / "private.key"
+    secret.write_bytes(os.urandom(64))
+    os.chmod(secret, 0o400)
+    os.chown(secret, 1234, 5678)
+    os.chown(root / "docs", 42, 43)
+    os.lchown(root / "relative-link", 7, 8)
+    os.chmod(root / "docs" / "note.txt", 0o2640)
+    for i, path in enumerate(sorted(root.rglob("*"))):
+        os.utime(path, ns=(1_600_000_000_000_000_000 + i * 1001,) * 2, follow_symlinks=False)
+
+
+def picture(root: Path) -> list[tuple[Any, ...]]:
+    """What a user can observe of every entry below ``root``: kind, mode, owner, mtime, size,
+    content hash or link text, and which entries share an inode."""
+    out: list[tuple[Any, ...]] = []
+    inodes: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = os.lstat(path)
+            if os.path.islink(path):
+                what = "link:" + os.readlink(path)
+            elif path.is_dir():
+                what = "dir"
+            else:
+                what = hashlib.sha256(path.read_bytes()).hexdigest()
+                if st.st_nlink > 1:
+                    what += " same-inode-as:" + inodes.setdefault(st.st_ino, rel)
+            out.append((rel, what, oct(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                        st.st_size))
+    return out
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    """Every regular file under ``root`` whose bytes contain ``needle``."""
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                if needle in path.read_bytes():
+                    found.append(path)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
