@@ -141,7 +141,7 @@ class Driver:
                     replace(options.s3, restore="never")
                 self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
                 self.sync.track(name, options.s3, self._mounted_data_fn(name))
-        self.snapshots.track(name, options.snapshot, lambda: self._data(name))
+        self.snapshots.track(name, options.snapshot, self._data_fn(name))
         log.info("created volume %s with %s", name, options.describe())
 
     def _populate(self, name: str, options: VolumeOptions) -> Populate | None:
