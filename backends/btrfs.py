@@ -53,13 +53,18 @@ def _vol_args(name: str, fd: int = 0) -> bytearray:
     return buf
 
 
-def create_subvolume(path: Path) -> None:
-    """Create an empty subvolume at ``path`` (its parent must exist)."""
+def _on_parent(path: Path, request: int) -> None:
+    """Issue a name-only subvolume ioctl on ``path``'s parent directory."""
     parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.ioctl(parent, IOC_SUBVOL_CREATE, _vol_args(path.name))
+        fcntl.ioctl(parent, request, _vol_args(path.name))
     finally:
         os.close(parent)
+
+
+def create_subvolume(path: Path) -> None:
+    """Create an empty subvolume at ``path`` (its parent must exist)."""
+    _on_parent(path, IOC_SUBVOL_CREATE)
 
 
 def snapshot(source: Path, target: Path, readonly: bool = True) -> None:
@@ -82,8 +87,4 @@ def snapshot(source: Path, target: Path, readonly: bool = True) -> None:
 
 def destroy_subvolume(path: Path) -> None:
     """Delete the subvolume at ``path`` with everything in it (read-only ones too)."""
-    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.ioctl(parent, IOC_SNAP_DESTROY, _vol_args(path.name))
-    finally:
-        os.close(parent)
+    _on_parent(path, IOC_SNAP_DESTROY)
