@@ -19,10 +19,12 @@ copy-on-write; the entries and catalog files work as above.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +37,15 @@ from typing import Any, BinaryIO, Literal
 from backends import btrfs
 from backends.errors import BackendError
 from backends.fs import confined, remove_tree, syncfs, write_atomic
-from backends.tree import Entry, clone_or_copy, materialize, scan
+from backends.tree import (
+    Entry,
+    clone_fd,
+    clone_or_copy,
+    materialize,
+    open_dir,
+    open_file,
+    scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +101,22 @@ def default_name() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+Opener = Callable[[Entry], int]
+"""Open a file entry's stored content for reading; returns a descriptor."""
+
+
 class SnapshotView:
     """One snapshot as a ``backends.tree.TreeView`` (for S3 pushes)."""
 
-    def __init__(self, locate: Callable[[Entry], Path], entries: Sequence[Entry]) -> None:
-        self._locate = locate
+    def __init__(self, opener: Opener, entries: Sequence[Entry]) -> None:
+        self._opener = opener
         self._entries = entries
 
     def entries(self) -> Sequence[Entry]:
         return self._entries
 
     def open(self, entry: Entry) -> BinaryIO:
-        fd = os.open(self._locate(entry), os.O_RDONLY | os.O_NOFOLLOW)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(self._opener(entry), "rb")
 
 
 def _object_path(objects: Path, ref: str) -> Path:
@@ -155,20 +168,29 @@ class SnapshotStore:
         path = self._dir(volume, "entries", f"{name}.json")
         return [Entry.from_json(item) for item in json.loads(path.read_bytes())]
 
-    def _locator(self, volume: str, name: str) -> Callable[[Entry], Path]:
-        """Where a file entry's content lives: an object, or a native btrfs snapshot."""
+    def _opener(self, volume: str, name: str) -> Opener:
+        """Open a file entry's content: an object, or a file of a native btrfs snapshot (a
+        copy of volume content, so opened like it: beneath the snapshot, no symlinks)."""
         if self.get(volume, name).method == NATIVE:
             subvol = self._dir(volume, "subvols", name)
-            return lambda entry: subvol / entry.path
+
+            def open_native(entry: Entry) -> int:
+                root_fd = open_dir(subvol)
+                try:
+                    return open_file(root_fd, entry.path)[0]
+                finally:
+                    os.close(root_fd)
+            return open_native
         objects = self._dir(volume, "objects")
 
-        def locate(entry: Entry) -> Path:
+        def open_object(entry: Entry) -> int:
             assert entry.ref is not None  # noqa: S101 -- every file entry has an object
-            return _object_path(objects, entry.ref)
-        return locate
+            return os.open(_object_path(objects, entry.ref),
+                           os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open_object
 
     def view(self, volume: str, name: str) -> SnapshotView:
-        return SnapshotView(self._locator(volume, name), self.entries(volume, name))
+        return SnapshotView(self._opener(volume, name), self.entries(volume, name))
 
     def volumes(self) -> set[str]:
         return {e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")}
@@ -193,7 +215,11 @@ class SnapshotStore:
                 base = [i for i in self.list_snapshots(volume) if i.method != NATIVE]
                 previous = {e.path: e for e in self.entries(volume, base[-1].name)} \
                     if base else {}
-                entries, copied, method = self._capture(data, objects, previous)
+                root_fd = open_dir(data)
+                try:
+                    entries, copied, method = self._capture(root_fd, objects, previous)
+                finally:
+                    os.close(root_fd)
             files = [e for e in entries if e.kind == "file"]
             entries_path = self._dir(volume, "entries", f"{name}.json")
             entries_path.write_bytes(json.dumps([e.to_json() for e in entries],
@@ -219,12 +245,19 @@ class SnapshotStore:
         btrfs.snapshot(data, target, readonly=True)
         return list(scan(target)), 0, NATIVE
 
-    def _capture(self, data: Path, objects: Path,
+    def _capture(self, root_fd: int, objects: Path,
                  previous: dict[str, Entry]) -> tuple[list[Entry], int, str]:
+        """Scan the open volume directory ``root_fd`` and store its changed files.
+
+        Every file is opened beneath ``root_fd`` without following symlinks and checked
+        after opening (:func:`backends.tree.open_file`).  One that vanished or became
+        something else than a regular file since the scan is left out, with a warning (and
+        so are hard links to it); one replaced by another regular file is stored as it is now.
+        """
         entries: list[Entry] = []
         todo: list[int] = []
         started = time.time_ns()
-        for entry in scan(data):
+        for entry in scan(root_fd):
             if entry.kind == "file":
                 old = previous.get(entry.path)
                 if old is not None and old.kind == "file" and old.ref and \
@@ -239,31 +272,54 @@ class SnapshotStore:
             entries.append(entry)
         methods: set[str] = set()
         buckets: set[str] = set()
+        skipped: set[str] = set()
         # Plain strings: pathlib's joins cost as much as a clone per file.
-        objects_dir, data_dir = str(objects), str(data)
+        objects_dir = str(objects)
 
-        def store(index: int) -> str:
+        def store(index: int) -> str | None:
             entry = entries[index]
             assert entry.ref is not None  # noqa: S101
-            bucket = f"{objects_dir}/{entry.ref[:2]}"
-            if bucket not in buckets:
-                os.makedirs(bucket, mode=0o700, exist_ok=True)
-                buckets.add(bucket)
-            method = clone_or_copy(f"{data_dir}/{entry.path}", f"{bucket}/{entry.ref}",
-                                   mode=0o400)
+            try:
+                sfd, st = open_file(root_fd, entry.path)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise
+                log.warning("snapshot: skipping %s: it was removed or replaced since the "
+                            "scan (%s)", entry.path, exc.strerror)
+                skipped.add(entry.path)
+                return None
+            try:
+                if st.st_ino != entry.ino:  # another file was renamed over it: take that one
+                    entries[index] = replace(entry, mode=stat.S_IMODE(st.st_mode),
+                                             uid=st.st_uid, gid=st.st_gid,
+                                             mtime_ns=st.st_mtime_ns, size=st.st_size,
+                                             ino=st.st_ino, ctime_ns=0)
+                bucket = f"{objects_dir}/{entry.ref[:2]}"
+                if bucket not in buckets:
+                    os.makedirs(bucket, mode=0o700, exist_ok=True)
+                    buckets.add(bucket)
+                method = clone_or_copy(sfd, f"{bucket}/{entry.ref}", mode=0o400)
+            finally:
+                os.close(sfd)
             methods.add(method)
             return method
 
         # Clones are small metadata updates that threads only make contend (measured on XFS
         # and btrfs: one thread is fastest); copies move data, so they run in parallel.
-        if todo and store(todo[0]) == "reflink":
-            for index in todo[1:]:
+        first, rest = None, todo
+        while first is None and rest:
+            first, rest = store(rest[0]), rest[1:]
+        if first == "reflink" or len(rest) < 2:
+            for index in rest:
                 store(index)
-        elif len(todo) > 1:
+        else:
             with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot") as pool:
-                list(pool.map(store, todo[1:]))
-        copied = sum(entries[i].size for i in todo)
-        method = "none" if not todo else ("copy" if "copy" in methods else "reflink")
+                list(pool.map(store, rest))
+        copied = sum(entries[i].size for i in todo if entries[i].path not in skipped)
+        if skipped:
+            entries = [e for e in entries if e.path not in skipped
+                       and not (e.kind == "hardlink" and e.target in skipped)]
+        method = "none" if not methods else ("copy" if "copy" in methods else "reflink")
         return entries, copied, method
 
     def remove(self, volume: str, name: str) -> None:
@@ -306,10 +362,14 @@ class SnapshotStore:
     def populate_from(self, volume: str, name: str) -> Callable[[Path], None]:
         """A ``populate`` function that rebuilds ``volume@name`` into a new directory."""
         entries = self.entries(volume, name)
-        locate = self._locator(volume, name)
+        opener = self._opener(volume, name)
 
-        def write(entry: Entry, path: Path) -> None:
-            clone_or_copy(locate(entry), path)
+        def write(entry: Entry, fd: int) -> None:
+            sfd = opener(entry)
+            try:
+                clone_fd(sfd, fd)
+            finally:
+                os.close(sfd)
 
         return lambda dst: materialize(entries, dst, write)
 

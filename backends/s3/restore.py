@@ -21,7 +21,7 @@ from pathlib import Path
 from backends.s3.errors import CorruptObject, S3SyncError
 from backends.s3.manifest import ChunkRef, Manifest, Tree
 from backends.s3.remote import Remote, Span, plan
-from backends.tree import Entry, materialize
+from backends.tree import Entry, materialize, write_sparse
 
 WINDOW = 256 << 20
 
@@ -43,12 +43,10 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
     total = sum(e.size for e in tree.entries if e.kind == "file")
     done = 0
 
-    def write(entry: Entry, path: Path) -> None:
+    def write(entry: Entry, fd: int) -> None:
         nonlocal done
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb", buffering=0, closefd=True) as out:
-            for ref in tree.chunks[entry.path]:
-                out.write(fetcher.take(ref))
+        for ref in tree.chunks[entry.path]:
+            write_sparse(fd, fetcher.take(ref))
         done += entry.size
         if progress is not None:
             progress(done, total)

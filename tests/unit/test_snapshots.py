@@ -696,8 +696,8 @@ def test_a_running_snapshot_delays_no_call_on_other_volumes(
     entered = threading.Event()
     real = clone_or_copy
 
-    def slow(src: str | Path, dst: str | Path, mode: int = 0o600) -> str:
-        if "busy" in Path(src).parts:
+    def slow(src: int, dst: str | Path, mode: int = 0o600) -> str:
+        if "busy" in Path(dst).parts:  # snapshots/busy/objects/xx/ID (src is a descriptor)
             entered.set()
             release.wait(30)
         return real(src, dst, mode)
@@ -742,8 +742,8 @@ def test_long_snapshots_of_other_volumes_never_hold_up_a_mount(
     release = threading.Event()
     real = clone_or_copy
 
-    def slow(src: str | Path, dst: str | Path, mode: int = 0o600) -> str:
-        if Path(src).parts[-2] in slow_volumes:
+    def slow(src: int, dst: str | Path, mode: int = 0o600) -> str:
+        if Path(dst).parts[-4] in slow_volumes:  # snapshots/VOLUME/objects/xx/ID
             release.wait(60)
         return real(src, dst, mode)
 

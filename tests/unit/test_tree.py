@@ -18,6 +18,7 @@ import pytest
 from backends.tree import (
     DirectoryView,
     Entry,
+    clone_fd,
     clone_or_copy,
     copy_tree,
     materialize,
@@ -127,7 +128,13 @@ def sample(tmp_path: Path) -> Path:
 
 
 def copy_from(src: Path) -> Any:
-    return lambda entry, path: clone_or_copy(src / entry.path, path)
+    def write(entry: Entry, fd: int) -> None:
+        sfd = os.open(src / entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            clone_fd(sfd, fd)
+        finally:
+            os.close(sfd)
+    return write
 
 
 # scan
