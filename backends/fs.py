@@ -6,16 +6,22 @@ its root.  Mount calls go straight to libc (no shell, no extra binaries in the r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import re
-import shutil
+import resource
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from backends.errors import BackendError, UnsafePath
+from backends.tree import DIR_FLAGS, walk
+
+log = logging.getLogger(__name__)
 
 MS_BIND = 4096
 MS_REC = 16384
@@ -53,12 +59,113 @@ def fsync_dir(path: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a directory tree without following symlinks out of it; missing is fine."""
-    if path.is_symlink() or path.is_file():
+    """Delete a directory tree without following symlinks out of it; missing is fine.
+
+    Works relative to directory descriptors with an explicit stack (one descriptor per
+    level): no recursion limit, no PATH_MAX, and a directory swapped for a symlink meanwhile
+    is unlinked, never entered.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
         path.unlink()
         return
-    if path.exists():
-        shutil.rmtree(path)
+    parent = os.open(path.parent, DIR_FLAGS)
+    try:
+        _remove_at(parent, path.name)
+    finally:
+        os.close(parent)
+
+
+def _remove_at(parent: int, name: str) -> None:
+    """Remove the directory ``name`` of the open directory ``parent`` and all it holds."""
+    try:
+        top = os.open(name, DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        return
+    # Frames: (parent fd, name in it, own fd, subdirectories left to remove).
+    stack: list[tuple[int, str, int, list[str] | None]] = [(parent, name, top, None)]
+    try:
+        while stack:
+            up, here, fd, subdirs = stack[-1]
+            if subdirs is None:
+                subdirs = []
+                with os.scandir(fd) as it:
+                    for child in it:
+                        if child.is_dir(follow_symlinks=False):
+                            subdirs.append(child.name)
+                        else:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(child.name, dir_fd=fd)
+                stack[-1] = (up, here, fd, subdirs)
+            if subdirs:
+                sub = subdirs.pop()
+                try:
+                    stack.append((fd, sub, os.open(sub, DIR_FLAGS, dir_fd=fd), None))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    os.unlink(sub, dir_fd=fd)  # swapped for a file or link: not entered
+                continue
+            stack.pop()
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(here, dir_fd=up)
+    finally:
+        for _, _, fd, _ in stack:
+            os.close(fd)
+
+
+PRIVATE = 0o700
+"""Mode of pyvol's data root and of every directory under it that holds volume data."""
+
+
+def make_private(path: Path) -> None:
+    """Create ``path`` (and missing parents) mode 0700, or narrow an existing one to 0700.
+
+    Volume data must not be reachable for other host users through pyvol's directories (a
+    setuid file in a volume would otherwise run for them), as dockerd does with its data root.
+    A wider mode found is corrected and logged.
+    """
+    path.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            log.warning("%s was mode %04o, readable or searchable by other host users; "
+                        "setting it to %04o", path, mode, PRIVATE)
+            os.chmod(fd, PRIVATE)
+    finally:
+        os.close(fd)
+
+
+PRIVATE_DIRS = ("", "volumes", "volumes/.creating", "volumes/.removing", "volumes/.replacing",
+                "snapshots", "s3cache")
+"""pyvol's directories under its data root (``""``: the root itself), all mode 0700."""
+
+
+def secure_data_root(root: Path) -> None:
+    """Create pyvol's data root and its top directories mode 0700, narrowing wider ones.
+
+    Run at start-up.  Containers reach a volume through its bind mount, whose root is the
+    volume directory itself, so the parents' mode does not limit them; it only keeps other
+    host users out.
+    """
+    for sub in PRIVATE_DIRS:
+        make_private(root / sub if sub else root)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one: walks hold one descriptor per level of
+    a tree, and a container can make a tree thousands of levels deep."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Cancelled(Exception):
@@ -74,29 +181,25 @@ def tree_usage(path: Path, cancelled: Callable[[], bool] = lambda: False) -> tup
     total = 0
     count = 0
     seen: set[tuple[int, int]] = set()
-    stack = [str(path)]
-    while stack:
-        if cancelled():
-            raise Cancelled(str(path))
-        current = stack.pop()
-        try:
-            with os.scandir(current) as it:
-                for entry in it:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
+    try:
+        root = os.open(path, DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0, 0
+    try:
+        with contextlib.closing(walk(root, sort=False)) as dirs:
+            for _, _, children in dirs:
+                if cancelled():
+                    raise Cancelled(str(path))
+                for _, st in children:
                     count += 1
-                    if st.st_nlink > 1 and not entry.is_dir(follow_symlinks=False):
+                    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                         key = (st.st_dev, st.st_ino)
                         if key in seen:
                             continue
                         seen.add(key)
                     total += st.st_blocks * 512
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
+    finally:
+        os.close(root)
     return total, count
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from backends import btrfs
 from backends.base import DirSpec, Populate
 from backends.errors import BackendError
-from backends.fs import confined, fsync_dir, remove_tree
+from backends.fs import confined, fsync_dir, make_private, raise_fd_limit, remove_tree
 from backends.usage import UsageCache
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,12 @@ class LocalBackend:
         self._creating = root / "volumes" / ".creating"
         self._removing = root / "volumes" / ".removing"
         self._replacing = root / "volumes" / ".replacing"
-        for d in (self.root, self._creating, self._removing, self._replacing):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o711)  # noqa: S103 -- traversal only, no listing
+        # Private (0700), and narrowed if found wider: no host user but root may reach
+        # volume data (a setuid file in a volume would run for them).  Containers reach a
+        # volume through its bind mount, which the parents' mode does not limit.
+        for d in (root, self.root, self._creating, self._removing, self._replacing):
+            make_private(d)
+        raise_fd_limit()  # walks hold one descriptor per level of a volume's tree
         self._usage = usage or UsageCache()
         self._in_use: set[str] = set()
         self.subvolumes = btrfs.is_btrfs(self.root)

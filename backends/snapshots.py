@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Literal
 
 from backends import btrfs
 from backends.errors import BackendError
-from backends.fs import confined, remove_tree, syncfs, write_atomic
+from backends.fs import confined, make_private, remove_tree, syncfs, write_atomic
 from backends.tree import (
     Entry,
     clone_fd,
@@ -126,7 +126,7 @@ def _object_path(objects: Path, ref: str) -> Path:
 class SnapshotStore:
     def __init__(self, root: Path) -> None:
         self.root = root / "snapshots"
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private(self.root)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._catalog: dict[str, list[SnapshotInfo]] = {}

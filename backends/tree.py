@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -283,7 +283,7 @@ def _list(fd: int, sort: bool) -> Listing:
     return children
 
 
-def walk(root_fd: int, sort: bool = True) -> Iterator[tuple[int, str, Listing]]:
+def walk(root_fd: int, sort: bool = True) -> Generator[tuple[int, str, Listing], None, None]:
     """Yield ``(dir_fd, prefix, children)`` for every directory under ``root_fd``, parents
     first; ``prefix`` is the directory's relative path plus ``/`` (empty for the root).
 

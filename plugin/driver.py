@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from backends import REGISTRY, Backend
 from backends.base import Populate
 from backends.errors import BackendError
-from backends.fs import bind_mount, confined, is_mountpoint, unmount
+from backends.fs import bind_mount, confined, is_mountpoint, secure_data_root, unmount
 from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
 from backends.tree import copy_tree
 from plugin.errors import InvalidOption, VolumeExists, VolumeInUse, VolumeNotFound
@@ -56,7 +56,7 @@ class Driver:
         backends: Mapping[str, Backend] | None = None,
     ) -> None:
         self.settings = settings
-        settings.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        secure_data_root(settings.root)
         self.state = state or StateStore(settings.root / "state.db")
         self.backends: Mapping[str, Backend] = backends or {
             name: factory(settings.root) for name, factory in REGISTRY.items()
