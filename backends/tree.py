@@ -156,22 +156,42 @@ def open_beneath(root_fd: int, path: str, flags: int = PATH_FLAGS) -> int:
     symlink on the way, the last component included, and without leaving ``root_fd``.
 
     Raises OSError (ELOOP, ENOTDIR, ENOENT...) when a component is not what it must be.
+    A path longer than PATH_MAX is resolved in pieces, each beneath the previous one.
     """
-    if len(path) < OPENAT2_PATH_MAX:
-        fd = _openat2(root_fd, path, flags | os.O_NOFOLLOW)
-        if fd is not None:
-            return fd
+    fd, rest = root_fd, path
+    try:
+        while True:
+            if len(rest) < OPENAT2_PATH_MAX:
+                found = _openat2(fd, rest, flags | os.O_NOFOLLOW)
+                if found is not None:
+                    return found
+                break
+            cut = rest.rfind("/", 0, OPENAT2_PATH_MAX)
+            sub = _openat2(fd, rest[:cut], DIR_FLAGS) if cut > 0 else None
+            if sub is None:
+                break
+            if fd != root_fd:
+                os.close(fd)
+            fd, rest = sub, rest[cut + 1:]
+        return _open_by_components(fd, rest, flags)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def _open_by_components(base: int, path: str, flags: int) -> int:
+    """open_beneath without openat2: one ``O_NOFOLLOW`` component at a time."""
     *dirs, name = _parts(path)
-    fd = root_fd
+    fd = base
     try:
         for part in dirs:
             sub = os.open(part, DIR_FLAGS, dir_fd=fd)
-            if fd != root_fd:
+            if fd != base:
                 os.close(fd)
             fd = sub
         return os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
     finally:
-        if fd != root_fd:
+        if fd != base:
             os.close(fd)
 
 
@@ -554,23 +574,9 @@ class _Builder:
         if fd is not None:
             self.fds.move_to_end(rel)
             return fd
-        chain = [rel]
-        current = _parent(rel)
-        while current != "." and current not in self.fds:
-            chain.append(current)
-            current = _parent(current)
-        base = self.root_fd if current == "." else self.fds[current]
-        fd = base
-        try:
-            for path in reversed(chain):
-                sub = os.open(path.rpartition("/")[2], DIR_FLAGS, dir_fd=fd)
-                if fd != base:
-                    os.close(fd)
-                fd = sub
-        except BaseException:
-            if fd != base:
-                os.close(fd)
-            raise
+        return self._cache(rel, open_beneath(self.root_fd, rel, DIR_FLAGS))
+
+    def _cache(self, rel: str, fd: int) -> int:
         self.fds[rel] = fd
         if len(self.fds) > FD_CACHE:
             os.close(self.fds.popitem(last=False)[1])
@@ -582,7 +588,7 @@ class _Builder:
             return  # the root's metadata is applied last, by build()
         fd = self.fds.pop(rel, None)
         if fd is None:
-            fd = os.open(rel.rpartition("/")[2], DIR_FLAGS, dir_fd=self.dir_fd(_parent(rel)))
+            fd = open_beneath(self.root_fd, rel, DIR_FLAGS)
         try:
             _apply_fd(fd, entry)
         finally:
@@ -605,10 +611,14 @@ class _Builder:
             parent = parent or "."
             if parent not in self.dirs or name in ("", ".", ".."):
                 raise ValueError(f"entry {entry.path!r} leaves the tree")
-            self._make(entry, name, self.dir_fd(parent))
+            pfd = self.dir_fd(parent)
+            self._make(entry, name, pfd)
             pending[parent] -= 1
-            if entry.kind == "dir" and not pending.get(entry.path):
-                self._finish_dir(entry.path)
+            if entry.kind == "dir":
+                if pending.get(entry.path):  # its children come later: keep it at hand
+                    self._cache(entry.path, os.open(name, DIR_FLAGS, dir_fd=pfd))
+                else:
+                    self._finish_dir(entry.path)
             if pending[parent] == 0:
                 self._finish_dir(parent)
         if root is not None:
@@ -712,7 +722,13 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 
 def _copy_entry(root_fd: int, entry: Entry, dfd: int) -> None:
-    sfd, _ = open_file(root_fd, entry.path)
+    try:
+        sfd, _ = open_file(root_fd, entry.path)
+    except OSError as exc:
+        if isinstance(exc, Changed) or exc.errno not in (errno.ENOENT, errno.ENOTDIR,
+                                                         errno.ELOOP):
+            raise
+        raise Changed(entry.path, f"was removed or replaced ({exc.strerror})") from None
     try:
         clone_fd(sfd, dfd)
     finally:
