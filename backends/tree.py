@@ -450,7 +450,7 @@ def copy_fd(sfd: int, dfd: int) -> None:
     ``sfd`` had when the copy began: a 10 TiB sparse file costs nothing.
     """
     size = os.fstat(sfd).st_size
-    offset = 0
+    offset = copied_to = 0
     while offset < size:
         try:
             start = os.lseek(sfd, offset, os.SEEK_DATA)
@@ -469,10 +469,13 @@ def copy_fd(sfd: int, dfd: int) -> None:
                 raise
             end = size
         end = min(end, size)
-        if _copy_range(sfd, dfd, start, end - start) < end - start:
+        done = _copy_range(sfd, dfd, start, end - start)
+        copied_to = start + done
+        if done < end - start:
             break  # the source shrank while we copied it
         offset = end
-    os.ftruncate(dfd, size)
+    if copied_to < size:
+        os.ftruncate(dfd, size)  # a trailing hole (an ftruncate per file costs 5% of a copy)
 
 
 def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> int:
@@ -636,7 +639,7 @@ class _Builder:
             try:
                 self.write(entry, fd)
                 end = os.lseek(fd, 0, os.SEEK_CUR)
-                if end > os.fstat(fd).st_size:
+                if end and end > os.fstat(fd).st_size:
                     os.ftruncate(fd, end)  # the writer sought over a trailing hole
                 _apply_fd(fd, entry)
             except Changed as exc:
