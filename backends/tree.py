@@ -42,6 +42,7 @@ SPARSE_BLOCK = 1 << 16
 """Granularity at which :func:`write_sparse` looks for runs of zero bytes to seek over."""
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 FD_CACHE = 64
 """Directory descriptors :func:`materialize` keeps open (the least recently used are closed)."""
 
@@ -210,16 +211,34 @@ def open_file(root_fd: int, path: str) -> tuple[int, os.stat_result]:
         BEFORE_OPEN(path)
     if path == ".":
         raise Changed(path, "is the tree's root, not a file")
-    pinned = open_beneath(root_fd, path, PATH_FLAGS)
+    proc = _has_proc()
+    # Without /proc the file is opened directly; O_NONBLOCK still keeps a FIFO from blocking.
+    pinned = open_beneath(root_fd, path, PATH_FLAGS if proc else READ_FLAGS)
     try:
         st = os.fstat(pinned)
         if not stat.S_ISREG(st.st_mode):
             raise Changed(path, "is no longer a regular file",
                           errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.ENOENT)
+        if not proc:
+            fd, pinned = pinned, -1
+            return fd, st
         # The O_PATH descriptor pins the inode: this reopens exactly the file checked above.
         return os.open(f"/proc/self/fd/{pinned}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY), st
     finally:
-        os.close(pinned)
+        if pinned >= 0:
+            os.close(pinned)
+
+
+_proc: bool | None = None
+
+
+def _has_proc() -> bool:
+    global _proc
+    if _proc is None:
+        _proc = os.path.isdir("/proc/self/fd")
+        if not _proc:
+            log.warning("/proc is not mounted: files are opened directly (O_NONBLOCK)")
+    return _proc
 
 
 # Scanning

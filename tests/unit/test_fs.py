@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 from unit_support import mounts_at
 
 from backends.errors import UnsafePath
-from backends.fs import bind_mount, confined, is_mountpoint, unmount
+from backends.fs import (
+    bind_mount,
+    confined,
+    is_mountpoint,
+    remove_tree,
+    secure_data_root,
+    tree_usage,
+    unmount,
+)
 
 
 @pytest.mark.parametrize("part", ["", ".", "..", "../x", "a/b", "/abs", "x\0y", "/"])
@@ -60,3 +70,52 @@ def test_is_mountpoint_of_plain_paths(tmp_path: Path) -> None:
     assert is_mountpoint(Path("/"))
     assert not is_mountpoint(tmp_path)
     assert not is_mountpoint(tmp_path / "missing")
+
+
+# walks relative to directory descriptors
+
+
+def deep(root: Path, depth: int) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("level-directory", dir_fd=fd)
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+        nxt = os.open("level-directory", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+
+
+def test_usage_and_removal_of_a_tree_deeper_than_path_max(tmp_path: Path) -> None:
+    root = tmp_path / "deep"
+    root.mkdir()
+    deep(root, 2000)  # 32,000 bytes of path; Python's recursion limit is 1,000
+    size, entries = tree_usage(root)
+    assert entries == 4000
+    assert size > 0
+    remove_tree(root)
+    assert not root.exists()
+
+
+def test_removal_never_follows_a_link_out(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"x")
+    (root / "d" / "out").symlink_to(outside)
+    (root / "link").symlink_to(outside)
+    remove_tree(root)
+    assert not root.exists()
+    assert (outside / "keep").read_bytes() == b"x"
+    remove_tree(root)  # missing is fine
+
+
+def test_private_directories_are_created_0700_and_narrowed(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "volumes").mkdir(parents=True)
+    os.chmod(root, 0o755)  # noqa: S103 -- the wide mode start-up must narrow
+    os.chmod(root / "volumes", 0o711)  # noqa: S103
+    secure_data_root(root)
+    for sub in ("", "volumes", "volumes/.creating", "volumes/.removing",
+                "volumes/.replacing", "snapshots", "s3cache"):
+        assert stat.S_IMODE((root / sub).stat().st_mode) == 0o700, sub

@@ -15,14 +15,20 @@ from typing import Any
 
 import pytest
 
+from backends import tree as tree_module
+from backends.fs import remove_tree
 from backends.tree import (
+    Changed,
     DirectoryView,
     Entry,
     clone_fd,
     clone_or_copy,
+    copy_fd,
     copy_tree,
     materialize,
+    open_file,
     scan,
+    write_sparse,
 )
 
 ROOT = os.geteuid() == 0
@@ -352,3 +358,149 @@ def test_scan_of_a_big_flat_directory_is_complete(tmp_path: Path) -> None:
     for i in range(2000):
         (root / f"f{i:05d}").write_bytes(b"%d" % i)
     assert [e.path for e in scan(root)][1:] == sorted(p.name for p in root.iterdir())
+
+
+# resolving beneath a directory descriptor
+
+
+@pytest.fixture(params=["openat2", "components"])
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of resolving: openat2, and one O_NOFOLLOW component at a time."""
+    if request.param == "components":
+        monkeypatch.setattr(tree_module, "_openat2_ok", False)
+    return str(request.param)
+
+
+def test_open_file_refuses_a_symlink_at_any_depth(tmp_path: Path, resolver: str) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"inside")
+    (outside / "b").mkdir(parents=True)
+    (outside / "b" / "f").write_bytes(SECRET)
+    (outside / "f").write_bytes(SECRET)
+    (root / "link-a").symlink_to(outside)
+    (root / "a" / "link-b").symlink_to(outside / "b")
+    (root / "a" / "link-f").symlink_to(outside / "f")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sfd, st = open_file(fd, "a/b/f")
+        with open(sfd, "rb") as f:
+            assert f.read() == b"inside"
+        assert st.st_ino == (root / "a" / "b" / "f").stat().st_ino
+        for path in ("link-a/b/f", "a/link-b/f", "a/link-f"):
+            with pytest.raises(OSError) as raised:
+                open_file(fd, path)
+            # openat2 says ELOOP; O_DIRECTORY|O_NOFOLLOW on a link says ENOTDIR
+            assert raised.value.errno in (errno.ELOOP, errno.ENOTDIR), path
+        for path in ("../outside/f", "a/../../outside/f"):
+            with pytest.raises(OSError):
+                open_file(fd, path)
+    finally:
+        os.close(fd)
+
+
+def test_open_file_never_opens_a_fifo_or_device(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(Changed):
+            open_file(fd, "fifo")  # would block forever if it were opened for reading
+    finally:
+        os.close(fd)
+
+
+def test_open_beneath_resolves_paths_longer_than_path_max(tmp_path: Path,
+                                                         resolver: str) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    parts = []
+    try:
+        cur = os.dup(fd)
+        for i in range(300):
+            name = f"level-{i:04d}-" + "x" * 20
+            os.mkdir(name, dir_fd=cur)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            os.close(cur)
+            cur = nxt
+            parts.append(name)
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=cur))
+        os.close(cur)
+        path = "/".join([*parts, "f"])
+        assert len(path) > 8000
+        sfd, st = open_file(fd, path)
+        os.close(sfd)
+        assert stat.S_ISREG(st.st_mode)
+    finally:
+        os.close(fd)
+    remove_tree(tmp_path / parts[0])
+
+
+# holes
+
+
+def test_copies_keep_holes_and_content(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.write(b"a" * 65536)
+        f.seek(16 << 20)
+        f.write(b"b" * 65536)
+        f.truncate(1 << 30)
+    for name in ("copy", "clone"):
+        dst = tmp_path / name
+        if name == "copy":
+            sfd = os.open(src, os.O_RDONLY)
+            dfd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600)
+            copy_fd(sfd, dfd)
+            os.close(sfd)
+            os.close(dfd)
+        else:
+            clone_or_copy(src, dst)
+        assert dst.stat().st_size == 1 << 30
+        assert dst.stat().st_blocks * 512 < 4 << 20
+        with open(dst, "rb") as f:
+            assert f.read(65536) == b"a" * 65536
+            f.seek((16 << 20) - 4096)
+            assert f.read(4096 + 65536 + 4096) == bytes(4096) + b"b" * 65536 + bytes(4096)
+
+
+def test_materialize_extends_a_file_that_ends_in_a_hole(tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    me = (os.getuid(), os.getgid())
+    entries = [Entry(path=".", kind="dir", mode=0o755, uid=me[0], gid=me[1], mtime_ns=T0),
+               Entry(path="f", kind="file", mode=0o644, uid=me[0], gid=me[1], mtime_ns=T0,
+                     size=4096 + (8 << 20))]
+    materialize(entries, dst,
+                lambda e, fd: write_sparse(fd, b"z" * 4096 + bytes(8 << 20)))
+    st = (dst / "f").stat()
+    assert st.st_size == 4096 + (8 << 20)
+    assert st.st_blocks * 512 < 1 << 20
+
+
+# depth and descriptors
+
+
+def test_a_deep_tree_round_trips_with_few_descriptors(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deeper than PATH_MAX, with the descriptor cache smaller than the tree is deep."""
+    monkeypatch.setattr(tree_module, "FD_CACHE", 4)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):
+        for side in ("a", "b"):  # two subdirectories per level: parents get evicted
+            os.mkdir(f"{side}-dir-level", dir_fd=fd)
+        os.close(os.open("file", os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd))
+        nxt = os.open("a-dir-level", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    before = len(os.listdir("/proc/self/fd"))
+    copy_tree(src, dst)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert [e.path for e in scan(dst)] == [e.path for e in scan(src)]
+    assert [(e.kind, e.mode, e.mtime_ns) for e in scan(dst)][1:] == \
+        [(e.kind, e.mode, e.mtime_ns) for e in scan(src)][1:]
+    remove_tree(src)
+    remove_tree(dst)
+    assert not src.exists() and not dst.exists()
