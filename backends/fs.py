@@ -163,7 +163,12 @@ def raise_fd_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard one: walks hold one descriptor per level of
     a tree, and a container can make a tree thousands of levels deep."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    if hard == resource.RLIM_INFINITY:  # the kernel caps it at fs.nr_open anyway
+        try:
+            hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            return
+    if soft != resource.RLIM_INFINITY and soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 

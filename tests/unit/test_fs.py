@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import stat
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from backends.fs import (
     bind_mount,
     confined,
     is_mountpoint,
+    raise_fd_limit,
     remove_tree,
     secure_data_root,
     tree_usage,
@@ -119,3 +121,13 @@ def test_private_directories_are_created_0700_and_narrowed(tmp_path: Path) -> No
     for sub in ("", "volumes", "volumes/.creating", "volumes/.removing",
                 "volumes/.replacing", "snapshots", "s3cache"):
         assert stat.S_IMODE((root / sub).stat().st_mode) == 0o700, sub
+
+
+def test_start_up_raises_the_descriptor_limit_for_deep_walks() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(512, hard), hard))
+    try:
+        raise_fd_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
