@@ -349,3 +349,33 @@ def test_crashed_remove_is_finished_and_reported_by_recover(
             reported_any = True
             assert restarted.names() == set()
     assert reported_any, "no crash point interrupted a removal"
+
+
+# other host users
+
+
+def private_ancestor(path: Path, root: Path) -> Path | None:
+    """The first directory between ``path`` and ``root`` that other users cannot search."""
+    for parent in [*path.parents]:
+        if not stat.S_IMODE(parent.stat().st_mode) & 0o077:
+            return parent
+        if parent == root:
+            break
+    return None
+
+
+def test_volume_data_is_unreachable_for_other_host_users_even_after_widening(
+        factory: Factory, root: Path) -> None:
+    """A setuid file in a volume must not run for another host user: some directory
+    between the root and the data is 0700, and start-up narrows one found wider."""
+    backend = factory(root)
+    backend.create("v", DirSpec())
+    path = backend.path("v")
+    guard = private_ancestor(path, root)
+    assert guard is not None, f"every directory above {path} lets other users through"
+    for parent in path.parents:
+        os.chmod(parent, 0o755)  # noqa: S103 -- the widening start-up must undo
+        if parent == root:
+            break
+    factory(root)
+    assert private_ancestor(path, root) is not None
