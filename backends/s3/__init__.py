@@ -10,6 +10,7 @@ from __future__ import annotations
 from backends.s3.config import RetryPolicy, S3Config
 from backends.s3.errors import (
     AccessDenied,
+    BadEndpoint,
     BucketMissing,
     CorruptObject,
     EndpointUnreachable,
@@ -24,6 +25,7 @@ from backends.s3.store import RemoteStore
 
 __all__ = [
     "AccessDenied",
+    "BadEndpoint",
     "BucketMissing",
     "CorruptObject",
     "EndpointUnreachable",
