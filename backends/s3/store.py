@@ -21,10 +21,10 @@ from backends.s3.config import RetryPolicy, S3Config
 from backends.s3.errors import S3SyncError, SnapshotNotFound
 from backends.s3.layout import Layout
 from backends.s3.locks import local_lock
-from backends.s3.manifest import RemoteSnapshot
+from backends.s3.manifest import SNAPSHOT_ID, RemoteSnapshot
 from backends.s3.prune import PruneReport
 from backends.s3.push import Progress
-from backends.s3.remote import Remote
+from backends.s3.remote import Catalog, Remote
 from backends.tree import TreeView
 
 
@@ -41,6 +41,8 @@ class RemoteStore:
                                                     prefix), workers)
         self._lock = local_lock(config.endpoint_url, bucket, prefix)
         self._workers = workers
+        self.warnings: builtins.list[str] = []
+        """Objects the last listing skipped as invalid snapshots ("key: why")."""
 
     def __repr__(self) -> str:
         return f"RemoteStore({self._remote.where})"
@@ -69,12 +71,19 @@ class RemoteStore:
             return push_mod.push(self._remote, view, progress, pool)
 
     def list(self) -> builtins.list[RemoteSnapshot]:
-        """Every snapshot in the store, oldest first."""
-        return [m.snapshot for m in self._remote.manifests(self._remote.snapshot_ids())]
+        """Every valid snapshot in the store, oldest first (by recorded time)."""
+        return [m.snapshot for m in self.catalog().manifests]
+
+    def catalog(self) -> Catalog:
+        """Valid snapshots, oldest first, and the objects skipped as invalid (for warnings)."""
+        catalog = self._remote.catalog()
+        self.warnings = list(catalog.skipped)
+        return catalog
 
     def resolve(self, snapshot_id: str) -> str:
-        """``latest`` to the newest snapshot's id; any other id checked to exist."""
-        ids = self._remote.snapshot_ids()
+        """``latest`` to the newest valid snapshot's id (by recorded time, not key order);
+        any other id checked to be a valid snapshot."""
+        ids = [m.snapshot.id for m in self.catalog().manifests]
         if snapshot_id == "latest" and ids:
             return ids[-1]
         if snapshot_id in ids:
@@ -99,9 +108,21 @@ class RemoteStore:
             return prune_mod.prune(self._remote, keep)
 
     def delete_all(self) -> int:
-        """Delete every object under the prefix and the local cache; returns objects deleted."""
+        """Delete this store's snapshots, packs and lock markers and the local cache; returns
+        objects deleted.
+
+        Only keys this layout writes are listed and deleted (``<prefix>/snapshots/<id>``,
+        ``<prefix>/data/<pack>``, ``<prefix>/locks/<name>``), never "everything under the
+        prefix": another volume's prefix ``<prefix>/db`` lies under it and stays intact.
+        """
+        remote = self._remote
+        layout, bucket = remote.layout, remote.bucket
         with self._lock:
-            objects = self._remote.bucket.list(self._remote.layout.root)
-            self._remote.bucket.delete([o.key for o in objects])
-            self._remote.cache.clear()
-            return len(objects)
+            keys = [o.key for o in bucket.list(layout.snapshots)
+                    if SNAPSHOT_ID.fullmatch(Layout.tail(o.key, layout.snapshots))]
+            keys += [o.key for o in bucket.list(layout.data) if layout.own_pack(o.key)]
+            keys += [o.key for o in bucket.list(layout.locks) if layout.own_lock(o.key)]
+            if keys:
+                bucket.delete(keys)
+            remote.cache.clear()
+            return len(keys)
