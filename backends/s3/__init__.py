@@ -7,6 +7,7 @@ how each operation stays safe.
 
 from __future__ import annotations
 
+from backends.s3.check import CheckReport
 from backends.s3.config import RetryPolicy, S3Config
 from backends.s3.errors import (
     AccessDenied,
@@ -27,6 +28,7 @@ __all__ = [
     "AccessDenied",
     "BadEndpoint",
     "BucketMissing",
+    "CheckReport",
     "CorruptObject",
     "EndpointUnreachable",
     "PruneReport",

@@ -46,6 +46,8 @@ class Remote:
     layout: Layout
     cache: Cache
     workers: int
+    skipped: list[str] = field(default_factory=list)
+    """What the last :meth:`catalog` skipped (updated in place), for Status warnings."""
 
     @property
     def where(self) -> str:
@@ -90,6 +92,7 @@ class Remote:
                     elif got:
                         skipped.append(f"{self.layout.snapshot(snapshot_id)}: {got}")
         found.sort(key=lambda m: (m.snapshot.created, m.snapshot.id))
+        self.skipped[:] = skipped
         if skipped:
             log.warning("%s: skipped %d object(s) that are not valid snapshots, e.g. %s",
                         self.where, len(skipped), skipped[0])

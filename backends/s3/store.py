@@ -12,10 +12,12 @@ import builtins
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from backends.s3 import check as check_mod
 from backends.s3 import prune as prune_mod
 from backends.s3 import push as push_mod
 from backends.s3 import restore as restore_mod
 from backends.s3.cache import Cache
+from backends.s3.check import CheckReport
 from backends.s3.client import Bucket
 from backends.s3.config import RetryPolicy, S3Config
 from backends.s3.errors import S3SyncError, SnapshotNotFound
@@ -41,8 +43,6 @@ class RemoteStore:
                                                     prefix), workers)
         self._lock = local_lock(config.endpoint_url, bucket, prefix)
         self._workers = workers
-        self.warnings: builtins.list[str] = []
-        """Objects the last listing skipped as invalid snapshots ("key: why")."""
 
     def __repr__(self) -> str:
         return f"RemoteStore({self._remote.where})"
@@ -76,9 +76,13 @@ class RemoteStore:
 
     def catalog(self) -> Catalog:
         """Valid snapshots, oldest first, and the objects skipped as invalid (for warnings)."""
-        catalog = self._remote.catalog()
-        self.warnings = list(catalog.skipped)
-        return catalog
+        return self._remote.catalog()
+
+    @property
+    def warnings(self) -> builtins.list[str]:
+        """Objects under ``snapshots/`` the last listing (of any operation) skipped as invalid
+        snapshots, as "key: why"."""
+        return list(self._remote.skipped)
 
     def resolve(self, snapshot_id: str) -> str:
         """``latest`` to the newest valid snapshot's id (by recorded time, not key order);
@@ -101,6 +105,19 @@ class RemoteStore:
         manifest = self._remote.manifest(self.resolve(snapshot_id))
         with ThreadPoolExecutor(self._workers, "s3-restore") as pool:
             restore_mod.restore(self._remote, manifest, dst, progress, pool)
+
+    def verify(self, read_data: bool = False) -> CheckReport:
+        """Check that every snapshot is restorable (see ``check.py``); never changes the store.
+
+        With ``read_data`` every blob is downloaded and hashed, and the bad ones are
+        remembered, so the next push uploads their content again instead of deduplicating
+        against them.
+        """
+        with ThreadPoolExecutor(self._workers, "s3-check") as pool:
+            report = check_mod.check(self._remote, read_data, pool)
+        if read_data:
+            self._remote.cache.keep_bad(report.bad)
+        return report
 
     def prune(self, keep: int) -> PruneReport:
         """Keep the newest ``keep`` snapshots; delete the rest and data only they used."""
