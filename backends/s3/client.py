@@ -52,9 +52,14 @@ STREAM_ERRORS = (bx.IncompleteReadError, bx.ResponseStreamingError, bx.ChecksumE
                  bx.HTTPClientError)
 _jitter = secrets.SystemRandom()
 
-# botocore logs request headers (Authorization, the signature) and urllib3 full URLs at
-# DEBUG: whatever LOG_LEVEL says, those loggers never go below WARNING.
-for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
+# At DEBUG, these botocore modules log request headers (Authorization: the signature), the
+# canonical request and signature, request parameters and response headers and bodies, and
+# urllib3 logs request lines: whatever LOG_LEVEL says, they never go below WARNING.  The rest
+# of botocore (event hooks, endpoint resolution, retries) still logs at DEBUG for debugging.
+QUIET_LOGGERS = ("botocore.auth", "botocore.endpoint", "botocore.parsers", "botocore.awsrequest",
+                 "botocore.handlers", "botocore.utils", "botocore.httpsession",
+                 "botocore.httpchecksum", "botocore.credentials", "urllib3", "s3transfer")
+for _name in QUIET_LOGGERS:
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 

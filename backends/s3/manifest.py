@@ -20,11 +20,13 @@ is written.  Push and restore apply the same rules (:func:`pushable` on the way 
 * **kinds**: dir, file, hardlink, symlink, fifo, socket.  Device nodes (chardev, blockdev) are
   never restored: a push leaves them out (with a logged warning) and a restore refuses them,
   so ``rdev`` is always 0.
-* **mode**: permission bits only (0..0o7777).  setuid is refused on every entry, setgid on
-  everything but directories (where it only makes new files inherit the group); a push
-  clears those bits (logged), so an S3 copy of a volume never carries setuid/setgid files.
-  Until the bucket is authenticated (encryption issue) a bucket writer must not be able to
-  plant a setuid-root binary.  Sticky bits are kept.
+* **mode**: permission bits only (0..0o7777), and no set-id bit that takes effect on exec:
+  on anything but a directory, setuid together with any execute bit, or setgid together
+  with group execute, is refused (the kernel applies them exactly then); a push clears those
+  bits (logged), so an S3 copy never carries an executable setuid/setgid file.  Until the
+  bucket is authenticated (encryption issue) a bucket writer must not be able to plant a
+  setuid-root binary.  Inert combinations (setgid without group execute, the old
+  mandatory-locking marker), setgid and sticky on directories are kept.
 * **owner**: uid and gid in 0..2**32-2 (2**32-1 is chown's "no change").
 * **xattrs**: only ``user.*`` and the POSIX ACLs ``system.posix_acl_access`` /
   ``system.posix_acl_default`` (they grant no more than mode bits can, and the kernel
@@ -317,9 +319,9 @@ def _check_record(record: dict[str, Any]) -> None:
     mode = record.get("mode", 0)
     if not 0 <= mode <= 0o7777:
         raise ValueError(f"entry {path!r} has mode {mode:#o}: only permission bits are allowed")
-    if mode & stat.S_ISUID or (mode & stat.S_ISGID and kind != "dir"):
-        raise ValueError(f"entry {path!r} has mode {mode:#o}: setuid/setgid are never restored "
-                         "from S3")
+    if kind != "dir" and _setid(mode):
+        raise ValueError(f"entry {path!r} has mode {mode:#o}: executable setuid/setgid "
+                         "entries are never restored from S3")
     for key in ("uid", "gid"):
         if not 0 <= record.get(key, 0) <= ID_MAX:
             raise ValueError(f"entry {path!r} has an impossible {key} {record[key]}")
@@ -375,6 +377,12 @@ def _check_name(path: str) -> None:
             raise ValueError(f"entry {path[:300]!r} has a name longer than {NAME_MAX} bytes")
 
 
+def _setid(mode: int) -> bool:
+    """Whether exec of a file with ``mode`` would change its user or group id."""
+    return bool((mode & stat.S_ISUID and mode & 0o111)
+                or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
+
+
 def xattr_allowed(name: str) -> bool:
     """Whether an xattr is carried through S3: ``user.*`` and POSIX ACLs only."""
     return (((name.startswith("user.") and len(name) > 5) or name in ACL_XATTRS)
@@ -383,13 +391,13 @@ def xattr_allowed(name: str) -> bool:
 
 def pushable(entry: Entry) -> Entry | None:
     """``entry`` as a push records it (the same rules a restore enforces): None for a device
-    node; setuid (and setgid but on directories) cleared; xattrs outside ``user.*`` and the
+    node; set-id bits that would act on exec cleared; xattrs outside ``user.*`` and the
     POSIX ACLs dropped."""
     if entry.kind not in KINDS:
         return None
-    mode = entry.mode & 0o7777 & ~stat.S_ISUID
-    if entry.kind != "dir":
-        mode &= ~stat.S_ISGID
+    mode = entry.mode & 0o7777
+    if entry.kind != "dir" and _setid(mode):
+        mode &= ~(stat.S_ISUID | stat.S_ISGID)
     xattrs = entry.xattrs
     if xattrs and (entry.kind in ("symlink", "hardlink")
                    or any(not xattr_allowed(n) for n in xattrs)):
