@@ -225,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
 
     sync = sub.add_parser(
         "sync", help="S3 sync: VOLUME (push now), ls VOLUME, restore VOLUME ID, "
-        "delete-remote VOLUME",
+        "delete-remote VOLUME, check VOLUME [--read-data]",
         description="Removing a volume with `docker volume rm` keeps its remote copy; "
         "`pyvol sync delete-remote VOLUME --yes` deletes it.")
     sync.add_argument("words", nargs="+", metavar="ARG")
