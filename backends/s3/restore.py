@@ -34,13 +34,14 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
             pool: ThreadPoolExecutor) -> None:
     _check_empty(dst)
     tree = remote.tree(manifest)
-    packs = remote.pack_ids()
-    missing = sorted({r.pack for refs in tree.chunks.values() for r in refs} - packs)
+    sizes = remote.pack_sizes()
+    missing = sorted({r.pack for refs in tree.chunks.values() for r in refs
+                      if sizes.get(r.pack, -1) < r.offset + r.length})
     if missing:
         raise CorruptObject(
             f"snapshot {manifest.snapshot.id} needs {len(missing)} object(s) missing from "
-            f"{remote.where} (e.g. {remote.layout.pack(missing[0])}): restore another "
-            "snapshot; the next push uploads lost content again")
+            f"{remote.where} or cut short (e.g. {remote.layout.pack(missing[0])}): restore "
+            "another snapshot; the next push uploads lost content again")
     fetcher = Prefetcher(remote, tree, manifest.snapshot.id, pool)
     total = sum(e.size for e in tree.entries if e.kind == "file")
     done = 0
