@@ -32,7 +32,8 @@ is written.  Push and restore apply the same rules (:func:`pushable` on the way 
   ``system.posix_acl_default`` (they grant no more than mode bits can, and the kernel
   validates them); ``security.*`` (file capabilities, SELinux labels), ``trusted.*`` and other
   ``system.*`` names are dropped by a push and refused by a restore.  Names up to 255 bytes,
-  values valid base64 up to 64 KiB, at most 128 per entry, none on symlinks.
+  values valid base64 of up to 64 KiB (the kernel's own limits), none on links (a push
+  records a hard link's xattrs on its file).
 * **sizes**: a file's size is the sum of its blob sizes; every other kind has size 0 and no
   blobs.  A blob is at most :data:`blobs.CHUNK_MAX` plain bytes and stored in at most that
   many (a push stores raw what does not compress), so memory per blob is bounded whatever the
@@ -69,7 +70,6 @@ TREE_PART_MAX = 64 << 20
 NAME_MAX = 255
 LINK_MAX = 4095
 XATTR_MAX = 64 << 10
-XATTRS_PER_ENTRY = 128
 ID_MAX = (1 << 32) - 2
 KINDS = frozenset({"dir", "file", "hardlink", "symlink", "fifo", "socket"})
 """Kinds a push records and a restore accepts: device nodes are neither."""
@@ -344,8 +344,6 @@ def _check_record(record: dict[str, Any]) -> None:
     xattrs = record.get("xattrs", {})
     if xattrs and kind in ("symlink", "hardlink"):
         raise ValueError(f"entry {path!r} ({kind}) carries xattrs")
-    if len(xattrs) > XATTRS_PER_ENTRY:
-        raise ValueError(f"entry {path!r} has {len(xattrs)} xattrs (most {XATTRS_PER_ENTRY})")
     for name, value in xattrs.items():
         if not xattr_allowed(name):
             raise ValueError(f"entry {path!r} has xattr {name[:300]!r}: only user.* and POSIX "
