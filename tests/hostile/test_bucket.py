@@ -76,6 +76,10 @@ BAD: dict[str, tuple[list[dict[str, Any]], str]] = {
                         "xattrs": {"user.a": b64(b"1")}}], "'l'"),
     "unknown-field": ([{**FILE, "setcap": "cap_sys_admin+ep"}], "'bin'"),
     "bool-uid": ([{**FILE, "uid": True}], "'bin'"),
+    "size-mismatch": ([{**FILE, "size": 1 << 40}], "'bin'"),
+    "symlink-nul": ([{"path": "l", "kind": "symlink", "target": "/etc\0x"}], "'l'"),
+    "hardlink-out": ([{"path": "h", "kind": "hardlink", "target": "../../etc/shadow"}],
+                     "'h'"),
 }
 
 
