@@ -158,6 +158,8 @@ ROUTES: dict[str, Handler] = {
         "Snapshots": [s.to_json() for s in d.sync_list(_volume_arg(b))]},
     "pyvol/sync/restore": _sync_restore,
     "pyvol/sync/delete-remote": _sync_delete_remote,
+    "pyvol/sync/check": lambda d, b: {"Check": d.sync_check(
+        _volume_arg(b), b.get("ReadData") is True).to_json()},
 }
 
 

@@ -117,6 +117,27 @@ def _sync_push(args: argparse.Namespace, volume: str) -> int:
                                 "(it is retried in the background)")
 
 
+def _sync_check(args: argparse.Namespace, volume: str) -> int:
+    """Exit 0 when every remote snapshot is restorable, 1 (problems listed) when not."""
+    report = _call(args, "pyvol/sync/check", {"Volume": volume, "ReadData": args.read_data})
+    report = report["Check"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    for warning in report["warnings"]:
+        print(f"warning: skipped {warning}", file=sys.stderr)
+    what = "structure and data" if report["read_data"] else "structure (add --read-data " \
+        "to verify every blob)"
+    if report["ok"]:
+        if not args.json:
+            print(f"{volume}: {report['snapshots']} remote snapshot(s), {report['blobs']} "
+                  f"blob(s) in {report['packs']} pack(s): {what} ok")
+        return 0
+    for problem in report["first_problems"]:
+        print(f"problem: {problem}", file=sys.stderr)
+    raise ClientFailure(f"{volume}: {report['problems']} problem(s) in its remote copy "
+                        f"({what}); the next push uploads again what the volume still has")
+
+
 def _sync(args: argparse.Namespace) -> int:
     words = args.words
     if words[0] == "ls" and len(words) == 2:
@@ -139,10 +160,13 @@ def _sync(args: argparse.Namespace) -> int:
         _call(args, "pyvol/sync/delete-remote", {"Volume": words[1], "Confirm": words[1]})
         print(f"deleted the remote copy of {words[1]}")
         return 0
-    if len(words) == 1 and words[0] not in ("ls", "restore", "delete-remote"):
+    if words[0] == "check" and len(words) == 2:
+        return _sync_check(args, words[1])
+    if len(words) == 1 and words[0] not in ("ls", "restore", "delete-remote", "check"):
         return _sync_push(args, words[0])
     raise ClientFailure("usage: pyvol sync VOLUME [--wait] | sync ls VOLUME | "
-                        "sync restore VOLUME ID | sync delete-remote VOLUME --yes")
+                        "sync restore VOLUME ID | sync delete-remote VOLUME --yes | "
+                        "sync check VOLUME [--read-data]")
 
 
 def _mounts_reset(args: argparse.Namespace) -> int:
@@ -201,13 +225,15 @@ def parser() -> argparse.ArgumentParser:
 
     sync = sub.add_parser(
         "sync", help="S3 sync: VOLUME (push now), ls VOLUME, restore VOLUME ID, "
-        "delete-remote VOLUME",
+        "delete-remote VOLUME, check VOLUME [--read-data]",
         description="Removing a volume with `docker volume rm` keeps its remote copy; "
         "`pyvol sync delete-remote VOLUME --yes` deletes it.")
     sync.add_argument("words", nargs="+", metavar="ARG")
     sync.add_argument("--wait", action="store_true", help="push: wait and show progress")
     sync.add_argument("--json", action="store_true", help="ls: details as JSON")
     sync.add_argument("--yes", action="store_true", help="delete-remote: confirm")
+    sync.add_argument("--read-data", action="store_true",
+                      help="check: download and verify every blob")
     sync.set_defaults(func=_sync)
     return top
 

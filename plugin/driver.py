@@ -33,7 +33,7 @@ from plugin.state import StateStore, VolumeRecord
 from plugin.syncing import Syncer
 
 if TYPE_CHECKING:
-    from backends.s3 import RemoteSnapshot
+    from backends.s3 import CheckReport, RemoteSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -445,3 +445,7 @@ class Driver:
                 log.info("volume %s: %d mount(s) restored", name, mounted[name])
             except Exception as exc:
                 log.error("volume %s: could not restore its mount: %s", name, exc)
+
+    def sync_check(self, volume: str, read_data: bool = False) -> CheckReport:
+        """Check that the volume's remote snapshots are restorable (``pyvol sync check``)."""
+        return self.sync.check(volume, self._s3(volume)[1], read_data)

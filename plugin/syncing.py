@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from backends.base import Populate
 from backends.snapshots import SnapshotStore, default_name
+from plugin.checking import Checks
 from plugin.errors import PyvolError
 from plugin.jobs import Jobs
 from plugin.options import S3Policy
 from plugin.state import StateStore, SyncRecord
 
 if TYPE_CHECKING:
-    from backends.s3 import RemoteSnapshot, RemoteStore, S3Config
+    from backends.s3 import CheckReport, RemoteSnapshot, RemoteStore, S3Config
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Syncer:
         self._failures: dict[str, int] = {}
         self._periodic: dict[str, tuple[S3Policy, MountedData]] = {}
         self._stop = threading.Event()
+        self.checks = Checks()
 
     # plumbing
 
@@ -306,6 +308,7 @@ class Syncer:
                 status["last_error"] = {"message": record.last_error, "at": record.last_error_at}
         if progress is not None:
             status["bytes_done"], status["bytes_total"] = progress[1], progress[2]
+        status.update(self.checks.status(volume, self._remotes.get((policy.bucket, policy.prefix))))
         return {"s3": status}
 
     # explicit actions (CLI)
@@ -385,3 +388,7 @@ class Syncer:
                         self.request_push(volume, policy, data)
                 except Exception:
                     log.exception("volume %s: the periodic S3 push could not be queued", volume)
+
+    def check(self, volume: str, policy: S3Policy, read_data: bool) -> CheckReport:
+        """Check the volume's remote copy (``pyvol sync check``); the result shows in Status."""
+        return self.checks.run(volume, self.remote(policy.bucket, policy.prefix), read_data)

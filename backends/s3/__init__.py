@@ -7,9 +7,11 @@ how each operation stays safe.
 
 from __future__ import annotations
 
+from backends.s3.check import CheckReport
 from backends.s3.config import RetryPolicy, S3Config
 from backends.s3.errors import (
     AccessDenied,
+    BadEndpoint,
     BucketMissing,
     CorruptObject,
     EndpointUnreachable,
@@ -24,7 +26,9 @@ from backends.s3.store import RemoteStore
 
 __all__ = [
     "AccessDenied",
+    "BadEndpoint",
     "BucketMissing",
+    "CheckReport",
     "CorruptObject",
     "EndpointUnreachable",
     "PruneReport",

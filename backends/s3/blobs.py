@@ -80,13 +80,7 @@ def pack_form(data: Buffer) -> Buffer:
 
 def unpack(stored: Buffer, size: int, expected: str) -> bytes:
     """Plain content of a stored blob; ``ValueError`` unless it hashes to ``expected``."""
-    if len(stored) < size:
-        try:
-            data = _decompressor().decompress(stored, max_output_size=size)
-        except zstandard.ZstdError as exc:
-            raise ValueError(f"cannot decompress: {exc}") from None
-    else:
-        data = bytes(stored)
+    data = decompress(stored, size) if len(stored) < size else bytes(stored)
     if len(data) != size or digest(data) != expected:
         raise ValueError("content does not match its hash")
     return data
@@ -97,8 +91,24 @@ def compress(data: Buffer) -> bytes:
     return _compressor().compress(data)
 
 
-def decompress(data: Buffer, limit: int = 1 << 31) -> bytes:
-    return _decompressor().decompress(data, max_output_size=limit)
+def decompress(data: Buffer, limit: int) -> bytes:
+    """The content of one zstd frame, never more than ``limit`` bytes; ``ValueError`` if the
+    frame declares or holds more, or is not a frame.
+
+    (python-zstandard allocates what a frame's header declares, ignoring
+    ``max_output_size``: a 100-byte forged frame could ask for gigabytes.  So the declared
+    size is checked first.)
+    """
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared > limit:
+            raise ValueError(f"the frame declares {declared} bytes, more than {limit}")
+        out = _decompressor().decompress(data, max_output_size=limit)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"cannot decompress: {exc}") from None
+    if len(out) > limit:
+        raise ValueError(f"it decompresses to more than {limit} bytes")
+    return out
 
 
 def cut(stream: BinaryIO, size: int) -> Iterator[Buffer]:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -56,13 +57,18 @@ class FileState:
     patched: int = 0
     """Records written as patches since ``tree`` was written."""
 
-    def drop_missing(self, packs: set[str]) -> int:
-        """Forget every file or tree part stored in a pack the store no longer has."""
+    def drop_missing(self, packs: dict[str, int], bad: AbstractSet[tuple[str, int]] = frozenset()
+                     ) -> int:
+        """Forget every file or tree part stored where the store cannot serve it: in a pack
+        it no longer lists, past the end of a pack (``packs``: id -> size), or at a place a
+        check found corrupt (``bad``: (pack, offset))."""
+        def usable(ref: ChunkRef) -> bool:
+            return usable_ref(ref, packs, bad)
         gone = [path for path, cached in self.files.items()
-                if any(r.pack not in packs for r in cached.refs)]
+                if not all(usable(r) for r in cached.refs)]
         for path in gone:
             del self.files[path]
-        if any(r.pack not in packs for r in self.tree + self.patches):
+        if not all(usable(r) for r in self.tree + self.patches):
             self.snapshot, self.records, self.tree, self.patches = "", {}, [], []
         return len(gone)
 
@@ -73,6 +79,14 @@ class FileState:
         return known
 
 
+def usable_ref(ref: ChunkRef, packs: dict[str, int], bad: AbstractSet[tuple[str, int]]) -> bool:
+    """Whether a push may deduplicate against ``ref``: its pack is listed, long enough, and
+    no check found the blob bad."""
+    size = packs.get(ref.pack)
+    return size is not None and size >= ref.offset + ref.length and \
+        (ref.pack, ref.offset) not in bad
+
+
 class Cache:
     def __init__(self, cache_dir: Path, endpoint: str, bucket: str, prefix: str) -> None:
         name = hashlib.sha256(f"{endpoint}\0{bucket}\0{prefix}".encode()).hexdigest()[:24]
@@ -81,7 +95,7 @@ class Cache:
 
     def load(self) -> FileState:
         try:
-            doc = json.loads(blobs.decompress((self.root / "files").read_bytes()))
+            doc = json.loads(blobs.decompress((self.root / "files").read_bytes(), 1 << 31))
             if doc.get("version") != VERSION:
                 return FileState()
             files = {path: Cached((k[0], k[1], k[2], k[3]), [ChunkRef(*r) for r in refs], d)
@@ -105,6 +119,19 @@ class Cache:
                "patches": [list(r) for r in state.patches], "patched": state.patched}
         self._write(self.root / "files",
                     blobs.compress(json.dumps(doc, separators=(",", ":")).encode()))
+
+    def bad(self) -> set[tuple[str, int]]:
+        """(pack, offset) of the blobs the last data check found bad (see ``check.py``)."""
+        try:
+            return {(str(p), int(o)) for p, o in json.loads((self.root / "bad").read_bytes())}
+        except FileNotFoundError:
+            return set()
+        except Exception as exc:
+            log.warning("ignoring unreadable list of bad S3 blobs %s (%s)", self.root, exc)
+            return set()
+
+    def keep_bad(self, bad: Iterable[tuple[str, int]]) -> None:
+        self._write(self.root / "bad", json.dumps(sorted(bad)).encode())
 
     def manifest(self, snapshot_id: str) -> bytes | None:
         if SNAPSHOT_ID.fullmatch(snapshot_id) is None:

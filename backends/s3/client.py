@@ -9,6 +9,7 @@ the read of its body, with exponential backoff and full jitter, until the
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -24,6 +25,7 @@ from botocore.config import Config
 from backends.s3.config import RetryPolicy, S3Config
 from backends.s3.errors import (
     AccessDenied,
+    BadEndpoint,
     BucketMissing,
     CorruptObject,
     EndpointUnreachable,
@@ -49,6 +51,16 @@ UNREACHABLE = (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ProxyConne
 STREAM_ERRORS = (bx.IncompleteReadError, bx.ResponseStreamingError, bx.ChecksumError,
                  bx.HTTPClientError)
 _jitter = secrets.SystemRandom()
+
+# At DEBUG, these botocore modules log request headers (Authorization: the signature), the
+# canonical request and signature, request parameters and response headers and bodies, and
+# urllib3 logs request lines: whatever LOG_LEVEL says, they never go below WARNING.  The rest
+# of botocore (event hooks, endpoint resolution, retries) still logs at DEBUG for debugging.
+QUIET_LOGGERS = ("botocore.auth", "botocore.endpoint", "botocore.parsers", "botocore.awsrequest",
+                 "botocore.handlers", "botocore.utils", "botocore.httpsession",
+                 "botocore.httpchecksum", "botocore.credentials", "urllib3", "s3transfer")
+for _name in QUIET_LOGGERS:
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class _DeleteFailed(Exception):
@@ -80,12 +92,25 @@ class Bucket:
         self.name = bucket
         self.retry = retry
         self.where = where or f"s3://{bucket} at {config.where}"
+        config.check_endpoint()
         session = boto3.session.Session(
             aws_access_key_id=config.access_key_id or None,
             aws_secret_access_key=config.secret_access_key or None,
             region_name=config.region or None,
         )
-        self._client: S3Client = session.client(
+        try:
+            self._client: S3Client = self._make_client(session, config, retry, pool)
+        except ValueError as exc:  # botocore's own endpoint checks, its text may hold the URL
+            raise BadEndpoint(
+                f"S3_ENDPOINT_URL {config.where!r} was refused ({type(exc).__name__}): set it "
+                "to http(s)://HOST[:PORT], e.g. https://s3.example.com:9000") from None
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    @staticmethod
+    def _make_client(session: boto3.session.Session, config: S3Config, retry: RetryPolicy,
+                     pool: int) -> S3Client:
+        return session.client(
             "s3",
             endpoint_url=config.endpoint_url or None,
             config=Config(
@@ -100,8 +125,6 @@ class Bucket:
                 s3={"addressing_style": "path"} if config.endpoint_url else None,
             ),
         )
-        self._lock = threading.Lock()
-        self.requests = 0
 
     # -- operations ----------------------------------------------------------------------
 

@@ -18,6 +18,10 @@ class EndpointUnreachable(S3SyncError):
     """The S3 endpoint did not answer (refused, timed out, DNS) within the retry budget."""
 
 
+class BadEndpoint(S3SyncError):
+    """S3_ENDPOINT_URL is malformed or carries credentials; the message says what to fix."""
+
+
 class AccessDenied(S3SyncError):
     """The store refused the credentials (unknown key, bad signature, no permission)."""
 

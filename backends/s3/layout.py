@@ -3,9 +3,21 @@
     <prefix>/snapshots/<id>     manifest of one snapshot (zstd JSON), written last by a push
     <prefix>/data/<pack-hash>   pack: blobs back to back, named by the BLAKE3 of its bytes
     <prefix>/locks/<kind>-<uuid> empty marker of a running push or prune
+
+
+Every listing is of one of these three folders (``<prefix>/snapshots/`` ...), never of a bare
+prefix: a volume with prefix ``team`` must never see, let alone delete, the objects of one
+with prefix ``team/db`` (``team/db/...``), nor those of ``team/data/x`` (whose keys start with
+``team/data/``).  So listings also keep only keys whose tail is a name this layout writes
+(:meth:`Layout.own_pack`, :meth:`Layout.own_lock`; snapshot ids are checked by the manifest
+module).
 """
 
 from __future__ import annotations
+
+import re
+
+PACK_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class Layout:
@@ -24,6 +36,12 @@ class Layout:
 
     def lock(self, name: str) -> str:
         return self.locks + name
+
+    def own_pack(self, key: str) -> bool:
+        return key.startswith(self.data) and PACK_ID.fullmatch(key[len(self.data):]) is not None
+
+    def own_lock(self, key: str) -> bool:
+        return key.startswith(self.locks) and "/" not in key[len(self.locks):]
 
     @staticmethod
     def tail(key: str, folder: str) -> str:

@@ -55,7 +55,7 @@ class Held:
 
 
 def _look(bucket: Bucket, layout: Layout, own: str) -> tuple[datetime, tuple[ObjectInfo, ...]]:
-    markers = bucket.list(layout.locks)
+    markers = [m for m in bucket.list(layout.locks) if layout.own_lock(m.key)]
     mine = next((m for m in markers if m.key == own), None)
     if mine is None:
         raise StoreBusy(f"lock marker {own} vanished right after it was written; "

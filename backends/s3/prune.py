@@ -48,8 +48,8 @@ def prune(remote: Remote, keep: int) -> PruneReport:
             tree = remote.tree(manifest)
             used.update(r.pack for refs in tree.chunks.values() for r in refs)
         cutoff = max(m.started for m in manifests)
-        doomed = [o for o in bucket.list(layout.data)
-                  if Layout.tail(o.key, layout.data) not in used and o.modified < cutoff]
+        doomed = [o for o in bucket.list(layout.data) if layout.own_pack(o.key)
+                  and Layout.tail(o.key, layout.data) not in used and o.modified < cutoff]
         bucket.delete([o.key for o in doomed])
         return PruneReport(tuple(removed), tuple(kept), len(doomed),
                            sum(o.size for o in doomed), True)

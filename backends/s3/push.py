@@ -18,22 +18,24 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from backends.s3 import blobs
-from backends.s3.cache import Cached, FileState
-from backends.s3.errors import S3SyncError
+from backends.s3.cache import Cached, FileState, usable_ref
+from backends.s3.errors import CorruptObject, S3SyncError
 from backends.s3.locks import remote_lock
 from backends.s3.manifest import (
     ChunkRef,
     Manifest,
     RemoteSnapshot,
+    Tree,
     encode_manifest,
     encode_patch,
     new_snapshot_id,
+    pushable,
     record_text,
     split_parts,
 )
@@ -55,27 +57,41 @@ def push(remote: Remote, view: TreeView, progress: Progress | None,
          pool: ThreadPoolExecutor) -> RemoteSnapshot:
     bucket, layout = remote.bucket, remote.layout
     with remote_lock(bucket, layout, "push") as held:
-        ids = remote.snapshot_ids()
-        packs = remote.pack_ids()
+        catalog = remote.catalog()
+        # The cheap structural check of the dedup base: one LIST of data/ (sizes included)
+        # and the blobs a data check found bad; nothing is deduplicated against a pack that
+        # is gone or short, or against a bad blob.  Such content is uploaded again.
+        sizes = remote.pack_sizes()
+        bad = remote.cache.bad()
+        packs = set(sizes) - {pack for pack, _ in bad}
         state = remote.cache.load()
-        lost = state.drop_missing(packs)
+        lost = state.drop_missing(sizes, bad)
         if lost:
             log.warning("%d cached files point at data missing from %s; uploading them again",
                         lost, remote.where)
-        newest = remote.manifest(ids[-1]) if ids else None
+        newest = catalog.latest
         index = state.index()
         if newest is None:
             state.snapshot, state.records, state.tree, state.patches = "", {}, [], []
         elif state.snapshot != newest.snapshot.id:
             # A new cache, or another host pushed since: learn the newest snapshot's tree, so
             # content it holds is not uploaded again and this push can be a patch over it.
-            tree = remote.tree(newest)
+            try:
+                tree = remote.tree(newest)
+            except CorruptObject as exc:
+                log.warning("the newest snapshot in %s cannot be read (%s); writing a complete "
+                            "new one instead of a patch over it", remote.where, exc)
+                tree = Tree([], {}, {})
+                newest_parts: tuple[ChunkRef, ...] = ()
+            else:
+                newest_parts = newest.tree + newest.patches
             index.update((r.hash, r) for refs in tree.chunks.values() for r in refs
-                         if r.pack in packs)
-            index.update((r.hash, r) for r in newest.tree + newest.patches)
+                         if usable_ref(r, sizes, bad))
+            index.update((r.hash, r) for r in newest_parts if usable_ref(r, sizes, bad))
             state.snapshot = newest.snapshot.id
             state.records = {p: _digest(t) for p, t in tree.texts.items()}
-            state.tree, state.patches = list(newest.tree), list(newest.patches)
+            state.tree = list(newest.tree) if newest_parts else []
+            state.patches = list(newest.patches) if newest_parts else []
             state.patched = tree.patched
 
         writer = PackWriter(bucket, layout, pool, packs, in_flight=remote.workers)
@@ -174,7 +190,7 @@ def _records(walked: Walked, writer: PackWriter,
 
 def _walk(view: TreeView, state: FileState, index: dict[str, ChunkRef], writer: PackWriter,
           files: dict[str, Cached], progress: Progress | None) -> tuple[Walked, int, int]:
-    entries = view.entries()
+    entries = _pushable(view.entries())
     total = sum(e.size for e in entries if e.kind == "file")
     done = size = count = 0
     vanished: set[str] = set()
@@ -213,6 +229,26 @@ def _walk(view: TreeView, state: FileState, index: dict[str, ChunkRef], writer: 
     if progress is not None:
         progress(total, total)
     return records, size, count
+
+
+def _pushable(entries: Sequence[Entry]) -> list[Entry]:
+    """The entries as a push records them: what a restore accepts (``manifest`` rules)."""
+    out: list[Entry] = []
+    devices = changed = 0
+    for entry in entries:
+        kept = pushable(entry)
+        if kept is None:
+            devices += 1
+        else:
+            changed += kept is not entry
+            out.append(kept)
+    if devices:
+        log.warning("leaving %d device node(s) out of the S3 snapshot: a restore never creates "
+                    "device nodes", devices)
+    if changed:
+        log.warning("%d entries lose setuid/setgid bits or xattrs outside user.* in the S3 "
+                    "snapshot: a restore never applies them", changed)
+    return out
 
 
 def _read(view: TreeView, entry: Entry, index: dict[str, ChunkRef],

@@ -6,6 +6,7 @@ checked against its BLAKE3 hash before anyone sees it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +20,22 @@ from backends.s3.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, decode_m
 
 MERGE_GAP = 1 << 20
 """Blobs of one pack closer than this are fetched by one ranged GET."""
+SPAN_MAX = 8 << 20
+"""Most stored, and most plain, bytes of one ranged GET (unless one blob is larger)."""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    manifests: list[Manifest]
+    """Valid snapshots, oldest first by their recorded creation time."""
+    skipped: list[str]
+    """Objects under ``snapshots/`` that are not valid snapshots: "key: why"."""
+
+    @property
+    def latest(self) -> Manifest | None:
+        return self.manifests[-1] if self.manifests else None
 
 
 @dataclass(frozen=True)
@@ -29,19 +46,65 @@ class Remote:
     layout: Layout
     cache: Cache
     workers: int
+    skipped: list[str] = field(default_factory=list)
+    """What the last :meth:`catalog` skipped (updated in place), for Status warnings."""
 
     @property
     def where(self) -> str:
         return f"{self.bucket.where}, prefix {self.layout.root or '/'}"
 
     def snapshot_ids(self) -> list[str]:
-        """Ids of the snapshots in the store, oldest first."""
-        ids = (Layout.tail(o.key, self.layout.snapshots)
-               for o in self.bucket.list(self.layout.snapshots))
-        return sorted(i for i in ids if SNAPSHOT_ID.fullmatch(i))
+        """Ids of the valid snapshots in the store, oldest first (by their recorded time)."""
+        return [m.snapshot.id for m in self.catalog().manifests]
+
+    def catalog(self) -> Catalog:
+        """Every valid snapshot, oldest first by its own recorded time (``created``, then id),
+        and every object under ``snapshots/`` that is not one, with why.
+
+        Key order means nothing: whoever can write to the bucket can add ``snapshots/README``
+        or ``snapshots/99999999`` that sorts last.  An object whose name is not a snapshot id,
+        whose manifest does not decode, or that names another id is skipped and reported,
+        never fatal, so one junk object cannot block listing, restore or push.
+        """
+        ids: list[str] = []
+        skipped: list[str] = []
+        for info in self.bucket.list(self.layout.snapshots):
+            tail = Layout.tail(info.key, self.layout.snapshots)
+            if SNAPSHOT_ID.fullmatch(tail):
+                ids.append(tail)
+            else:
+                skipped.append(f"{info.key}: not a snapshot (its name is no snapshot id)")
+
+        def load(snapshot_id: str) -> Manifest | str:
+            try:
+                return self.manifest(snapshot_id)
+            except SnapshotNotFound:
+                return ""  # deleted since the listing (a prune): not a problem
+            except CorruptObject as exc:
+                return str(exc)
+
+        found: list[Manifest] = []
+        if ids:
+            with ThreadPoolExecutor(min(self.workers, len(ids))) as pool:
+                for snapshot_id, got in zip(ids, pool.map(load, ids), strict=True):
+                    if isinstance(got, Manifest):
+                        found.append(got)
+                    elif got:
+                        skipped.append(f"{self.layout.snapshot(snapshot_id)}: {got}")
+        found.sort(key=lambda m: (m.snapshot.created, m.snapshot.id))
+        self.skipped[:] = skipped
+        if skipped:
+            log.warning("%s: skipped %d object(s) that are not valid snapshots, e.g. %s",
+                        self.where, len(skipped), skipped[0])
+        return Catalog(found, skipped)
 
     def pack_ids(self) -> set[str]:
-        return {Layout.tail(o.key, self.layout.data) for o in self.bucket.list(self.layout.data)}
+        return set(self.pack_sizes())
+
+    def pack_sizes(self) -> dict[str, int]:
+        """Every pack of this store with its size in bytes (one LIST of ``data/``)."""
+        return {Layout.tail(o.key, self.layout.data): o.size
+                for o in self.bucket.list(self.layout.data) if self.layout.own_pack(o.key)}
 
     def manifest(self, snapshot_id: str) -> Manifest:
         key = self.layout.snapshot(snapshot_id)
@@ -112,14 +175,20 @@ class Span:
     start: int
     end: int
     refs: list[ChunkRef] = field(default_factory=list)
+    plain: int = 0
+    """Plain bytes of its blobs: the memory its verified content takes."""
 
     @property
     def length(self) -> int:
         return self.end - self.start
 
 
-def plan(refs: Iterable[ChunkRef], gap: int = MERGE_GAP) -> list[Span]:
-    """Group blobs into ranged GETs, packs in order of first use, each blob once."""
+def plan(refs: Iterable[ChunkRef], gap: int = MERGE_GAP, most: int = SPAN_MAX) -> list[Span]:
+    """Group blobs into ranged GETs, packs in order of first use, each blob once.
+
+    A span grows while both its stored length and its blobs' plain size stay within ``most``
+    (a span of one larger blob, e.g. a tree part, stays one span).
+    """
     by_pack: dict[str, dict[int, ChunkRef]] = {}
     for ref in refs:
         by_pack.setdefault(ref.pack, {}).setdefault(ref.offset, ref)
@@ -128,9 +197,13 @@ def plan(refs: Iterable[ChunkRef], gap: int = MERGE_GAP) -> list[Span]:
         current: Span | None = None
         for offset in sorted(located):
             ref = located[offset]
-            if current is None or offset - current.end > gap:
-                current = Span(pack, offset, offset + ref.length)
+            end = offset + ref.length
+            if (current is None or offset - current.end > gap
+                    or max(current.end, end) - current.start > most
+                    or current.plain + ref.size > most):
+                current = Span(pack, offset, end)
                 spans.append(current)
-            current.end = max(current.end, offset + ref.length)
+            current.end = max(current.end, end)
             current.refs.append(ref)
+            current.plain += ref.size
     return spans

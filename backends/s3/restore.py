@@ -2,11 +2,12 @@
 
 Before anything is written the manifest and tree are fetched and validated and the store is
 listed once, so a missing pack is refused with ``dst`` untouched.  Content is then streamed:
-ranged GETs run ahead in a thread pool (up to :data:`WINDOW` bytes), each blob is checked
-against its hash in the worker, and :func:`backends.tree.materialize` writes files, links,
-fifos, owners, modes, mtimes and xattrs.  When the whole snapshot fits in the window it is
-downloaded and verified before the first file is created.  On any failure ``dst`` is emptied
-again, so the caller sees the complete tree or an empty directory, never a mix.
+ranged GETs run ahead in a thread pool (up to :data:`WINDOW` plain bytes, so memory does not
+grow with file or chunk sizes), each blob is checked against its hash in the worker, and
+:func:`backends.tree.materialize` writes files, links, fifos, owners, modes, mtimes and
+xattrs (all validated first: see ``manifest.py``).  When the whole snapshot fits in the
+window it is downloaded and verified before the first file is created.  On any failure
+``dst`` is emptied again, so the caller sees the complete tree or an empty directory, never a mix.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from backends.s3.manifest import ChunkRef, Manifest, Tree
 from backends.s3.remote import Remote, Span, plan
 from backends.tree import Entry, materialize, write_sparse
 
-WINDOW = 256 << 20
+WINDOW = 64 << 20
+"""Most plain bytes downloaded ahead and held (see :class:`Prefetcher`)."""
 
 Progress = Callable[[int, int], None]
 
@@ -32,13 +34,14 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
             pool: ThreadPoolExecutor) -> None:
     _check_empty(dst)
     tree = remote.tree(manifest)
-    packs = remote.pack_ids()
-    missing = sorted({r.pack for refs in tree.chunks.values() for r in refs} - packs)
+    sizes = remote.pack_sizes()
+    missing = sorted({r.pack for refs in tree.chunks.values() for r in refs
+                      if sizes.get(r.pack, -1) < r.offset + r.length})
     if missing:
         raise CorruptObject(
             f"snapshot {manifest.snapshot.id} needs {len(missing)} object(s) missing from "
-            f"{remote.where} (e.g. {remote.layout.pack(missing[0])}): restore another "
-            "snapshot; the next push uploads lost content again")
+            f"{remote.where} or cut short (e.g. {remote.layout.pack(missing[0])}): restore "
+            "another snapshot; the next push uploads lost content again")
     fetcher = Prefetcher(remote, tree, manifest.snapshot.id, pool)
     total = sum(e.size for e in tree.entries if e.kind == "file")
     done = 0
@@ -85,8 +88,13 @@ def _empty(dst: Path) -> None:
 class Prefetcher:
     """Downloads spans ahead of the writer and hands out each blob as it is needed.
 
-    A span is kept until the last blob reference to it has been taken, so content that
-    several files share is downloaded once.
+    Memory is bounded by :data:`WINDOW` plain (verified, decompressed) bytes plus one span,
+    whatever the sizes of files: spans are submitted while the plain bytes held stay within
+    the window; a span is kept until the last blob reference to it has been taken, so content
+    that several files share is downloaded once, unless keeping it would overflow the window:
+    then it is dropped and downloaded again when next needed.  Each span holds at most
+    :data:`~backends.s3.remote.SPAN_MAX` plain bytes and each blob at most
+    :data:`~backends.s3.blobs.CHUNK_MAX` (the manifest parser refuses larger ones).
     """
 
     def __init__(self, remote: Remote, tree: Tree, snapshot_id: str,
@@ -100,11 +108,12 @@ class Prefetcher:
         for i, span in enumerate(self._spans):
             for ref in span.refs:
                 self._where[(ref.pack, ref.offset)] = i
+        self._order = order
+        self._pos = 0
         self._uses = [0] * len(self._spans)
         for ref in order:
             self._uses[self._where[(ref.pack, ref.offset)]] += 1
         self._futures: dict[int, Future[dict[tuple[str, int], bytes]]] = {}
-        self._finished: set[int] = set()
         self._next = 0
         self._held = 0
 
@@ -116,13 +125,13 @@ class Prefetcher:
 
     def _top_up(self) -> None:
         while self._next < len(self._spans) and (
-                self._held + self._spans[self._next].length <= WINDOW or not self._futures):
+                self._held + self._spans[self._next].plain <= WINDOW or not self._futures):
             self._submit(self._next)
             self._next += 1
 
     def _submit(self, i: int) -> None:
-        if i not in self._futures and i not in self._finished:
-            self._held += self._spans[i].length
+        if i not in self._futures and self._uses[i] > 0:
+            self._held += self._spans[i].plain
             span: Span = self._spans[i]
             self._futures[i] = self._pool.submit(self._remote.fetch_span, span, self._snapshot)
 
@@ -132,10 +141,13 @@ class Prefetcher:
             self._submit(i)
         blob = self._futures[i].result()[(ref.pack, ref.offset)]
         self._uses[i] -= 1
-        if self._uses[i] == 0:
-            del self._futures[i]
-            self._finished.add(i)
-            self._held -= self._spans[i].length
+        self._pos += 1
+        following = self._order[self._pos] if self._pos < len(self._order) else None
+        again = following is not None and \
+            self._where[(following.pack, following.offset)] == i
+        if self._uses[i] == 0 or (self._held > WINDOW and not again):
+            del self._futures[i]  # done, or too much held: fetched again if needed later
+            self._held -= self._spans[i].plain
             self._top_up()
         return blob
 

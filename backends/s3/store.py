@@ -12,19 +12,21 @@ import builtins
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from backends.s3 import check as check_mod
 from backends.s3 import prune as prune_mod
 from backends.s3 import push as push_mod
 from backends.s3 import restore as restore_mod
 from backends.s3.cache import Cache
+from backends.s3.check import CheckReport
 from backends.s3.client import Bucket
 from backends.s3.config import RetryPolicy, S3Config
 from backends.s3.errors import S3SyncError, SnapshotNotFound
 from backends.s3.layout import Layout
 from backends.s3.locks import local_lock
-from backends.s3.manifest import RemoteSnapshot
+from backends.s3.manifest import SNAPSHOT_ID, RemoteSnapshot
 from backends.s3.prune import PruneReport
 from backends.s3.push import Progress
-from backends.s3.remote import Remote
+from backends.s3.remote import Catalog, Remote
 from backends.tree import TreeView
 
 
@@ -69,12 +71,23 @@ class RemoteStore:
             return push_mod.push(self._remote, view, progress, pool)
 
     def list(self) -> builtins.list[RemoteSnapshot]:
-        """Every snapshot in the store, oldest first."""
-        return [m.snapshot for m in self._remote.manifests(self._remote.snapshot_ids())]
+        """Every valid snapshot in the store, oldest first (by recorded time)."""
+        return [m.snapshot for m in self.catalog().manifests]
+
+    def catalog(self) -> Catalog:
+        """Valid snapshots, oldest first, and the objects skipped as invalid (for warnings)."""
+        return self._remote.catalog()
+
+    @property
+    def warnings(self) -> builtins.list[str]:
+        """Objects under ``snapshots/`` the last listing (of any operation) skipped as invalid
+        snapshots, as "key: why"."""
+        return list(self._remote.skipped)
 
     def resolve(self, snapshot_id: str) -> str:
-        """``latest`` to the newest snapshot's id; any other id checked to exist."""
-        ids = self._remote.snapshot_ids()
+        """``latest`` to the newest valid snapshot's id (by recorded time, not key order);
+        any other id checked to be a valid snapshot."""
+        ids = [m.snapshot.id for m in self.catalog().manifests]
         if snapshot_id == "latest" and ids:
             return ids[-1]
         if snapshot_id in ids:
@@ -93,15 +106,40 @@ class RemoteStore:
         with ThreadPoolExecutor(self._workers, "s3-restore") as pool:
             restore_mod.restore(self._remote, manifest, dst, progress, pool)
 
+    def verify(self, read_data: bool = False) -> CheckReport:
+        """Check that every snapshot is restorable (see ``check.py``); never changes the store.
+
+        With ``read_data`` every blob is downloaded and hashed, and the bad ones are
+        remembered, so the next push uploads their content again instead of deduplicating
+        against them.
+        """
+        with ThreadPoolExecutor(self._workers, "s3-check") as pool:
+            report = check_mod.check(self._remote, read_data, pool)
+        if read_data:
+            self._remote.cache.keep_bad(report.bad)
+        return report
+
     def prune(self, keep: int) -> PruneReport:
         """Keep the newest ``keep`` snapshots; delete the rest and data only they used."""
         with self._lock:
             return prune_mod.prune(self._remote, keep)
 
     def delete_all(self) -> int:
-        """Delete every object under the prefix and the local cache; returns objects deleted."""
+        """Delete this store's snapshots, packs and lock markers and the local cache; returns
+        objects deleted.
+
+        Only keys this layout writes are listed and deleted (``<prefix>/snapshots/<id>``,
+        ``<prefix>/data/<pack>``, ``<prefix>/locks/<name>``), never "everything under the
+        prefix": another volume's prefix ``<prefix>/db`` lies under it and stays intact.
+        """
+        remote = self._remote
+        layout, bucket = remote.layout, remote.bucket
         with self._lock:
-            objects = self._remote.bucket.list(self._remote.layout.root)
-            self._remote.bucket.delete([o.key for o in objects])
-            self._remote.cache.clear()
-            return len(objects)
+            keys = [o.key for o in bucket.list(layout.snapshots)
+                    if SNAPSHOT_ID.fullmatch(Layout.tail(o.key, layout.snapshots))]
+            keys += [o.key for o in bucket.list(layout.data) if layout.own_pack(o.key)]
+            keys += [o.key for o in bucket.list(layout.locks) if layout.own_lock(o.key)]
+            if keys:
+                bucket.delete(keys)
+            remote.cache.clear()
+            return len(keys)

@@ -266,5 +266,7 @@ def test_secrets_never_reach_repr_errors_or_logs(make_store: MakeStore, moto: Mo
     relay.fault = None
     texts.append(caplog.text)
     assert "botocore" in caplog.text  # DEBUG logging did capture the client's chatter
+    # ... but never the signed headers, the canonical request or the signature.
+    assert "Authorization" not in caplog.text and "Signature" not in caplog.text
     for text in texts:
         assert s3_fixtures.SECRET_KEY not in text

@@ -48,18 +48,35 @@ def test_missing_or_unreadable_cache_is_empty(tmp_path: Path,
 
 def test_drop_missing_forgets_files_in_lost_packs() -> None:
     s = state()
-    assert s.drop_missing({"p1", "p2", "p3"}) == 0
+    assert s.drop_missing({"p1": 1, "p2": 1, "p3": 1}) == 0
     assert s == state()
-    assert s.drop_missing({"p2", "p3"}) == 1
+    assert s.drop_missing({"p2": 1, "p3": 1}) == 1
     assert list(s.files) == ["y"]
     assert s.snapshot == "20240101T000000.000000Z"
 
 
 def test_a_lost_tree_part_forgets_the_snapshot_description() -> None:
     s = state()
-    s.drop_missing({"p1", "p2"})
+    s.drop_missing({"p1": 1, "p2": 1})
     assert (s.snapshot, s.records, s.tree, s.patches) == ("", {}, [], [])
     assert set(s.index()) == {A, B}
+
+
+def test_short_packs_and_bad_blobs_are_not_deduplicated_against() -> None:
+    s = state()
+    assert s.drop_missing({"p1": 0, "p2": 1, "p3": 1}) == 1  # p1 cut short: x is lost
+    assert list(s.files) == ["y"]
+    s = state()
+    assert s.drop_missing({"p1": 1, "p2": 1, "p3": 1}, {("p2", 0)}) == 1  # a check found it bad
+    assert list(s.files) == ["x"]
+    assert (s.snapshot, s.tree, s.patches) == ("", [], [])  # a patch sat in the bad place
+
+
+def test_bad_blobs_are_remembered(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, "", "b", "p")
+    assert cache.bad() == set()
+    cache.keep_bad({("p1", 10), ("p2", 0)})
+    assert Cache(tmp_path, "", "b", "p").bad() == {("p1", 10), ("p2", 0)}
 
 
 def test_manifest_copies(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ The operations here are local callables: no request leaves the process.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -108,10 +109,11 @@ def test_retries_stop_at_the_deadline() -> None:
     def op() -> None:
         time.sleep(0.05)
         raise bx.EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
-    started = time.monotonic()
+    store = bucket(attempts=1000, deadline=0.3, base_delay=0.05, max_delay=0.05)
+    started = time.monotonic()  # after building the client: that takes a second under load
     with pytest.raises(EndpointUnreachable,
                        match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:9") as info:
-        bucket(attempts=1000, deadline=0.3, base_delay=0.05, max_delay=0.05)._run("x", op)
+        store._run("x", op)
     assert time.monotonic() - started < 1.0
     assert "S3_ENDPOINT_URL" in str(info.value)
     assert SECRET not in str(info.value)
@@ -122,3 +124,37 @@ def test_no_retry_means_one_attempt() -> None:
     with pytest.raises(TransientFailure):
         bucket()._run("x", op, retry=False)
     assert op.calls["n"] == 1
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://KEY:SECRET@s3.example.com:9000/x", "https://***@s3.example.com:9000/x"),
+    ("http://user@host", "http://***@host"),
+    ("KEY:SECRET@host:9000", "***@host:9000"),
+    ("https://host/path@x", "https://host/path@x"),
+    ("", ""),
+])
+def test_credentials_in_urls_are_redacted(url: str, shown: str) -> None:
+    from backends.s3.config import S3Config, redact
+
+    assert redact(url) == shown
+    assert "SECRET" not in S3Config(endpoint_url=url).where
+    assert "SECRET" not in repr(S3Config(endpoint_url=url))
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("https://KEY:S3CR3T@host:9000", "contains credentials: set it to https://host:9000"),
+    ("localhost:9000", "must start with http:// or https://"),
+    ("ftp://host", "must start with http:// or https://"),
+    ("http://", "must start with http:// or https://"),
+    ("http://host:99999", "is not a valid URL"),
+    ("http://[::1", "is not a valid URL"),
+    ("http://host/?a=b", "without a query"),
+])
+def test_a_malformed_endpoint_is_a_named_error_that_says_what_to_fix(url: str,
+                                                                    message: str) -> None:
+    from backends.s3 import BadEndpoint, RetryPolicy, S3Config
+    from backends.s3.client import Bucket
+
+    with pytest.raises(BadEndpoint, match=re.escape(message)) as info:
+        Bucket(S3Config(endpoint_url=url, region="us-east-1"), "b", RetryPolicy())
+    assert "S3CR3T" not in str(info.value)

@@ -63,7 +63,8 @@ def test_snapshot_ids_sort_by_time_and_match_the_id_pattern() -> None:
 
 
 def entry(path: str, kind: str = "file", **kw: Any) -> Entry:
-    return Entry(path=path, kind=kind, mode=0o644, uid=0, gid=0, mtime_ns=1, **kw)  # type: ignore[arg-type]
+    return Entry(**{"path": path, "kind": kind, "mode": 0o644, "uid": 0, "gid": 0,  # type: ignore[arg-type]
+                    "mtime_ns": 1, **kw})
 
 
 def rec(e: Entry, chunks: list[ChunkRef] | None = None) -> tuple[str, bytes]:
@@ -146,3 +147,39 @@ def test_patches_set_and_delete_records_and_the_result_is_ordered_for_restore() 
 def test_a_patch_deleting_an_unknown_path_is_corrupt() -> None:
     with pytest.raises(CorruptObject, match="not in the tree"):
         parse_tree(split_parts([rec(entry(".", "dir"))]), [encode_patch([], ["ghost"])], "s")
+
+
+def test_blob_references_larger_than_a_push_writes_are_refused() -> None:
+    from backends.s3.manifest import _ref
+
+    assert _ref([H, P, 0, 5, blobs.CHUNK_MAX]).size == blobs.CHUNK_MAX
+    for bad in ([H, P, 0, 5, blobs.CHUNK_MAX + 1], [H, P, 0, 6, 5], [H, "x", 0, 5, 5],
+                [H, P, -1, 5, 5], [H, P, True, 5, 5], [H, P, 0, 5]):
+        with pytest.raises(ValueError):
+            _ref(bad)
+
+
+def test_a_zstd_frame_declaring_more_than_the_limit_is_refused_before_allocation() -> None:
+    frame = blobs.compress(bytes(8 << 20))
+    with pytest.raises(ValueError, match="declares"):
+        blobs.decompress(frame, 1 << 20)
+    with pytest.raises(ValueError, match="declares"):
+        blobs.unpack(frame, 1 << 20, H)
+    assert blobs.decompress(frame, 8 << 20) == bytes(8 << 20)
+
+
+def test_push_records_only_what_a_restore_accepts() -> None:
+    from backends.s3.manifest import pushable
+
+    assert pushable(entry("dev", "chardev", rdev=259)) is None
+    kept = pushable(entry("bin", mode=0o4755, size=5, xattrs={"security.capability": "AA==",
+                                                      "user.a": "AA==",
+                                                      "system.posix_acl_access": "AA=="}))
+    assert kept is not None
+    assert kept.mode == 0o755
+    assert kept.xattrs == {"user.a": "AA==", "system.posix_acl_access": "AA=="}
+    assert pushable(entry("lock", mode=0o2644)) == entry("lock", mode=0o2644)
+    assert pushable(entry("d", "dir", mode=0o3775)) == entry("d", "dir", mode=0o3775)
+    line = record_text(kept, [ChunkRef(H, P, 0, 5, 5)])
+    assert parse_tree([b"[" + record_text(entry(".", "dir"), None) + b"," + line + b"]"],
+                      [], "s").entries[1] == kept
