@@ -16,10 +16,12 @@ A. Control plane under load (issue #7, target: p99 < 50 ms under load).  One cli
    plugin, then while on OTHER volumes, for the whole loaded window,
    - snapshots of a volume of 10,000 files (4 KiB random each, 100 directories) run back to
      back (``pyvol/snapshot/create``; before each, every file's mtime is touched so nothing
-     is reused; the previous snapshot is removed after the next one exists), and
+     is reused; then ``pyvol/snapshot/remove`` of the previous one: the table counts and
+     times create + remove as one snapshot operation), and
    - 1 GiB S3 pushes run back to back (``pyvol/sync/push`` on a volume with
-     ``s3_sync=manual``; the file is rewritten with fresh random, incompressible bytes before
-     each push after the first, so nothing deduplicates; completion is polled on
+     ``s3_sync=manual``; while a push runs, the next push's file of fresh random,
+     incompressible bytes is written beside the volume and renamed in when the push is done,
+     so nothing deduplicates and the next push starts at once; completion is polled on
      ``pyvol/sync/status`` every 0.25 s).
    The load is driven by a child process of its own, so its Python work does not stall the
    measuring client.  The table shows p50/p99 idle and loaded, the p99 ratio, and how many
@@ -61,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +227,7 @@ def write_random(path: Path, size: int, stop: threading.Event | None = None) -> 
             f.write(os.urandom(64 * MiB))
 
 
-def load_main(sock: str, files_dir: str, push_dir: str, timeout: float) -> None:
+def load_main(sock: str, files_dir: str, push_dir: str, staging: str, timeout: float) -> None:
     """The load process: snapshot and push loops until killed; one JSON line per event."""
     lock = threading.Lock()
 
@@ -242,22 +245,22 @@ def load_main(sock: str, files_dir: str, push_dir: str, timeout: float) -> None:
                 os.utime(path, (now, now))
             say(op="snapshot", event="start")
             info = client.call("pyvol/snapshot/create", {"Volume": "files"})["Snapshot"]
-            say(op="snapshot", event="done")
             if previous is not None:
                 client.call("pyvol/snapshot/remove", {"Volume": "files", "Name": previous})
+            say(op="snapshot", event="done")
             previous = info["name"]
 
     def pushes() -> None:
         client = Client(Path(sock), timeout)
-        first = True
+        data = Path(push_dir) / "data.bin"
         while True:
-            if not first:
-                write_random(Path(push_dir) / "data.bin", PUSH_BYTES)
-            first = False
             before = (client.call("pyvol/sync/status", {"Volume": "push"})["Status"]
                       .get("last_push") or {}).get("at")
             say(op="push", event="start")
             client.call("pyvol/sync/push", {"Volume": "push"})
+            # The next push's content is written while this one runs, outside the volume, and
+            # renamed in once it is done (same filesystem): no gap between pushes.
+            write_random(Path(staging), PUSH_BYTES)
 
             def pushed(before: str | None = before) -> dict[str, Any] | None:
                 s3: dict[str, Any] = client.call(
@@ -269,6 +272,7 @@ def load_main(sock: str, files_dir: str, push_dir: str, timeout: float) -> None:
             if wait_until(pushed, timeout) is None:
                 raise PluginError(f"push did not finish in {timeout:.0f} s")
             say(op="push", event="done")
+            os.replace(staging, data)
 
     def guarded(loop: Callable[[], None], op: str) -> None:
         try:
@@ -289,10 +293,12 @@ class Load:
     events: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, sock: Path, files_dir: Path, push_dir: Path, timeout: float) -> Load:
+    def start(cls, sock: Path, files_dir: Path, push_dir: Path, staging: Path,
+              timeout: float) -> Load:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--load", str(sock), str(files_dir), str(push_dir),
-             str(timeout)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+             str(staging), str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
         load = cls(proc)
         threading.Thread(target=load._read, daemon=True).start()
         return load
@@ -312,15 +318,27 @@ class Load:
         self.proc.wait(10)
 
     def summary(self, op: str, t0: float, t1: float) -> str:
-        mine = [e for e in self.events if e["op"] == op]
-        done = [e for e in mine if e["event"] == "done" and t0 <= e["t"] <= t1]
-        starts = [e["t"] for e in mine if e["event"] == "start"]
-        durations = [d["t"] - max(s for s in starts if s <= d["t"]) for d in done]
-        text = f"{len(done)} completed"
+        """Operations of ``op`` completed in [t0, t1], and the share of it one was running."""
+        mine = [e for e in self.events if e["op"] == op and e["t"] <= t1]
+        durations: list[float] = []
+        busy, started = 0.0, None
+        for e in mine:
+            if e["event"] == "start":
+                started = e["t"]
+            elif started is not None:
+                if e["event"] == "done" and e["t"] >= t0:
+                    durations.append(e["t"] - started)
+                busy += max(0.0, e["t"] - max(started, t0))
+                started = None
+        if started is not None:
+            busy += t1 - max(started, t0)
+        text = f"{len(durations)} completed"
         if durations:
-            text += f" (each {min(durations):.1f}-{max(durations):.1f} s)"
-        if mine and mine[-1]["event"] == "start":
-            text += f", 1 running for {t1 - mine[-1]['t']:.1f} s at the end"
+            low, high = min(durations), max(durations)
+            text += f" ({low:.1f} s)" if len(durations) == 1 else f" ({low:.1f}-{high:.1f} s)"
+        if started is not None:
+            text += f", 1 running for {t1 - started:.1f} s at the end"
+        text += f"; one was running {100 * busy / (t1 - t0):.0f}% of the window"
         errors = [e["message"] for e in mine if e["event"] == "error"]
         if errors:
             text += f"; FAILED: {errors[0]}"
@@ -382,7 +400,7 @@ def part_a(work: Path, window: float, timeout: float) -> str:
         for kind in ("Get", "Mount+Unmount"):
             idle[kind] = latencies(client, kind, window)
             print(f"A: idle {kind}: n={len(idle[kind][0])}", flush=True)
-        load = Load.start(server.socket, files_dir, push_dir, timeout)
+        load = Load.start(server.socket, files_dir, push_dir, work / "next-push.bin", timeout)
         if not wait_until(lambda: load is not None and load.started("snapshot")
                           and load.started("push"), 30, 0.05):
             raise RuntimeError("the background load did not start within 30 s")
@@ -549,6 +567,7 @@ def part_b(work: Path, size: int, timeout: float, rss_cap: int) -> str:
         rows.append(("push", f"{push_s:.0f} s, {size / MiB / push_s:.0f} MiB/s", "", ""))
         moto_after_push = proc_kib(moto.proc.pid, "VmRSS")
         source.close()
+        shutil.rmtree(source.root, ignore_errors=True)  # the restore's disk space
 
         print(f"B: pushed in {push_s:.0f} s; restoring on a second server", flush=True)
         target.start()
@@ -616,10 +635,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, help="bound on each push, restore, call")
     parser.add_argument("--rss-cap-gib", type=float, default=6.0,
                         help="stop a restore whose worker grows by more than this")
-    parser.add_argument("--load", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--load", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        load_main(args.load[0], args.load[1], args.load[2], float(args.load[3]))
+        sock, files_dir, push_dir, staging, timeout = args.load
+        load_main(sock, files_dir, push_dir, staging, float(timeout))
         return
     if os.geteuid() != 0:
         raise SystemExit("run as root: Mount bind-mounts under a mount root")
@@ -629,13 +649,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pyvol-hbench-", dir="/var/tmp"))
     started = time.monotonic()
     tables = []
+    parts: list[tuple[str, Callable[[], str]]] = []
+    if "a" in args.parts:
+        parts.append(("A. Control plane, idle vs under load",
+                      lambda: part_a(work, window, timeout)))
+    if "b" in args.parts:
+        parts.append((f"B. Restore of one {human(size)} file from S3",
+                      lambda: part_b(work, size, timeout, int(args.rss_cap_gib * GiB))))
     try:
-        if "a" in args.parts:
-            tables.append("A. Control plane, idle vs under load\n\n" + part_a(work, window,
-                                                                            timeout))
-        if "b" in args.parts:
-            tables.append(f"B. Restore of one {human(size)} file from S3\n\n"
-                          + part_b(work, size, timeout, int(args.rss_cap_gib * GiB)))
+        for title, run in parts:
+            try:
+                tables.append(f"{title}\n\n{run()}")
+            except Exception as exc:  # report it, and still run the other part
+                traceback.print_exc()
+                tables.append(f"{title}\n\nFAILED: {exc}")
     finally:
         for mnt in work.glob("mnt-*/*"):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
