@@ -19,10 +19,11 @@ A. Control plane under load (issue #7, target: p99 < 50 ms under load).  One cli
      is reused; then ``pyvol/snapshot/remove`` of the previous one: the table counts and
      times create + remove as one snapshot operation), and
    - 1 GiB S3 pushes run back to back (``pyvol/sync/push`` on a volume with
-     ``s3_sync=manual``; while a push runs, the next push's file of fresh random,
-     incompressible bytes is written beside the volume and renamed in when the push is done,
-     so nothing deduplicates and the next push starts at once; completion is polled on
-     ``pyvol/sync/status`` every 0.25 s).
+     ``s3_sync=manual``; once a push uploads from its snapshot (Status ``syncing``), the
+     volume's file is rewritten with fresh random, incompressible bytes for the next push, so
+     nothing deduplicates and the next push starts when this one ends; Status is polled on
+     ``pyvol/sync/status`` every 0.25 s).  Those 1 GiB writes are part of the load on the
+     disk, as a busy container's would be.
    The load is driven by a child process of its own, so its Python work does not stall the
    measuring client.  The table shows p50/p99 idle and loaded, the p99 ratio, and how many
    background operations completed inside the loaded window.
@@ -39,7 +40,8 @@ B. Restore memory (issue #7, target: RSS growth < 256 MiB for a 10 GiB file).  A
    64 MiB block and written over and over with the block number patched into every line, so
    no chunk repeats.  zstd level 3 packs it about 4.3x (the table shows what S3 stored), so a
    prefetch window counted in stored bytes holds about four times as many plain bytes.
-   moto keeps every object in memory: its RSS after the push is shown as well.
+   moto keeps small objects in memory and spools those over about 5 MiB (packs) to temporary
+   files; its RSS after the push, and its peak, are shown as well.
 
 Bounds: every wait has a deadline (``--timeout``, default 300 s; 1800 s in full mode); a
 restore whose worker grows by more than ``--rss-cap-gib`` (default 6) is stopped and reported
@@ -227,7 +229,7 @@ def write_random(path: Path, size: int, stop: threading.Event | None = None) -> 
             f.write(os.urandom(64 * MiB))
 
 
-def load_main(sock: str, files_dir: str, push_dir: str, staging: str, timeout: float) -> None:
+def load_main(sock: str, files_dir: str, push_dir: str, timeout: float) -> None:
     """The load process: snapshot and push loops until killed; one JSON line per event."""
     lock = threading.Lock()
 
@@ -252,27 +254,29 @@ def load_main(sock: str, files_dir: str, push_dir: str, staging: str, timeout: f
 
     def pushes() -> None:
         client = Client(Path(sock), timeout)
-        data = Path(push_dir) / "data.bin"
+
+        def s3() -> dict[str, Any]:
+            status: dict[str, Any] = client.call("pyvol/sync/status", {"Volume": "push"})["Status"]
+            if status["state"] == "error":
+                raise PluginError(f"push failed: {status.get('last_error')}")
+            return status
+
         while True:
-            before = (client.call("pyvol/sync/status", {"Volume": "push"})["Status"]
-                      .get("last_push") or {}).get("at")
+            before = (s3().get("last_push") or {}).get("at")
             say(op="push", event="start")
             client.call("pyvol/sync/push", {"Volume": "push"})
-            # The next push's content is written while this one runs, outside the volume, and
-            # renamed in once it is done (same filesystem): no gap between pushes.
-            write_random(Path(staging), PUSH_BYTES)
 
             def pushed(before: str | None = before) -> dict[str, Any] | None:
-                s3: dict[str, Any] = client.call(
-                    "pyvol/sync/status", {"Volume": "push"})["Status"]
-                if s3["state"] == "error":
-                    raise PluginError(f"push failed: {s3.get('last_error')}")
-                at = (s3.get("last_push") or {}).get("at")
-                return s3 if s3["state"] == "idle" and at and at != before else None
+                status = s3()
+                at = (status.get("last_push") or {}).get("at")
+                return status if status["state"] == "idle" and at and at != before else None
+            # Once the upload reads its snapshot (state "syncing"), the next push's content is
+            # written into the volume, as a container would: the next push starts at once.
+            wait_until(lambda: s3()["state"] == "syncing" or pushed(), timeout)
+            write_random(Path(push_dir) / "data.bin", PUSH_BYTES)
             if wait_until(pushed, timeout) is None:
                 raise PluginError(f"push did not finish in {timeout:.0f} s")
             say(op="push", event="done")
-            os.replace(staging, data)
 
     def guarded(loop: Callable[[], None], op: str) -> None:
         try:
@@ -293,11 +297,10 @@ class Load:
     events: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, sock: Path, files_dir: Path, push_dir: Path, staging: Path,
-              timeout: float) -> Load:
+    def start(cls, sock: Path, files_dir: Path, push_dir: Path, timeout: float) -> Load:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--load", str(sock), str(files_dir), str(push_dir),
-             str(staging), str(timeout)],
+             str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
         load = cls(proc)
         threading.Thread(target=load._read, daemon=True).start()
@@ -400,7 +403,7 @@ def part_a(work: Path, window: float, timeout: float) -> str:
         for kind in ("Get", "Mount+Unmount"):
             idle[kind] = latencies(client, kind, window)
             print(f"A: idle {kind}: n={len(idle[kind][0])}", flush=True)
-        load = Load.start(server.socket, files_dir, push_dir, work / "next-push.bin", timeout)
+        load = Load.start(server.socket, files_dir, push_dir, timeout)
         if not wait_until(lambda: load is not None and load.started("snapshot")
                           and load.started("push"), 30, 0.05):
             raise RuntimeError("the background load did not start within 30 s")
@@ -635,11 +638,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, help="bound on each push, restore, call")
     parser.add_argument("--rss-cap-gib", type=float, default=6.0,
                         help="stop a restore whose worker grows by more than this")
-    parser.add_argument("--load", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--load", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        sock, files_dir, push_dir, staging, timeout = args.load
-        load_main(sock, files_dir, push_dir, staging, float(timeout))
+        sock, files_dir, push_dir, timeout = args.load
+        load_main(sock, files_dir, push_dir, float(timeout))
         return
     if os.geteuid() != 0:
         raise SystemExit("run as root: Mount bind-mounts under a mount root")
