@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from backends.fs import remove_tree
 from backends.s3.errors import CorruptObject, S3SyncError
 from backends.s3.manifest import ChunkRef, Manifest, Tree
 from backends.s3.remote import Remote, Span, plan
@@ -77,12 +77,10 @@ def _check_empty(dst: Path) -> None:
 
 
 def _empty(dst: Path) -> None:
+    """Empty ``dst`` again after a failed restore (fd-relative: any depth, no symlink walk)."""
     for child in os.scandir(dst):
-        if child.is_dir(follow_symlinks=False):
-            shutil.rmtree(child.path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(child.path)
+        with contextlib.suppress(OSError):
+            remove_tree(Path(child.path))
 
 
 class Prefetcher:

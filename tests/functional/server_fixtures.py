@@ -1,4 +1,4 @@
-"""Server fixtures shared by the functional and hostile tiers: the real server on a real unix socket."""
+"""Server fixtures shared by the functional and hostile tiers (real server, real socket)."""
 
 from __future__ import annotations
 
