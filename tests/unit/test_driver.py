@@ -116,7 +116,7 @@ def test_refused_create_leaves_nothing(
 def test_failed_state_write_fails_create_and_leaves_no_directory(
     driver: Driver, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(record: VolumeRecord) -> None:
+    def broken(record: VolumeRecord, **_: object) -> None:
         raise StateError("disk full")
 
     monkeypatch.setattr(driver.state, "add_volume", broken)
