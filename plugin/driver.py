@@ -476,6 +476,7 @@ class Driver:
             self._begin(volume, op)
         with self._operation(volume, op):
             self._wait_jobs(volume)
+            hold_point("restore:snapshot")
             backend = self.backends[record.backend]
             safety = store.create(volume, backend.path(volume), f"pre-restore-{default_name()}",
                                   kind="safety")

@@ -34,7 +34,7 @@ from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import S3Policy
 from plugin.state import StateStore, SyncRecord
-from plugin.testhooks import hold_point
+from plugin.testhooks import fail_point, hold_point
 
 if TYPE_CHECKING:
     from backends.s3 import RemoteSnapshot, RemoteStore, S3Config
@@ -248,6 +248,7 @@ class Syncer:
             return
         if record.snapshot is None:
             try:
+                fail_point("s3:capture")
                 info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync")
             except Exception as exc:
                 self._failed(volume, record, f"the snapshot for the push failed: {exc}",
