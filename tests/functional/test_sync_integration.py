@@ -81,6 +81,18 @@ def create(server: SyncServer, name: str, **opts: str) -> None:
     server.client.ok("VolumeDriver.Create", {"Name": name, "Opts": opts})
 
 
+_hosts = iter(range(1_000_000))
+
+
+def elsewhere(start: Start, url: str, tmp_path: Path, bucket: str, prefix: str,
+              **opts: str) -> Path:
+    """Mount the remote copy at ``prefix`` as a new volume of another host (a server on a root
+    of its own): two volumes of one host never share a prefix."""
+    other = start(tmp_path / f"elsewhere-{next(_hosts)}", settings(url))
+    create(other, "check", s3_bucket=bucket, s3_prefix=prefix, s3_sync="manual", **opts)
+    return mount(other.client, "check", M1)
+
+
 def remote_ids(server: SyncServer, name: str) -> list[str]:
     result = server.cli("sync", "ls", name)
     assert result.returncode == 0, result.stderr
@@ -282,9 +294,8 @@ def test_view_is_taken_after_the_last_container_detached(
     pushed = wait_pushed(plugin, "shared")["last_push"]["remote_snapshot"]
     assert remote_ids(server, "shared") == [pushed]
 
-    create(server, "check", s3_bucket=bucket, s3_prefix="shared", s3_restore=pushed,
-           s3_sync="manual")
-    assert (mount(plugin, "check", M1) / "tag").read_text() == "v2"
+    check = elsewhere(start, moto.url, tmp_path, bucket, "shared", s3_restore=pushed)
+    assert (check / "tag").read_text() == "v2"
     unmount(plugin, "shared", M1)
     newer = wait_pushed(plugin, "shared", pushed)["last_push"]["remote_snapshot"]
     assert remote_ids(server, "shared") == [pushed, newer]
@@ -309,8 +320,7 @@ def test_periodic_sync_pushes_while_mounted_and_on_unmount(
     unmount(plugin, "live", M1)
     # The push the unmount queued is pending until done: idle means it is in the store.
     wait_pushed(plugin, "live", second["at"], timeout=15)
-    create(server, "check", s3_bucket=bucket, s3_prefix="live", s3_sync="manual")
-    assert (mount(plugin, "check", M2) / "tag").read_text() == "p3"
+    assert (elsewhere(start, moto.url, tmp_path, bucket, "live") / "tag").read_text() == "p3"
     assert len(remote_ids(server, "live")) >= 3
 
 
@@ -384,17 +394,16 @@ def test_store_faults_retry_with_backoff_and_touch_nothing(
         listing = server.cli("sync", "ls", "docs")
         assert listing.returncode == 1 and "cannot reach the S3 endpoint" in listing.stderr
         relay.down = False
-    create(server, "old", s3_bucket=bucket, s3_prefix="docs", s3_sync="manual",
-           s3_restore=first["remote_snapshot"])
-    assert picture(mount(plugin, "old", M2)) == v1
+    old = elsewhere(start, moto.url, tmp_path, bucket, "docs",
+                    s3_restore=first["remote_snapshot"])
+    assert picture(old) == v1
 
     relay.fault = None
     s3 = wait_pushed(plugin, "docs", first["at"], timeout=20)
     assert "last_error" not in s3
     assert remote_ids(server, "docs") == [first["remote_snapshot"],
                                           s3["last_push"]["remote_snapshot"]]
-    create(server, "new", s3_bucket=bucket, s3_prefix="docs", s3_sync="manual")
-    assert picture(mount(plugin, "new", M2)) == v2
+    assert picture(elsewhere(start, moto.url, tmp_path, bucket, "docs")) == v2
 
 
 def test_missing_bucket_is_reported_and_recovers_once_created(
@@ -676,5 +685,4 @@ def test_a_push_requested_while_another_uploads_is_not_lost(
         s3 = s3_status(plugin, "busy")
         return s3["state"] == "idle" and len(remote_ids(server, "busy")) == 2
     wait_for(two_pushes, 20, "both pushes", pause=0.3)
-    create(server, "check", s3_bucket=bucket, s3_prefix="busy", s3_sync="manual")
-    assert picture(mount(plugin, "check", M1)) == expected
+    assert picture(elsewhere(start, relay.url, tmp_path, bucket, "busy")) == expected

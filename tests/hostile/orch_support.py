@@ -51,3 +51,11 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     started = time.monotonic()
     result = call()
     return result, time.monotonic() - started
+
+
+def s3_settings(url: str, **extra: str) -> dict[str, str]:
+    """Plugin settings for a server that syncs to the test S3 endpoint ``url``."""
+    from s3_fixtures import ACCESS_KEY, SECRET_KEY
+
+    return {"S3_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **extra}
