@@ -21,7 +21,7 @@ from plugin.errors import InvalidName, VolumeBusy
 from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import SNAPSHOT_MAX, SNAPSHOT_NAME, SnapshotPolicy
-from plugin.testhooks import hold_point
+from plugin.testhooks import fail_point, hold_point
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class Snapshotter:
 
     def _automatic(self, volume: str, policy: SnapshotPolicy, data: Path) -> None:
         hold_point("snapshot:automatic")
+        fail_point("snapshot:automatic")
         self.store.create(volume, data, kind="automatic")
         dropped = self.store.prune(volume, policy.keep)
         if dropped:
