@@ -334,14 +334,20 @@ class Syncer:
         """The local data goes; the remote copy stays.  A pending push still completes: its
         snapshot is taken now if it was not yet (within ``deadline``, else VolumeBusy)."""
         record = self.state.get_sync(volume)
-        if record is None or not record.pending or record.snapshot is not None:
-            return
-        if not self.jobs.busy(volume) and data.is_dir():
+        if record is not None and record.restoring and self.jobs.busy(volume):
+            # Its content swap would bring the directory back after the removal.
+            raise VolumeBusy(
+                f"volume {volume!r} cannot be removed now: its restore from "
+                f"s3://{record.bucket}/{record.prefix} is in progress, "
+                f"{self.progress_text(volume) or 'about to start'}; try again when it is done "
+                f"(`docker volume inspect {volume}` shows progress)")
+        if record is not None and record.pending and record.snapshot is None and \
+                not self.jobs.busy(volume) and data.is_dir():
             self._submit_capture(volume, data)  # its earlier attempt failed: once more, now
         if not self.jobs.wait(volume, deadline.remaining()):
             raise VolumeBusy(
                 f"volume {volume!r} cannot be removed yet: its {self.jobs.describe(volume)} "
-                "(for the pending S3 push) is still running; try again shortly")
+                "is still running; try again shortly")
         record = self.state.get_sync(volume)
         if record is not None and record.pending and record.snapshot is None and data.is_dir():
             raise VolumeBusy(

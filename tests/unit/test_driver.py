@@ -528,3 +528,52 @@ def test_failed_mount_leaves_no_bind(
     monkeypatch.undo()
     assert mounts_at(bind_settings.mount_root / "v") == 0
     assert mounts(driver, "v") == 0
+
+
+# Bounded waits and per-feature jobs
+
+def test_no_lock_is_kept_for_junk_names_or_removed_volumes(driver: Driver) -> None:
+    from plugin.errors import InvalidName
+
+    driver.create("v", None)
+    driver.remove("v")
+    for junk in ("x" * 100_000, "../x", ""):
+        with pytest.raises(InvalidName):
+            driver.remove(junk)
+    with pytest.raises(VolumeNotFound):
+        driver.mount("gone", "id")
+    assert len(driver._locks) == 0
+
+
+def test_jobs_cancel_only_queued_cancellable_work_and_say_what_runs() -> None:
+    from plugin.jobs import Jobs
+
+    jobs = Jobs(name="test")
+    release = threading.Event()
+    ran: list[str] = []
+    try:
+        jobs.submit("v", "slow job", lambda: release.wait(10) and None)
+        jobs.submit("v", "dropped", lambda: ran.append("dropped"), cancellable=True)
+        jobs.submit("v", "kept", lambda: ran.append("kept"))
+        assert not jobs.wait("v", 0.1)
+        assert jobs.describe("v") is not None
+        assert jobs.describe("v").startswith("slow job (running for 0 s), then 2 more")  # type: ignore[union-attr]
+        assert jobs.cancel("v") == ["dropped"]
+        release.set()
+        assert jobs.wait("v", 10)
+        assert ran == ["kept"] and not jobs.busy("v")
+    finally:
+        release.set()
+        jobs.shutdown()
+
+
+def test_an_error_is_cleared_only_by_a_success_of_the_same_feature(driver: Driver) -> None:
+    def fail() -> None:
+        raise OSError("disk on fire")
+
+    driver.sync.jobs.submit("v", "S3 restore", fail)
+    assert driver.sync.jobs.wait("v", 10)
+    driver.jobs.submit("v", "snapshot on unmount", lambda: None)
+    assert driver.jobs.wait("v", 10)
+    assert driver.sync.jobs.errors == {"v": "S3 restore failed: disk on fire"}
+    assert driver.jobs.errors == {}
