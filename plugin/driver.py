@@ -28,6 +28,7 @@ from backends.fs import bind_mount, confined, is_mountpoint, unmount
 from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
 from backends.tree import copy_tree
 from plugin.errors import (
+    CreateFailed,
     InvalidOption,
     SnapshotNeeded,
     VolumeBusy,
@@ -41,7 +42,7 @@ from plugin.names import validate_volume_name
 from plugin.options import S3Policy, VolumeOptions, parse_options
 from plugin.settings import Settings
 from plugin.snapshotting import Snapshotter, validate_snapshot_name
-from plugin.state import StateStore, VolumeRecord
+from plugin.state import StateStore, SyncRecord, VolumeRecord
 from plugin.syncing import Syncer
 from plugin.testhooks import crash_point, hold_point
 
@@ -95,6 +96,8 @@ class Driver:
         }
         self._locks = VolumeLocks()
         self._operations: dict[str, list[Operation]] = {}
+        self.clones = Jobs(name="copy-jobs")
+        """Copies of ``from=`` volumes and snapshots into new volumes."""
         self.jobs = Jobs(name="snapshot-jobs")
         """The snapshot feature's jobs; S3 has its own (``self.sync.jobs``)."""
         store = SnapshotStore(settings.root)
@@ -179,6 +182,10 @@ class Driver:
         flagged ``creating``, before the data directory is renamed into place; after a kill
         at any point, :meth:`recover` finishes or rolls back, so a retry with the same options
         succeeds and an S3 volume is never served before its restore finished.
+
+        A ``from=`` copy runs as a background job; Create waits for it within its deadline,
+        else fails with VolumeBusy (the copy goes on; the same Create retried succeeds once
+        it is done).  Until then the volume is invisible to Get and List.
         """
         validate_volume_name(name)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
@@ -189,7 +196,8 @@ class Driver:
             # Persist the bucket resolved now: a later S3_BUCKET change must not move it.
             stored = {k: v for k, v in stored.items() if k.strip().lower() != "s3_bucket"}
             stored["s3_bucket"] = options.s3.bucket
-        with self._locked(name):
+        deadline = Deadline()
+        with self._locked(name, deadline):
             existing = self.state.get_volume(name)
             if existing is not None:
                 if self.options_of(existing) == options:
@@ -199,7 +207,9 @@ class Driver:
                     f"{self.options_of(existing).describe()}, not {options.describe()}: use the "
                     "same options, or pick another name"
                 )
-            backend = self.backends[options.backend]
+            if self.clones.busy(name):  # an earlier Create's copy still runs
+                self._await_copy(name, options, deadline)
+                return
             populate = self._populate(name, options)
             restore = None
             if options.s3 is not None:
@@ -211,21 +221,52 @@ class Driver:
                 VolumeRecord(name=name, backend=options.backend, options=stored), creating=True,
                 sync=None if restore is None else self.sync.record_for_create(name, restore))
             crash_point("create:after-record")
-            try:
-                backend.create(name, options.dir_spec(), populate)
-                crash_point("create:after-data")
-                self.state.finish_create(name)
-            except BaseException:
-                if self.state.get_volume(name) is None:
-                    backend.remove(name)
-                    self.state.abort_create(name, before)
-                raise
-            crash_point("create:after-commit")
-            if options.s3 is not None and restore is not None:
-                self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
-                self.sync.track(name, options.s3, self._mounted_data_fn(name))
+
+            def build() -> None:
+                self._build(name, options, populate, restore, before)
+            if populate is None:
+                build()
+            else:
+                self.clones.submit(name, f"copy of {options.source}", build)
+                self._await_copy(name, options, deadline)
+
+    def _build(self, name: str, options: VolumeOptions, populate: Populate | None,
+               restore: S3Policy | None, before: SyncRecord | None) -> None:
+        """Put the data in place and complete the create, or roll it back."""
+        backend = self.backends[options.backend]
+        try:
+            if populate is not None:
+                hold_point("create:copy")
+            backend.create(name, options.dir_spec(), populate)
+            crash_point("create:after-data")
+            self.state.finish_create(name)
+        except BaseException:
+            if self.state.get_volume(name) is None:
+                backend.remove(name)
+                self.state.abort_create(name, before)
+            raise
+        crash_point("create:after-commit")
+        if options.s3 is not None and restore is not None:
+            self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
+            self.sync.track(name, options.s3, self._mounted_data_fn(name))
         self.snapshots.track(name, options.snapshot, self._data_fn(name))
         log.info("created volume %s with %s", name, options.describe())
+
+    def _await_copy(self, name: str, options: VolumeOptions, deadline: Deadline) -> None:
+        creating = next((r for r in self.state.creating_volumes() if r.name == name), None)
+        if creating is not None and self.options_of(creating) != options:
+            raise VolumeExists(
+                f"volume {name!r} is being created with options "
+                f"{self.options_of(creating).describe()}, not {options.describe()}: use the "
+                "same options, or pick another name")
+        if not self.clones.wait(name, deadline.remaining()):
+            raise VolumeBusy(
+                f"volume {name!r} is being created: its {self.clones.describe(name)} goes on "
+                "in the background; run the same create again shortly (it succeeds once the "
+                "copy is done)")
+        if self.state.get_volume(name) is None:
+            raise CreateFailed(f"volume {name!r} could not be created: "
+                               f"{self.clones.errors.pop(name, 'its copy failed')}")
 
     def _refuse_overlap(self, name: str, s3: S3Policy) -> None:
         """Refuse a remote location that equals, contains or lies inside another volume's.

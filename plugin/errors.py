@@ -63,3 +63,7 @@ class VolumeBusy(PyvolError):
 
 class SnapshotNeeded(PyvolError):
     """A snapshot removal would delete what a pending S3 push still needs."""
+
+
+class CreateFailed(PyvolError):
+    """The data of a new volume could not be put in place (the create was rolled back)."""

@@ -78,3 +78,31 @@ def test_a_restore_in_progress_makes_mount_and_remove_fail_at_once(
     assert reply.status == 200 and "Safety" in reply.body, reply.raw
     data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "site", "ID": M2})["Mountpoint"])
     assert (data / "tag").read_text() == "old"
+
+
+def test_a_long_copy_at_create_answers_in_time_and_the_retried_create_succeeds(
+        start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(tmp_path, "create:copy")
+    for key, value in gate.env.items():
+        monkeypatch.setenv(key, value)
+    plugin = start_server(tmp_path / "root").client
+    plugin.ok("VolumeDriver.Create", {"Name": "big", "Opts": None})
+    data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "big", "ID": M1})["Mountpoint"])
+    (data / "file").write_text("copied")
+    plugin.ok("VolumeDriver.Unmount", {"Name": "big", "ID": M1})
+
+    opts = {"from": "big", "mode": "0700"}
+    err, took = timed(lambda: plugin.fails("VolumeDriver.Create", {"Name": "copy", "Opts": opts}))
+    assert took < DEADLINE, f"Create answered after {took:.1f} s"
+    assert re.fullmatch(r"volume 'copy' is being created: its copy of big \(running for \d+ s\) "
+                        r"goes on in the background; run the same create again shortly \(it "
+                        r"succeeds once the copy is done\)", err), err
+    assert "no such volume" not in err
+    assert plugin.fails("VolumeDriver.Get", {"Name": "copy"}).startswith("volume 'copy' not found")
+    err = plugin.fails("VolumeDriver.Create", {"Name": "copy", "Opts": {"from": "big"}})
+    assert "is being created with options" in err, err
+    gate.release()
+    plugin.ok("VolumeDriver.Create", {"Name": "copy", "Opts": opts})  # dockerd's retry
+    assert plugin.volume("copy")["Status"]["options"]["mode"] == "0700"
+    data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "copy", "ID": M1})["Mountpoint"])
+    assert (data / "file").read_text() == "copied"
