@@ -486,7 +486,8 @@ class Driver:
                     "is done")
             store.remove(volume, name)
             return []
-        self.snapshot_list(volume)  # VolumeNotFound: neither a volume nor its snapshots
+        if not store.list_snapshots(volume) and self.state.get_volume(volume) is None:
+            raise VolumeNotFound(volume)
         if not needed and self.state.get_sync(volume) is None:
             store.remove_all(volume)
             return []

@@ -281,9 +281,9 @@ class Syncer:
             self._failures.pop(volume, None)
             log.error("volume %s: %s", volume, message)
             return
-        remote = self.remote(record.bucket, record.prefix)
         self._progress[volume] = ("syncing", 0, 0)
         try:
+            remote = self.remote(record.bucket, record.prefix)
             pushed: RemoteSnapshot = remote.push(self.snapshots.view(volume, record.snapshot),
                                                  self._progress_fn(volume, "syncing"))
         except Exception as exc:
