@@ -274,19 +274,26 @@ class Driver:
         The endpoint is plugin-wide (``S3_ENDPOINT_URL``), so (bucket, prefix) decides;
         prefixes nest at ``/`` boundaries only: ``team`` holds ``team/db``, not ``teamdb``.
         """
+        taken: list[tuple[str, str, str, str]] = []  # (volume, as named, bucket, prefix)
         for other in [*self.state.list_volumes(), *self.state.creating_volumes()]:
-            if other.name == name:
-                continue
             theirs = self.options_of(other).s3
-            if theirs is None or theirs.bucket != s3.bucket:
-                continue
-            a, b = s3.prefix, theirs.prefix
-            if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+            if theirs is not None:
+                taken.append((other.name, f"volume {other.name!r}", theirs.bucket,
+                              theirs.prefix))
+        for sync in self.state.list_sync():  # removed volumes whose last push is pending
+            if sync.pending and self.state.get_volume(sync.volume) is None:
+                taken.append((sync.volume, f"removed volume {sync.volume!r} (its last push is "
+                              "pending)", sync.bucket, sync.prefix))
+        a = s3.prefix
+        for volume, owner, bucket, b in taken:
+            if volume == name:
+                continue  # the same name again: it takes over its own remote copy
+            if bucket == s3.bucket and (a == b or a.startswith(b + "/") or b.startswith(a + "/")):
                 how = "is the same as" if a == b else "lies inside" if len(a) > len(b) else \
                     "contains"
                 raise InvalidOption(
                     f"volume {name!r}: its remote copy s3://{s3.bucket}/{a} {how}"
-                    f" the remote copy s3://{s3.bucket}/{b} of volume {other.name!r}: give it "
+                    f" the remote copy s3://{s3.bucket}/{b} of {owner}: give it "
                     "an s3_prefix that neither contains nor lies inside another volume's")
 
     def _populate(self, name: str, options: VolumeOptions) -> Populate | None:

@@ -577,3 +577,26 @@ def test_an_error_is_cleared_only_by_a_success_of_the_same_feature(driver: Drive
     assert driver.jobs.wait("v", 10)
     assert driver.sync.jobs.errors == {"v": "S3 restore failed: disk on fire"}
     assert driver.jobs.errors == {}
+
+
+def test_remote_copies_may_not_nest_with_those_of_volumes_or_pending_removed_ones(
+        driver: Driver) -> None:
+    from plugin.state import SyncRecord
+
+    def s3(prefix: str) -> dict[str, str]:
+        return {"s3_bucket": "b", "s3_prefix": prefix, "s3_restore": "never"}
+
+    driver.create("a", s3("team"))
+    driver.state.put_sync(SyncRecord(volume="gone", bucket="b", prefix="ops", keep=3,
+                                     pending=True, snapshot="sync-1"))
+    with pytest.raises(InvalidOption, match=r"^volume 'x': its remote copy s3://b/ops/db lies "
+                       r"inside the remote copy s3://b/ops of removed volume 'gone' \(its last "
+                       r"push is pending\)"):
+        driver.create("x", s3("ops/db"))
+    with pytest.raises(InvalidOption, match=r"s3://b/team/db lies inside the remote copy "
+                       r"s3://b/team of volume 'a'"):
+        driver.create("y", s3("team/db"))
+    driver.create("gone", s3("ops"))  # the same name again takes over its own remote copy
+    driver.create("z", s3("teamdb"))
+    driver.create("w", {**s3("team"), "s3_bucket": "other"})
+    assert [v.name for v in driver.list_volumes()] == ["a", "gone", "w", "z"]
