@@ -13,6 +13,7 @@ on the first mount and the last unmount.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -96,6 +97,7 @@ class Driver:
         }
         self._locks = VolumeLocks()
         self._operations: dict[str, list[Operation]] = {}
+        self._operations_guard = threading.Lock()
         self.clones = Jobs(name="copy-jobs")
         """Copies of ``from=`` volumes and snapshots into new volumes."""
         self.jobs = Jobs(name="snapshot-jobs")
@@ -115,7 +117,9 @@ class Driver:
             yield
 
     def _busy_text(self, name: str) -> str:
-        running = [op.describe() for op in self._operations.get(name, [])]
+        with self._operations_guard:
+            ops = list(self._operations.get(name, []))
+        running = [op.describe() for op in ops]
         for jobs in (self.jobs, self.sync.jobs):
             if (job := jobs.describe(name)) is not None:
                 running.append(f"{job} is running")
@@ -124,7 +128,9 @@ class Driver:
 
     def _refuse_if_busy(self, name: str, verb: str, *, exclusive_only: bool = False) -> None:
         """Raise VolumeBusy if a management operation runs on the volume (under its lock)."""
-        for op in self._operations.get(name, []):
+        with self._operations_guard:
+            ops = list(self._operations.get(name, []))
+        for op in ops:
             if op.exclusive or not exclusive_only:
                 raise VolumeBusy(f"volume {name!r} cannot be {verb} now: {op.describe()}; try "
                                  "again when it is done")
@@ -135,15 +141,17 @@ class Driver:
         try:
             yield
         finally:
-            ops = self._operations.get(name, [])
-            if op in ops:
-                ops.remove(op)
-            if not ops:
-                self._operations.pop(name, None)
+            with self._operations_guard:
+                ops = self._operations.get(name, [])
+                if op in ops:
+                    ops.remove(op)
+                if not ops:
+                    self._operations.pop(name, None)
 
     def _begin(self, name: str, op: Operation) -> None:
         """Register ``op`` (call under the volume's lock, after _refuse_if_busy)."""
-        self._operations.setdefault(name, []).append(op)
+        with self._operations_guard:
+            self._operations.setdefault(name, []).append(op)
 
     def options_of(self, record: VolumeRecord) -> VolumeOptions:
         """Parse a stored record's raw options again, exactly as Create parsed them."""
