@@ -600,3 +600,31 @@ def test_remote_copies_may_not_nest_with_those_of_volumes_or_pending_removed_one
     driver.create("z", s3("teamdb"))
     driver.create("w", {**s3("team"), "s3_bucket": "other"})
     assert [v.name for v in driver.list_volumes()] == ["a", "gone", "w", "z"]
+
+
+def test_a_lock_wait_ends_at_the_deadline_with_what_holds_the_volume() -> None:
+    from plugin.errors import VolumeBusy
+    from plugin.locks import Deadline, VolumeLocks
+
+    locks = VolumeLocks()
+    with locks.hold("v", Deadline(), lambda: "never asked"):
+        with pytest.raises(VolumeBusy, match=r"^v is busy$"), \
+                locks.hold("v", Deadline(0.05), lambda: "v is busy"):
+            pass
+        assert len(locks) == 1
+    assert len(locks) == 0
+    assert Deadline(None).remaining() is None and Deadline(None).remaining(3.0) == 3.0
+
+
+def test_remove_drops_a_queued_on_unmount_snapshot_and_waits_for_the_running_job(
+        driver: Driver) -> None:
+    driver.create("v", {"snapshot_on_unmount": "true"})
+    data = driver.mount("v", "id1")
+    (data / "f").write_text("x")
+    release = threading.Event()
+    driver.jobs.submit("v", "slow job", lambda: release.wait(10) and None)
+    driver.unmount("v", "id1")  # queues the on-unmount snapshot behind the slow job
+    threading.Timer(0.3, release.set).start()
+    driver.remove("v")
+    assert driver.jobs.wait("v", 10)
+    assert driver.snapshots.store.list_snapshots("v") == []
