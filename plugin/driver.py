@@ -31,6 +31,7 @@ from backends.tree import copy_tree
 from plugin.errors import (
     CreateFailed,
     InvalidOption,
+    SnapshotFailed,
     SnapshotNeeded,
     VolumeBusy,
     VolumeExists,
@@ -472,8 +473,8 @@ class Driver:
             try:
                 return self.snapshots.store.create(volume, data, name, kind="manual")
             except OSError as exc:
-                raise VolumeBusy(f"the snapshot of volume {volume!r} failed: {exc}; check the "
-                                 "volume and try again") from exc
+                raise SnapshotFailed(f"the snapshot of volume {volume!r} failed: {exc}; check "
+                                     "the volume and try again") from exc
 
     def snapshot_list(self, volume: str) -> list[SnapshotInfo]:
         validate_volume_name(volume)

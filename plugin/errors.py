@@ -67,3 +67,7 @@ class SnapshotNeeded(PyvolError):
 
 class CreateFailed(PyvolError):
     """The data of a new volume could not be put in place (the create was rolled back)."""
+
+
+class SnapshotFailed(PyvolError):
+    """A snapshot could not read the volume (its content changed under it, or a disk error)."""
