@@ -146,6 +146,7 @@ class Syncer:
 
     def _queue_restore(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
         def run() -> None:
+            self.jobs.progress[volume] = lambda: self.progress_text(volume)
             record = self.state.get_sync(volume)
             if record is not None and record.restoring:
                 self._restore(volume, policy, record.restoring, replace_content, at_create=True)
