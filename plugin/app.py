@@ -81,8 +81,7 @@ def _snapshot_remove(d: Driver, b: Body) -> Body:
     name = _field(b, "Name", required=False)
     if name is None and b.get("All") is not True:
         raise InvalidRequest("name a snapshot, or pass All: true to remove every snapshot")
-    d.snapshot_remove(_volume_arg(b), name)
-    return {}
+    return {"Kept": d.snapshot_remove(_volume_arg(b), name)}
 
 
 def _snapshot_restore(d: Driver, b: Body) -> Body:

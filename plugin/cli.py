@@ -66,7 +66,10 @@ def _snapshot_rm(args: argparse.Namespace) -> int:
     if args.all:
         if "@" in args.ref:
             raise SystemExit("pyvol: with --all, give the VOLUME only")
-        _call(args, "pyvol/snapshot/remove", {"Volume": args.ref, "All": True})
+        answer = _call(args, "pyvol/snapshot/remove", {"Volume": args.ref, "All": True})
+        for name in answer.get("Kept") or []:
+            print(f"kept {args.ref}@{name}: S3 sync still needs it (a pending push, or the base "
+                  "of the next one)")
         return 0
     volume, name = _split(args.ref)
     _call(args, "pyvol/snapshot/remove", {"Volume": volume, "Name": name})

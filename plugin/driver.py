@@ -1,7 +1,11 @@
 """The volume driver: one method per VolumeDriver verb, no HTTP in sight.
 
-Concurrency: each volume has its own lock, so a slow operation on one volume never delays
-another.  Mount references are counted per (volume, Docker mount ID) in the state store; the
+Concurrency: each volume has its own lock, so an operation on one volume never delays another,
+and nothing slow runs under it: a long management operation (a restore, a manual snapshot)
+marks the volume busy for a moment under the lock and runs outside it, and the Docker verbs
+that conflict with it fail at once saying what runs and how far it is.  Every Docker verb
+answers within one deadline (``plugin.locks.CALL_BUDGET``) shared by all its waits.  Mount
+references are counted per (volume, Docker mount ID) in the state store; the
 backend (and, for a managed plugin, the bind mount under the propagated mount) is touched only
 on the first mount and the last unmount.
 """
@@ -10,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,14 +28,25 @@ from backends.errors import BackendError
 from backends.fs import bind_mount, confined, is_mountpoint, secure_data_root, unmount
 from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
 from backends.tree import copy_tree
-from plugin.errors import InvalidOption, VolumeExists, VolumeInUse, VolumeNotFound
+from plugin.errors import (
+    CreateFailed,
+    InvalidOption,
+    SnapshotFailed,
+    SnapshotNeeded,
+    VolumeBusy,
+    VolumeExists,
+    VolumeInUse,
+    VolumeNotFound,
+)
 from plugin.jobs import Jobs
+from plugin.locks import Deadline, VolumeLocks
 from plugin.names import validate_volume_name
 from plugin.options import S3Policy, VolumeOptions, parse_options
 from plugin.settings import Settings
 from plugin.snapshotting import Snapshotter, validate_snapshot_name
-from plugin.state import StateStore, VolumeRecord
+from plugin.state import StateStore, SyncRecord, VolumeRecord
 from plugin.syncing import Syncer
+from plugin.testhooks import crash_point, hold_point
 
 if TYPE_CHECKING:
     from backends.s3 import CheckReport, RemoteSnapshot
@@ -38,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+MANAGEMENT_WAIT = 600.0
+"""How long a management call (restore) waits for the volume's background jobs."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,23 @@ class VolumeInfo:
     mountpoint: Path
     created_at: datetime
     status: Mapping[str, Any] | None = None
+
+
+@dataclass(eq=False)
+class Operation:
+    """A long management operation on a volume, run outside its lock."""
+
+    what: str
+    exclusive: bool
+    """Exclusive (a restore): no Mount meanwhile.  Otherwise (a manual snapshot) only Remove
+    and other operations are refused."""
+    progress: Callable[[], str | None] = lambda: None
+    started: float = field(default_factory=time.monotonic)
+
+    def describe(self) -> str:
+        progress = self.progress()
+        return (f"{self.what} is in progress ({progress or 'running'} for "
+                f"{time.monotonic() - self.started:.0f} s)")
 
 
 class Driver:
@@ -61,21 +96,63 @@ class Driver:
         self.backends: Mapping[str, Backend] = backends or {
             name: factory(settings.root) for name, factory in REGISTRY.items()
         }
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-        self.jobs = Jobs(name="volume-jobs")
+        self._locks = VolumeLocks()
+        self._operations: dict[str, list[Operation]] = {}
+        self._operations_guard = threading.Lock()
+        self.clones = Jobs(name="copy-jobs")
+        """Copies of ``from=`` volumes and snapshots into new volumes."""
+        self.jobs = Jobs(name="snapshot-jobs")
+        """The snapshot feature's jobs; S3 has its own (``self.sync.jobs``)."""
         store = SnapshotStore(settings.root)
         self.snapshots = Snapshotter(store, self.jobs)
-        self.sync = Syncer(settings.root, self.state, store, self.jobs, dict(settings.s3_env))
+        self.sync = Syncer(settings.root, self.state, store, Jobs(name="s3-jobs"),
+                           dict(settings.s3_env))
 
     # helpers
 
     @contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
+    def _locked(self, name: str, deadline: Deadline | None = None) -> Iterator[None]:
+        """Hold the volume's lock (the name is validated first: no lock for junk names)."""
+        validate_volume_name(name)
+        with self._locks.hold(name, deadline or Deadline(), lambda: self._busy_text(name)):
             yield
+
+    def _busy_text(self, name: str) -> str:
+        with self._operations_guard:
+            ops = list(self._operations.get(name, []))
+        running = [op.describe() for op in ops]
+        for jobs in (self.jobs, self.sync.jobs):
+            if (job := jobs.describe(name)) is not None:
+                running.append(f"{job} is running")
+        return (f"volume {name!r} is busy ({'; '.join(running) or 'another call holds it'}); "
+                "try again shortly")
+
+    def _refuse_if_busy(self, name: str, verb: str, *, exclusive_only: bool = False) -> None:
+        """Raise VolumeBusy if a management operation runs on the volume (under its lock)."""
+        with self._operations_guard:
+            ops = list(self._operations.get(name, []))
+        for op in ops:
+            if op.exclusive or not exclusive_only:
+                raise VolumeBusy(f"volume {name!r} cannot be {verb} now: {op.describe()}; try "
+                                 "again when it is done")
+
+    @contextmanager
+    def _operation(self, name: str, op: Operation) -> Iterator[None]:
+        """Run a long operation outside the lock; the caller registered it under the lock."""
+        try:
+            yield
+        finally:
+            with self._operations_guard:
+                ops = self._operations.get(name, [])
+                if op in ops:
+                    ops.remove(op)
+                if not ops:
+                    self._operations.pop(name, None)
+
+    def _begin(self, name: str, op: Operation) -> None:
+        """Register ``op`` (call under the volume's lock, after _refuse_if_busy)."""
+        with self._operations_guard:
+            self._operations.setdefault(name, []).append(op)
 
     def options_of(self, record: VolumeRecord) -> VolumeOptions:
         """Parse a stored record's raw options again, exactly as Create parsed them."""
@@ -108,7 +185,17 @@ class Driver:
     # the VolumeDriver verbs
 
     def create(self, name: str, raw_options: Mapping[str, object] | None) -> None:
-        """Create a volume.  Idempotent for the same options; other options raise VolumeExists."""
+        """Create a volume.  Idempotent for the same options; other options raise VolumeExists.
+
+        One atomic step: the record (options, and for S3 the restore marker) is committed,
+        flagged ``creating``, before the data directory is renamed into place; after a kill
+        at any point, :meth:`recover` finishes or rolls back, so a retry with the same options
+        succeeds and an S3 volume is never served before its restore finished.
+
+        A ``from=`` copy runs as a background job; Create waits for it within its deadline,
+        else fails with VolumeBusy (the copy goes on; the same Create retried succeeds once
+        it is done).  Until then the volume is invisible to Get and List.
+        """
         validate_volume_name(name)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
                                 backends=self.backends.keys(), volume=name,
@@ -118,7 +205,8 @@ class Driver:
             # Persist the bucket resolved now: a later S3_BUCKET change must not move it.
             stored = {k: v for k, v in stored.items() if k.strip().lower() != "s3_bucket"}
             stored["s3_bucket"] = options.s3.bucket
-        with self._locked(name):
+        deadline = Deadline()
+        with self._locked(name, deadline):
             existing = self.state.get_volume(name)
             if existing is not None:
                 if self.options_of(existing) == options:
@@ -128,21 +216,94 @@ class Driver:
                     f"{self.options_of(existing).describe()}, not {options.describe()}: use the "
                     "same options, or pick another name"
                 )
-            backend = self.backends[options.backend]
-            backend.create(name, options.dir_spec(), self._populate(name, options))
-            try:
-                self.state.add_volume(VolumeRecord(name=name, backend=options.backend,
-                                                   options=stored))
-            except BaseException:
-                backend.remove(name)
-                raise
+            if self.clones.busy(name):  # an earlier Create's copy still runs
+                self._await_copy(name, options, deadline)
+                return
+            populate = self._populate(name, options)
+            restore = None
             if options.s3 is not None:
+                self._refuse_overlap(name, options.s3)
                 restore = options.s3 if options.source is None else \
                     replace(options.s3, restore="never")
-                self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
-                self.sync.track(name, options.s3, self._mounted_data_fn(name))
+            before = self.state.get_sync(name)
+            self.state.add_volume(
+                VolumeRecord(name=name, backend=options.backend, options=stored), creating=True,
+                sync=None if restore is None else self.sync.record_for_create(name, restore))
+            crash_point("create:after-record")
+
+            def build() -> None:
+                self._build(name, options, populate, restore, before)
+            if populate is None:
+                build()
+            else:
+                self.clones.submit(name, f"copy of {options.source}", build)
+                self._await_copy(name, options, deadline)
+
+    def _build(self, name: str, options: VolumeOptions, populate: Populate | None,
+               restore: S3Policy | None, before: SyncRecord | None) -> None:
+        """Put the data in place and complete the create, or roll it back."""
+        backend = self.backends[options.backend]
+        try:
+            if populate is not None:
+                hold_point("create:copy")
+            backend.create(name, options.dir_spec(), populate)
+            crash_point("create:after-data")
+            self.state.finish_create(name)
+        except BaseException:
+            if self.state.get_volume(name) is None:
+                backend.remove(name)
+                self.state.abort_create(name, before)
+            raise
+        crash_point("create:after-commit")
+        if options.s3 is not None and restore is not None:
+            self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
+            self.sync.track(name, options.s3, self._mounted_data_fn(name))
         self.snapshots.track(name, options.snapshot, self._data_fn(name))
         log.info("created volume %s with %s", name, options.describe())
+
+    def _await_copy(self, name: str, options: VolumeOptions, deadline: Deadline) -> None:
+        creating = next((r for r in self.state.creating_volumes() if r.name == name), None)
+        if creating is not None and self.options_of(creating) != options:
+            raise VolumeExists(
+                f"volume {name!r} is being created with options "
+                f"{self.options_of(creating).describe()}, not {options.describe()}: use the "
+                "same options, or pick another name")
+        if not self.clones.wait(name, deadline.remaining()):
+            raise VolumeBusy(
+                f"volume {name!r} is being created: its {self.clones.describe(name)} goes on "
+                "in the background; run the same create again shortly (it succeeds once the "
+                "copy is done)")
+        if self.state.get_volume(name) is None:
+            raise CreateFailed(f"volume {name!r} could not be created: "
+                               f"{self.clones.errors.pop(name, 'its copy failed')}")
+
+    def _refuse_overlap(self, name: str, s3: S3Policy) -> None:
+        """Refuse a remote location that equals, contains or lies inside another volume's.
+
+        The endpoint is plugin-wide (``S3_ENDPOINT_URL``), so (bucket, prefix) decides;
+        prefixes nest at ``/`` boundaries only: ``team`` holds ``team/db``, not ``teamdb``.
+        """
+        taken: list[tuple[str, str, str, str]] = []  # (volume, as named, bucket, prefix)
+        for other in [*self.state.list_volumes(), *self.state.creating_volumes()]:
+            theirs = self.options_of(other).s3
+            if theirs is not None:
+                taken.append((other.name, f"volume {other.name!r}", theirs.bucket,
+                              theirs.prefix))
+        for sync in self.state.list_sync():  # removed volumes whose last push is pending
+            if sync.pending and self.state.get_volume(sync.volume) is None:
+                taken.append((sync.volume, f"removed volume {sync.volume!r} (its last push is "
+                              "pending)", sync.bucket, sync.prefix))
+        a = s3.prefix
+        for volume, owner, bucket, b in taken:
+            if volume == name:
+                continue  # the same name again: it takes over its own remote copy
+            if bucket == s3.bucket and (a == b or a.startswith(b + "/") or b.startswith(a + "/")):
+                how = "is the same as" if a == b else "lies inside" if len(a) > len(b) else \
+                    "contains"
+                raise InvalidOption(
+                    f"volume {name!r}: its remote copy s3://{s3.bucket}/{a} {how}"
+                    f" the remote copy s3://{s3.bucket}/{b} of {owner}: give it "
+                    "an s3_prefix that neither contains nor lies inside another volume's")
 
     def _populate(self, name: str, options: VolumeOptions) -> Populate | None:
         """What a new volume starts with: a copy of ``from=`` if given, else nothing."""
@@ -163,17 +324,25 @@ class Driver:
         return lambda dst: copy_tree(data, dst)
 
     def remove(self, name: str) -> None:
-        """Delete a volume and its data.  Raises VolumeNotFound or VolumeInUse."""
-        with self._locked(name):
+        """Delete a volume and its data, within the call's deadline.
+
+        Queued automatic snapshots are dropped; a job still running at the deadline, a restore
+        or a manual snapshot in progress make it fail with VolumeBusy (retry).  Also raises
+        VolumeNotFound or VolumeInUse.
+        """
+        deadline = Deadline()
+        with self._locked(name, deadline):
             record = self._record(name)
             mounts = self.state.mount_count(name)
             if mounts:
                 raise VolumeInUse(name, mounts)
+            self._refuse_if_busy(name, "removed")
             options = self.options_of(record)
             backend = self.backends[record.backend]
+            self.snapshots.before_remove(name, deadline)
             if options.s3 is not None:
+                self.sync.before_remove(name, backend.path(name), deadline)
                 self.sync.untrack(name)
-                self.sync.on_remove(name, options.s3, backend.path(name))
             self.snapshots.on_remove(name, options.snapshot)
             backend.remove(name)
             self.state.delete_volume(name)
@@ -181,17 +350,21 @@ class Driver:
     def mount(self, name: str, mount_id: str) -> Path:
         """Count a use of the volume by ``mount_id``; set it up on the first one.
 
-        A failed mount leaves no reference behind.
+        A failed mount leaves no reference behind.  The first mount waits for the volume's
+        restore and on-unmount snapshot, outside the lock and within the call's deadline;
+        past it, or while a restore runs, it fails saying what runs and how far it is.
         """
-        with self._locked(name):
+        deadline = Deadline()
+        record = self._record(name)
+        if self.state.mount_count(name) == 0:
+            self._settle(record, deadline)
+        with self._locked(name, deadline):
             record = self._record(name)
+            self._refuse_if_busy(name, "mounted", exclusive_only=True)
             backend = self.backends[record.backend]
             first = self.state.mount_count(name) == 0
             if first:
-                s3 = self.options_of(record).s3
-                if s3 is not None:  # first: its bounded wait and precise refusal govern
-                    self.sync.before_mount(name, s3)
-                self.snapshots.before_mount(name)
+                self._settle(record, deadline)  # again: normally done at once
                 self._expose(name, backend.mount(name))
             try:
                 self.state.add_mount(name, mount_id)
@@ -200,6 +373,13 @@ class Driver:
                     self._unexpose(name, backend)
                 raise
             return self._mountpoint(record)
+
+    def _settle(self, record: VolumeRecord, deadline: Deadline) -> None:
+        self._refuse_if_busy(record.name, "mounted", exclusive_only=True)
+        s3 = self.options_of(record).s3
+        if s3 is not None:  # first: its bounded wait and precise refusal govern
+            self.sync.before_mount(record.name, s3, deadline)
+        self.snapshots.before_mount(record.name, deadline)
 
     def unmount(self, name: str, mount_id: str) -> None:
         """Count one use less.  An unknown ID or volume is logged and succeeds."""
@@ -279,10 +459,22 @@ class Driver:
     # snapshots (the management API)
 
     def snapshot_create(self, volume: str, name: str | None) -> SnapshotInfo:
+        """A manual snapshot, taken outside the volume's lock; Remove meanwhile is refused."""
         if name is not None:
             validate_snapshot_name(name)
-        data = self._data(volume)
-        return self.snapshots.store.create(volume, data, name, kind="manual")
+        op = Operation(f"a manual snapshot of volume {volume!r}", exclusive=False)
+        with self._locked(volume):
+            record = self._record(volume)
+            self._refuse_if_busy(volume, "snapshotted", exclusive_only=True)
+            data = self.backends[record.backend].path(volume)
+            self._begin(volume, op)
+        with self._operation(volume, op):
+            hold_point("snapshot:manual")
+            try:
+                return self.snapshots.store.create(volume, data, name, kind="manual")
+            except OSError as exc:
+                raise SnapshotFailed(f"the snapshot of volume {volume!r} failed: {exc}; check "
+                                     "the volume and try again") from exc
 
     def snapshot_list(self, volume: str) -> list[SnapshotInfo]:
         validate_volume_name(volume)
@@ -291,14 +483,38 @@ class Driver:
             raise VolumeNotFound(volume)
         return snaps
 
-    def snapshot_remove(self, volume: str, name: str | None) -> None:
-        """Remove one snapshot, or all of the volume's snapshots when ``name`` is None."""
+    def snapshot_remove(self, volume: str, name: str | None) -> list[str]:
+        """Remove one snapshot, or all of the volume's snapshots when ``name`` is None.
+
+        Never removes a sync snapshot that S3 still needs (a pending push's, or the base of
+        the volume's next one): naming one raises SnapshotNeeded; ``all`` skips them and
+        returns their names.
+        """
         validate_volume_name(volume)
-        if name is None:
-            self.snapshot_list(volume)  # VolumeNotFound: neither a volume nor its snapshots
-            self.snapshots.store.remove_all(volume)
-        else:
-            self.snapshots.store.remove(volume, validate_snapshot_name(name))
+        store = self.snapshots.store
+        needed = self.sync.needed_snapshots(volume)
+        if name is not None:
+            validate_snapshot_name(name)
+            if name in needed:
+                raise SnapshotNeeded(
+                    f"snapshot {volume}@{name} is kept for S3: "
+                    f"{self.sync.why_needed(volume, name)}; it goes by itself once that push "
+                    "is done")
+            store.remove(volume, name)
+            return []
+        if not store.list_snapshots(volume) and self.state.get_volume(volume) is None:
+            raise VolumeNotFound(volume)
+        if not needed and self.state.get_sync(volume) is None:
+            store.remove_all(volume)
+            return []
+        store.remove_all(volume, keep_kinds=frozenset({"sync"}))
+        kept = []
+        for snap in store.list_snapshots(volume):
+            if snap.name in needed or snap.kind != "sync":
+                kept.append(snap.name)
+            else:
+                store.remove(volume, snap.name)
+        return kept
 
     def snapshot_restore(self, volume: str, name: str) -> SnapshotInfo:
         """Replace the volume's content with ``volume@name``; returns the safety snapshot.
@@ -306,14 +522,19 @@ class Driver:
         Only while unmounted: a safety snapshot of the current content is taken first.
         """
         validate_snapshot_name(name)
+        store = self.snapshots.store
+        op = Operation(f"a restore of volume {volume!r} from snapshot {name}", exclusive=True)
         with self._locked(volume):
             record = self._record(volume)
             mounts = self.state.mount_count(volume)
             if mounts:
                 raise VolumeInUse(volume, mounts)
-            store = self.snapshots.store
+            self._refuse_if_busy(volume, "restored")
             store.get(volume, name)
-            self.jobs.wait(volume)
+            self._begin(volume, op)
+        with self._operation(volume, op):
+            self._wait_jobs(volume)
+            hold_point("restore:snapshot")
             backend = self.backends[record.backend]
             safety = store.create(volume, backend.path(volume), f"pre-restore-{default_name()}",
                                   kind="safety")
@@ -341,19 +562,33 @@ class Driver:
         return self.sync.remote_list(self._s3(volume)[1])
 
     def sync_restore(self, volume: str, snapshot_id: str) -> SnapshotInfo | None:
-        """Restore a remote snapshot in place, while unmounted; returns the safety snapshot."""
+        """Restore a remote snapshot in place, while unmounted; returns the safety snapshot.
+
+        Runs outside the volume's lock: meanwhile Mount and Remove fail at once saying how far
+        the restore is."""
         with self._locked(volume):
             record, s3 = self._s3(volume)
             mounts = self.state.mount_count(volume)
             if mounts:
                 raise VolumeInUse(volume, mounts)
-            self.jobs.wait(volume)
+            self._refuse_if_busy(volume, "restored")
+            op = Operation(f"the restore of volume {volume!r} from s3://{s3.bucket}/{s3.prefix}",
+                           exclusive=True, progress=lambda: self.sync.progress_text(volume))
+            self._begin(volume, op)
+        with self._operation(volume, op):
+            self._wait_jobs(volume)
             backend = self.backends[record.backend]
             safety = self.snapshots.store.create(
                 volume, backend.path(volume), f"pre-restore-{default_name()}", kind="safety")
             self.sync.restore_in_place(volume, s3, snapshot_id,
                                        lambda populate: backend.replace(volume, populate))
             return safety
+
+    def _wait_jobs(self, volume: str) -> None:
+        for jobs in (self.jobs, self.sync.jobs):
+            if not jobs.wait(volume, MANAGEMENT_WAIT):
+                raise VolumeBusy(f"volume {volume!r}: its {jobs.describe(volume)} did not finish "
+                                 f"within {MANAGEMENT_WAIT:.0f} s; try again later")
 
     def sync_delete_remote(self, volume: str) -> None:
         self.sync.delete_remote(volume, self._s3(volume)[1])
@@ -391,6 +626,15 @@ class Driver:
         for backend_name, backend in self.backends.items():
             interrupted |= backend.recover()
             on_disk.update(dict.fromkeys(backend.names(), backend_name))
+        for record in self.state.creating_volumes():
+            if record.name in on_disk:  # the rename was the last step: only the flag is left
+                log.info("volume %s: finishing its create that a restart interrupted",
+                         record.name)
+                self.state.finish_create(record.name)
+            else:
+                log.info("volume %s: rolling back its create that a restart interrupted",
+                         record.name)
+                self.state.abort_create(record.name)
         records = {r.name: r for r in self.state.list_volumes()}
         for name in sorted(interrupted & records.keys() - on_disk.keys()):
             log.info("volume %s: finishing a removal that a restart interrupted", name)

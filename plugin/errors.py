@@ -54,3 +54,20 @@ class VolumeBroken(PyvolError):
 
 class StateError(PyvolError):
     """The plugin's state database could not be read or written."""
+
+
+class VolumeBusy(PyvolError):
+    """Something runs on the volume that this call cannot wait for; the message says what,
+    how far along it is, and to retry."""
+
+
+class SnapshotNeeded(PyvolError):
+    """A snapshot removal would delete what a pending S3 push still needs."""
+
+
+class CreateFailed(PyvolError):
+    """The data of a new volume could not be put in place (the create was rolled back)."""
+
+
+class SnapshotFailed(PyvolError):
+    """A snapshot could not read the volume (its content changed under it, or a disk error)."""

@@ -20,7 +20,10 @@ MAX_ID = 2**32 - 2
 CREDENTIAL_HINTS = ("secret", "password", "passwd", "token", "access_key", "credential")
 
 
-SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}")
+SNAPSHOT_MAX = 200
+"""Every on-disk name derived from a snapshot name (``.NAME.json.tmp`` and the like) must fit
+NAME_MAX (255 bytes), with room to spare."""
+SNAPSHOT_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{SNAPSHOT_MAX - 1}}}")
 S3_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=/-]{0,511}")
 DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 

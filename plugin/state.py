@@ -1,8 +1,11 @@
 """Crash-safe plugin state in SQLite (WAL mode): volume records and mount references.
 
 Every change is one transaction, O(1) in the number of volumes.  Options are stored raw, as
-Docker sent them, and parsed again on load.  A failed write raises :class:`StateError` and
-fails the call that caused it.
+Docker sent them, and parsed again on load.  A volume's record (with its options and, for S3,
+the "restoring" marker) is written in one transaction *before* its data directory is put in
+place, flagged ``creating`` until Create completes: after a crash, recovery finishes or rolls
+back the create, and never adopts a directory with options other than the ones asked for.
+A failed write raises :class:`StateError` and fails the call that caused it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     name TEXT PRIMARY KEY,
     backend TEXT NOT NULL,
     options TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    creating INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS mounts (
     name TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
@@ -100,10 +104,16 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
-            self._volumes = {
-                r.name: r for r in map(_record, self._db.execute(
-                    "SELECT name, backend, options, created_at FROM volumes"))
-            }
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(volumes)")}
+            if "creating" not in columns:  # a database of an older pyvol
+                self._db.execute(
+                    "ALTER TABLE volumes ADD COLUMN creating INTEGER NOT NULL DEFAULT 0")
+            self._volumes: dict[str, VolumeRecord] = {}
+            self._creating: dict[str, VolumeRecord] = {}
+            for row in self._db.execute(
+                    "SELECT name, backend, options, created_at, creating FROM volumes"):
+                record = _record(row[:4])
+                (self._creating if row[4] else self._volumes)[record.name] = record
             self._totals: dict[str, int] = {
                 str(name): int(total) for name, total in self._db.execute(
                     "SELECT name, SUM(count) FROM mounts GROUP BY name")
@@ -134,14 +144,45 @@ class StateStore:
 
     # volumes
 
-    def add_volume(self, record: VolumeRecord) -> None:
+    def add_volume(self, record: VolumeRecord, *, creating: bool = False,
+                   sync: SyncRecord | None = None) -> None:
+        """Insert a volume record (and its sync record) in one transaction.
+
+        ``creating``: the record is written before the data exists; it stays invisible to
+        :meth:`get_volume` and :meth:`list_volumes` until :meth:`finish_create`.
+        """
         with self._tx() as db:
             db.execute(
-                "INSERT INTO volumes (name, backend, options, created_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO volumes (name, backend, options, created_at, creating) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (record.name, record.backend, json.dumps(dict(record.options), sort_keys=True),
-                 record.created_at.isoformat()),
+                 record.created_at.isoformat(), int(creating)),
             )
-        self._volumes[record.name] = record
+            if sync is not None:
+                self._put_sync(db, sync)
+        (self._creating if creating else self._volumes)[record.name] = record
+
+    def finish_create(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET creating = 0 WHERE name = ?", (name,))
+        self._volumes[name] = self._creating.pop(name)
+
+    def abort_create(self, name: str, sync: SyncRecord | None = None) -> None:
+        """Drop a record still ``creating``; put back ``sync`` (the sync record as it was
+        before, if any) or, without it, clear the restore the create had asked for."""
+        with self._tx() as db:
+            db.execute("DELETE FROM volumes WHERE name = ? AND creating = 1", (name,))
+            if sync is not None:
+                self._put_sync(db, sync)
+            else:
+                db.execute("UPDATE sync SET restoring = NULL WHERE volume = ?", (name,))
+                db.execute("DELETE FROM sync WHERE volume = ? AND pending = 0 AND "
+                           "last_ok_at IS NULL", (name,))
+        self._creating.pop(name, None)
+
+    def creating_volumes(self) -> list[VolumeRecord]:
+        """Records whose Create has not completed (after a crash: for recovery)."""
+        return sorted(self._creating.values(), key=lambda r: r.name)
 
     def get_volume(self, name: str) -> VolumeRecord | None:
         return self._volumes.get(name)
@@ -216,11 +257,15 @@ class StateStore:
     # S3 sync bookkeeping
 
     def put_sync(self, record: SyncRecord) -> None:
-        values = tuple(getattr(record, f) for f in SYNC_FIELDS)
         with self._tx() as db:
-            db.execute(
-                f"INSERT OR REPLACE INTO sync ({', '.join(SYNC_FIELDS)}) "  # noqa: S608
-                f"VALUES ({', '.join('?' * len(SYNC_FIELDS))})", values)
+            self._put_sync(db, record)
+
+    @staticmethod
+    def _put_sync(db: sqlite3.Connection, record: SyncRecord) -> None:
+        values = tuple(getattr(record, f) for f in SYNC_FIELDS)
+        db.execute(
+            f"INSERT OR REPLACE INTO sync ({', '.join(SYNC_FIELDS)}) "  # noqa: S608
+            f"VALUES ({', '.join('?' * len(SYNC_FIELDS))})", values)
 
     def get_sync(self, volume: str) -> SyncRecord | None:
         rows = self._read(f"SELECT {', '.join(SYNC_FIELDS)} FROM sync "  # noqa: S608

@@ -2,10 +2,14 @@
 
 A push has two stages.  First a local snapshot (kind ``sync``) captures a consistent view of
 the volume; it runs as the volume's background job, so a Mount of that volume waits for it
-(briefly: it is incremental) and no other call does.  Then the upload runs from that snapshot
-on the upload pool, which nothing waits on.  The queue lives in the state database
-(``sync.pending``), so a requested push survives a plugin restart or kill -9 and resumes.
-Local data is never touched by a failing push; failures retry with backoff and show in Status.
+(briefly: it is incremental, and never past the Mount's deadline) and no other call does.
+The syncer has its own job queue: its errors never show as, or clear, a snapshot error.  Then
+the upload runs from that snapshot on the upload pool, which nothing waits on.  The queue lives
+in the state database (``sync.pending``), so a requested push survives a plugin restart or
+kill -9 and resumes.
+Local data is never touched by a failing push; a failure of any step (the capture included)
+shows in Status.s3.last_error and is retried with backoff.  A local sync snapshot that a
+pending push needs is never removed by a snapshot clean-up (:meth:`Syncer.needed_snapshots`).
 
 boto3 is imported only through ``backends.s3``, and only when a volume uses S3.
 """
@@ -26,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 from backends.base import Populate
 from backends.snapshots import SnapshotStore, default_name
 from plugin.checking import Checks
-from plugin.errors import PyvolError
+from plugin.errors import PyvolError, VolumeBusy
 from plugin.jobs import Jobs
+from plugin.locks import Deadline
 from plugin.options import S3Policy
 from plugin.state import StateStore, SyncRecord
+from plugin.testhooks import fail_point, hold_point
 
 if TYPE_CHECKING:
     from backends.s3 import CheckReport, RemoteSnapshot, RemoteStore, S3Config
@@ -41,6 +47,7 @@ Replace = Callable[[Populate], None]
 MountedData = Callable[[], Path | None]
 
 MOUNT_WAIT = 100.0
+"""A cap on a Mount's wait for the restore; the Mount's own deadline is shorter today."""
 RETRY_MIN, RETRY_MAX = 5.0, 300.0
 
 
@@ -69,7 +76,7 @@ class Syncer:
         self._remotes: dict[tuple[str, str], RemoteStore] = {}
         self._guard = threading.Lock()
         self._progress: dict[str, tuple[str, int, int]] = {}
-        self._retry_at: dict[str, float] = {}
+        self._retry_at: dict[str, tuple[float, Callable[[], None]]] = {}
         self._failures: dict[str, int] = {}
         self._periodic: dict[str, tuple[S3Policy, MountedData]] = {}
         self._stop = threading.Event()
@@ -111,15 +118,37 @@ class Syncer:
 
     # driver hooks
 
-    def on_create(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
-        """Queue the restore a new volume asked for (``s3_restore``, default ``latest``)."""
-        self._record(volume, policy)
+    def record_for_create(self, volume: str, policy: S3Policy) -> SyncRecord:
+        """The sync record a new volume starts with, marked ``restoring`` if it asked for a
+        restore; Create commits it in the same transaction as the volume record."""
+        record = self.state.get_sync(volume)
+        if record is None or (record.bucket, record.prefix) != (policy.bucket, policy.prefix):
+            record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
+                                keep=policy.keep)
+        record = replace(record, keep=policy.keep)
         if policy.restore != "never":
-            self._update(volume, restoring=policy.restore, last_error=None, last_error_at=None)
+            record = replace(record, restoring=policy.restore, last_error=None,
+                             last_error_at=None)
+        return record
+
+    def on_create(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
+        """Queue the restore a new volume asked for (``s3_restore``, default ``latest``);
+        its record, marked ``restoring``, was committed by Create."""
+        self._record(volume, policy)
+        record = self.state.get_sync(volume)
+        if record is not None and record.restoring:
             self._queue_restore(volume, policy, replace_content)
+
+    def progress_text(self, volume: str) -> str | None:
+        progress = self._progress.get(volume)
+        if progress is None:
+            return None
+        _, done, total = progress
+        return f"{100 * done // total if total else 0}% done"
 
     def _queue_restore(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
         def run() -> None:
+            self.jobs.progress[volume] = lambda: self.progress_text(volume)
             record = self.state.get_sync(volume)
             if record is not None and record.restoring:
                 self._restore(volume, policy, record.restoring, replace_content, at_create=True)
@@ -158,8 +187,11 @@ class Syncer:
             if target is not None:
                 chosen = target
                 self._progress[volume] = ("restoring", 0, chosen.size)
-                replace_content(lambda dst: remote.restore(
-                    chosen.id, dst, self._progress_fn(volume, "restoring")))
+
+                def build(dst: Path) -> None:
+                    hold_point("s3:restore")
+                    remote.restore(chosen.id, dst, self._progress_fn(volume, "restoring"))
+                replace_content(build)
                 log.info("volume %s: restored remote snapshot %s from s3://%s/%s", volume,
                          chosen.id, policy.bucket, policy.prefix)
             changes: dict[str, Any] = {"restoring": None}
@@ -174,11 +206,16 @@ class Syncer:
         finally:
             self._progress.pop(volume, None)
 
-    def before_mount(self, volume: str, policy: S3Policy) -> None:
-        """Wait for a pending restore; never serve half a volume."""
-        self.jobs.wait(volume, MOUNT_WAIT)
+    def before_mount(self, volume: str, policy: S3Policy, deadline: Deadline) -> None:
+        """Wait (within ``deadline``) for a pending restore and the sync snapshot; never serve
+        half a volume.  Raises RestoreInProgress or VolumeBusy saying how far it is."""
+        settled = self.jobs.wait(volume, deadline.remaining(MOUNT_WAIT))
         record = self.state.get_sync(volume)
         if record is None or not record.restoring:
+            if not settled:
+                raise VolumeBusy(
+                    f"volume {volume!r} cannot be mounted yet: its {self.jobs.describe(volume)} "
+                    "is still reading the data; try again shortly")
             return
         progress = self._progress.get(volume)
         if progress is not None:
@@ -202,34 +239,58 @@ class Syncer:
         """Queue a push durably: snapshot now-ish, upload in the background."""
         self._record(volume, policy)
         self._update(volume, pending=True, snapshot=None)
+        self._submit_capture(volume, data)
+
+    def _submit_capture(self, volume: str, data: Path) -> None:
         self.jobs.submit(volume, "S3 sync snapshot", lambda: self._capture(volume, data))
 
     def _capture(self, volume: str, data: Path) -> None:
+        """Take the pending push's snapshot; a failure is recorded and retried like an upload's."""
         record = self.state.get_sync(volume)
         if record is None or not record.pending:
             return
         if record.snapshot is None:
-            info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync")
+            try:
+                fail_point("s3:capture")
+                info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync")
+            except Exception as exc:
+                self._failed(volume, record, f"the snapshot for the push failed: {exc}",
+                             lambda: self._submit_capture(volume, data))
+                return
             record = self._update(volume, snapshot=info.name)
         self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
+
+    def _failed(self, volume: str, record: SyncRecord, message: str,
+                retry: Callable[[], None]) -> None:
+        """Record a failed step of a push in Status and schedule ``retry`` with backoff."""
+        failures = self._failures.get(volume, 0) + 1
+        self._failures[volume] = failures
+        delay = min(RETRY_MAX, RETRY_MIN * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
+        self._retry_at[volume] = (time.monotonic() + delay, retry)
+        self._update(volume, last_error=message, last_error_at=_now())
+        log.error("volume %s: push to s3://%s/%s failed (retry in %.0f s): %s", volume,
+                  record.bucket, record.prefix, delay, message)
 
     def _upload(self, volume: str) -> None:
         record = self.state.get_sync(volume)
         if record is None or not record.pending or record.snapshot is None:
             return
-        remote = self.remote(record.bucket, record.prefix)
+        if not any(s.name == record.snapshot for s in self.snapshots.list_snapshots(volume)):
+            # Nothing can bring it back: say so once instead of retrying for ever.
+            message = (f"the local snapshot {volume}@{record.snapshot} this push needed is gone "
+                       "(deleted outside pyvol?), so nothing was uploaded; push again with "
+                       f"`pyvol sync {volume}` if the volume still exists")
+            self._update(volume, pending=False, last_error=message, last_error_at=_now())
+            self._failures.pop(volume, None)
+            log.error("volume %s: %s", volume, message)
+            return
         self._progress[volume] = ("syncing", 0, 0)
         try:
+            remote = self.remote(record.bucket, record.prefix)
             pushed: RemoteSnapshot = remote.push(self.snapshots.view(volume, record.snapshot),
                                                  self._progress_fn(volume, "syncing"))
         except Exception as exc:
-            failures = self._failures.get(volume, 0) + 1
-            self._failures[volume] = failures
-            delay = min(RETRY_MAX, RETRY_MIN * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
-            self._retry_at[volume] = time.monotonic() + delay
-            self._update(volume, last_error=str(exc), last_error_at=_now())
-            log.error("volume %s: push to s3://%s/%s failed (retry in %.0f s): %s", volume,
-                      record.bucket, record.prefix, delay, exc)
+            self._failed(volume, record, str(exc), lambda: self._submit_upload(volume))
             return
         finally:
             self._progress.pop(volume, None)
@@ -256,6 +317,9 @@ class Syncer:
         except Exception as exc:
             log.warning("volume %s: pruning remote snapshots failed: %s", volume, exc)
 
+    def _submit_upload(self, volume: str) -> None:
+        self.uploads.submit(volume, "S3 push", self._upload_job(volume))
+
     def _upload_job(self, volume: str) -> Callable[[], None]:
         return lambda: self._upload(volume)
 
@@ -269,17 +333,47 @@ class Syncer:
             self._progress[volume] = (what, done, total)
         return progress
 
-    def on_remove(self, volume: str, policy: S3Policy, data: Path) -> None:
-        """The local data goes; the remote copy stays.  A pending push still completes."""
+    def before_remove(self, volume: str, data: Path, deadline: Deadline) -> None:
+        """The local data goes; the remote copy stays.  A pending push still completes: its
+        snapshot is taken now if it was not yet (within ``deadline``, else VolumeBusy)."""
         record = self.state.get_sync(volume)
-        if record is not None and record.pending and record.snapshot is None:
-            self.jobs.wait(volume)
-            record = self.state.get_sync(volume)
-            if record is not None and record.pending and record.snapshot is None and \
-                    data.is_dir():
-                info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync")
-                self._update(volume, snapshot=info.name)
-                self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
+        if record is not None and record.restoring and self.jobs.busy(volume):
+            # Its content swap would bring the directory back after the removal.
+            raise VolumeBusy(
+                f"volume {volume!r} cannot be removed now: its restore from "
+                f"s3://{record.bucket}/{record.prefix} is in progress, "
+                f"{self.progress_text(volume) or 'about to start'}; try again when it is done "
+                f"(`docker volume inspect {volume}` shows progress)")
+        if record is not None and record.pending and record.snapshot is None and \
+                not self.jobs.busy(volume) and data.is_dir():
+            self._submit_capture(volume, data)  # its earlier attempt failed: once more, now
+        if not self.jobs.wait(volume, deadline.remaining()):
+            raise VolumeBusy(
+                f"volume {volume!r} cannot be removed yet: its {self.jobs.describe(volume)} "
+                "is still running; try again shortly")
+        record = self.state.get_sync(volume)
+        if record is not None and record.pending and record.snapshot is None and data.is_dir():
+            raise VolumeBusy(
+                f"volume {volume!r} cannot be removed yet: the snapshot its pending S3 push "
+                f"needs could not be taken ({record.last_error}); fix that and try again")
+
+    def why_needed(self, volume: str, name: str) -> str:
+        record = self.state.get_sync(volume)
+        if record is not None and record.pending and record.snapshot == name:
+            return (f"the pending push to s3://{record.bucket}/{record.prefix} uploads it "
+                    f"({record.last_error or 'not uploaded yet'})")
+        return "the S3 sync of the volume takes its next snapshot against it"
+
+    def needed_snapshots(self, volume: str) -> set[str]:
+        """Local sync snapshots that must stay: the one a pending push uploads, and, while the
+        volume syncs, the last pushed one (the base its next snapshot is taken against)."""
+        record = self.state.get_sync(volume)
+        if record is None:
+            return set()
+        needed = {record.snapshot} if record.pending and record.snapshot else set()
+        if self.state.get_volume(volume) is not None:
+            needed |= {s.name for s in self.snapshots.list_snapshots(volume) if s.kind == "sync"}
+        return needed
 
     def status(self, volume: str, policy: S3Policy) -> dict[str, Any]:
         record = self.state.get_sync(volume)
@@ -358,7 +452,7 @@ class Syncer:
         if record is not None and record.pending:
             log.info("volume %s: resuming a pending S3 push", volume)
             if record.snapshot is None:
-                self.jobs.submit(volume, "S3 sync snapshot", lambda: self._capture(volume, data))
+                self._submit_capture(volume, data)
             else:
                 self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
 
@@ -369,10 +463,14 @@ class Syncer:
         last_push: dict[str, float] = {}
         while not self._stop.wait(1.0):
             now = time.monotonic()
-            for volume, at in list(self._retry_at.items()):
-                if now >= at and not self.uploads.busy(volume):
+            for volume, (at, retry) in list(self._retry_at.items()):
+                if now >= at and not self.uploads.busy(volume) and not self.jobs.busy(volume):
                     del self._retry_at[volume]
-                    self.uploads.submit(volume, "S3 push", self._upload_job(volume))
+                    try:
+                        retry()
+                    except Exception:
+                        log.exception("volume %s: the retry of its push could not be queued",
+                                      volume)
             with self._guard:
                 periodic = dict(self._periodic)
             for volume, (policy, mounted_data) in periodic.items():

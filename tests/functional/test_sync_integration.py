@@ -81,6 +81,18 @@ def create(server: SyncServer, name: str, **opts: str) -> None:
     server.client.ok("VolumeDriver.Create", {"Name": name, "Opts": opts})
 
 
+_hosts = iter(range(1_000_000))
+
+
+def elsewhere(start: Start, url: str, tmp_path: Path, bucket: str, prefix: str,
+              **opts: str) -> Path:
+    """Mount the remote copy at ``prefix`` as a new volume of another host (a server on a root
+    of its own): two volumes of one host never share a prefix."""
+    other = start(tmp_path / f"elsewhere-{next(_hosts)}", settings(url))
+    create(other, "check", s3_bucket=bucket, s3_prefix=prefix, s3_sync="manual", **opts)
+    return mount(other.client, "check", M1)
+
+
 def remote_ids(server: SyncServer, name: str) -> list[str]:
     result = server.cli("sync", "ls", name)
     assert result.returncode == 0, result.stderr
@@ -282,9 +294,8 @@ def test_view_is_taken_after_the_last_container_detached(
     pushed = wait_pushed(plugin, "shared")["last_push"]["remote_snapshot"]
     assert remote_ids(server, "shared") == [pushed]
 
-    create(server, "check", s3_bucket=bucket, s3_prefix="shared", s3_restore=pushed,
-           s3_sync="manual")
-    assert (mount(plugin, "check", M1) / "tag").read_text() == "v2"
+    check = elsewhere(start, moto.url, tmp_path, bucket, "shared", s3_restore=pushed)
+    assert (check / "tag").read_text() == "v2"
     unmount(plugin, "shared", M1)
     newer = wait_pushed(plugin, "shared", pushed)["last_push"]["remote_snapshot"]
     assert remote_ids(server, "shared") == [pushed, newer]
@@ -309,8 +320,7 @@ def test_periodic_sync_pushes_while_mounted_and_on_unmount(
     unmount(plugin, "live", M1)
     # The push the unmount queued is pending until done: idle means it is in the store.
     wait_pushed(plugin, "live", second["at"], timeout=15)
-    create(server, "check", s3_bucket=bucket, s3_prefix="live", s3_sync="manual")
-    assert (mount(plugin, "check", M2) / "tag").read_text() == "p3"
+    assert (elsewhere(start, moto.url, tmp_path, bucket, "live") / "tag").read_text() == "p3"
     assert len(remote_ids(server, "live")) >= 3
 
 
@@ -384,17 +394,16 @@ def test_store_faults_retry_with_backoff_and_touch_nothing(
         listing = server.cli("sync", "ls", "docs")
         assert listing.returncode == 1 and "cannot reach the S3 endpoint" in listing.stderr
         relay.down = False
-    create(server, "old", s3_bucket=bucket, s3_prefix="docs", s3_sync="manual",
-           s3_restore=first["remote_snapshot"])
-    assert picture(mount(plugin, "old", M2)) == v1
+    old = elsewhere(start, moto.url, tmp_path, bucket, "docs",
+                    s3_restore=first["remote_snapshot"])
+    assert picture(old) == v1
 
     relay.fault = None
     s3 = wait_pushed(plugin, "docs", first["at"], timeout=20)
     assert "last_error" not in s3
     assert remote_ids(server, "docs") == [first["remote_snapshot"],
                                           s3["last_push"]["remote_snapshot"]]
-    create(server, "new", s3_bucket=bucket, s3_prefix="docs", s3_sync="manual")
-    assert picture(mount(plugin, "new", M2)) == v2
+    assert picture(elsewhere(start, moto.url, tmp_path, bucket, "docs")) == v2
 
 
 def test_missing_bucket_is_reported_and_recovers_once_created(
@@ -676,5 +685,135 @@ def test_a_push_requested_while_another_uploads_is_not_lost(
         s3 = s3_status(plugin, "busy")
         return s3["state"] == "idle" and len(remote_ids(server, "busy")) == 2
     wait_for(two_pushes, 20, "both pushes", pause=0.3)
-    create(server, "check", s3_bucket=bucket, s3_prefix="busy", s3_sync="manual")
-    assert picture(mount(plugin, "check", M1)) == expected
+    assert picture(elsewhere(start, relay.url, tmp_path, bucket, "busy")) == expected
+
+
+def test_volumes_whose_remote_copies_nest_are_refused_at_create(
+        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    server = start(tmp_path / "root", settings(moto.url))
+    create(server, "a", s3_bucket=bucket, s3_prefix="team")
+    create(server, "g", s3_bucket=bucket, s3_prefix="ops/db")
+    for name, prefix, how, other in (
+            ("b", "team/db", "lies inside", "team"), ("c", "/team/", "is the same as", "team"),
+            ("d", "team/db/x", "lies inside", "team"), ("h", "ops", "contains", "ops/db")):
+        err = server.client.fails("VolumeDriver.Create", {"Name": name, "Opts": {
+            "s3_bucket": bucket, "s3_prefix": prefix}})
+        owner = "a" if other == "team" else "g"
+        assert err == (
+            f"volume {name!r}: its remote copy s3://{bucket}/{prefix.strip('/')} {how} the "
+            f"remote copy s3://{bucket}/{other} of volume {owner!r}: give it an s3_prefix that "
+            "neither contains nor lies inside another volume's"), err
+    err = server.client.fails("VolumeDriver.Create", {"Name": "team", "Opts": {
+        "s3_bucket": bucket}})  # the default prefix is the volume's name
+    assert "is the same as the remote copy" in err and "volume 'a'" in err, err
+    create(server, "e", s3_bucket=bucket, s3_prefix="teamdb")  # not inside "team"
+    moto.client().create_bucket(Bucket=f"{bucket}-x")  # type: ignore[attr-defined]
+    create(server, "f", s3_bucket=f"{bucket}-x", s3_prefix="team")  # another bucket
+    names = [v["Name"] for v in server.client.ok("VolumeDriver.List", {})["Volumes"]]
+    assert names == ["a", "e", "f", "g"]
+
+
+def sync_snapshots(server: SyncServer, volume: str) -> list[str]:
+    catalog = server.root / "snapshots" / volume / "catalog"
+    return sorted(p.stem for p in catalog.glob("sync-*.json"))
+
+
+def test_snapshot_cleanup_keeps_the_snapshot_a_pending_push_needs(
+        start: Start, relay: Relay, bucket: str, tmp_path: Path) -> None:
+    server = start(tmp_path / "root", settings(relay.url))
+    plugin = server.client
+    create(server, "old", s3_bucket=bucket, s3_restore="never")
+    plugin.ok("pyvol/snapshot/create", {"Volume": "old", "Name": "manual1"})
+    relay.down = True
+    write_and_unmount(server, "old", lambda d: (d / "tag").write_text("precious"))
+    plugin.ok("VolumeDriver.Remove", {"Name": "old"})  # the push stays pending
+    wait_for(lambda: "volume old: push to s3://" in server.log_text(), 15, "a failed push")
+    (needed,) = sync_snapshots(server, "old")
+
+    result = server.cli("snapshot", "rm", f"old@{needed}")
+    assert result.returncode == 1, result
+    assert f"snapshot old@{needed} is kept for S3: the pending push to s3://{bucket}/old " \
+        "uploads it" in result.stderr, result.stderr
+    result = server.cli("snapshot", "rm", "--all", "old")
+    assert result.returncode == 0, result.stderr
+    assert f"kept old@{needed}: S3 sync still needs it" in result.stdout, result.stdout
+    assert sync_snapshots(server, "old") == [needed]
+    assert not (server.root / "snapshots" / "old" / "catalog" / "manual1.json").exists()
+
+    relay.down = False
+    wait_for(lambda: "volume old: pushed remote snapshot" in server.log_text(), 30,
+             "the pending push to complete")
+    assert (elsewhere(start, relay.url, tmp_path, bucket, "old") / "tag").read_text() == \
+        "precious"
+
+
+def test_a_push_whose_snapshot_is_gone_says_so_and_stops_retrying(
+        start: Start, relay: Relay, bucket: str, tmp_path: Path) -> None:
+    server = start(tmp_path / "root", settings(relay.url))
+    create(server, "lost", s3_bucket=bucket, s3_restore="never")
+    relay.down = True
+    write_and_unmount(server, "lost", lambda d: (d / "tag").write_text("v1"))
+    wait_for(lambda: s3_status(server.client, "lost")["state"] == "error", 15, "a failed push")
+    server.kill9()
+    for path in (server.root / "snapshots" / "lost" / "catalog").glob("sync-*.json"):
+        path.unlink()  # gone behind pyvol's back (pyvol itself refuses to remove it)
+    relay.down = False
+    server = start(tmp_path / "root", settings(relay.url))
+
+    def gone() -> dict[str, Any] | None:
+        s3 = s3_status(server.client, "lost")
+        return s3 if "is gone" in (s3.get("last_error") or {}).get("message", "") else None
+    s3 = wait_for(gone, 15, "the push to report its snapshot gone")
+    assert s3["state"] == "error", s3
+    assert re.fullmatch(r"the local snapshot lost@sync-\S+ this push needed is gone \(deleted "
+                        r"outside pyvol\?\), so nothing was uploaded; push again with `pyvol "
+                        r"sync lost` if the volume still exists", s3["last_error"]["message"])
+    attempts = server.log_text().count("volume lost: push to s3://")
+    time.sleep(3)  # retries come after 1 s, 2 s: none may come
+    assert server.log_text().count("volume lost: push to s3://") == attempts
+    assert server.cli("sync", "lost", "--wait").returncode == 0
+    assert "last_error" not in s3_status(server.client, "lost")
+
+
+def test_each_feature_keeps_its_own_errors(
+        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    server = start(tmp_path / "root", settings(
+        moto.url, PYVOL_TEST_FAIL_AT=f"snapshot:automatic={flag}"))
+    plugin = server.client
+    # An S3 restore that fails is an S3 error, not a snapshot error.
+    create(server, "lone", s3_bucket=bucket, s3_restore="nosuchid")
+    s3 = wait_for(lambda: (s := s3_status(plugin, "lone")).get("last_error") and s, 15,
+                  "the failed restore")
+    assert s3["last_error"]["message"].startswith("restore failed: remote snapshot 'nosuchid' "
+                                                  "not found"), s3
+    assert "snapshot_error" not in plugin.volume("lone")["Status"]
+
+    # A failed snapshot stays reported after a successful S3 push of the same volume.
+    flag.touch()
+    create(server, "both", s3_bucket=bucket, snapshot_on_unmount="true")
+    write_and_unmount(server, "both", lambda d: (d / "tag").write_text("x"))
+    wait_pushed(plugin, "both")
+    status = plugin.volume("both")["Status"]
+    assert status.get("snapshot_error", "").startswith(
+        "snapshot on unmount failed: injected failure"), status
+
+
+def test_a_failed_capture_shows_in_status_and_is_retried(
+        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    flag.touch()
+    server = start(tmp_path / "root", settings(moto.url, PYVOL_TEST_FAIL_AT=f"s3:capture={flag}"))
+    plugin = server.client
+    create(server, "cap", s3_bucket=bucket)
+    write_and_unmount(server, "cap", lambda d: (d / "tag").write_text("x"))
+
+    def failed() -> dict[str, Any] | None:
+        s3 = s3_status(plugin, "cap")
+        return s3 if s3["state"] == "error" else None
+    s3 = wait_for(failed, 15, "the failed capture in Status")
+    assert s3["last_error"]["message"] == ("the snapshot for the push failed: injected failure "
+                                           "at s3:capture (test hook)"), s3
+    assert "snapshot_error" not in plugin.volume("cap")["Status"]
+    flag.unlink()
+    wait_pushed(plugin, "cap", timeout=30)

@@ -116,7 +116,7 @@ def test_refused_create_leaves_nothing(
 def test_failed_state_write_fails_create_and_leaves_no_directory(
     driver: Driver, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(record: VolumeRecord) -> None:
+    def broken(record: VolumeRecord, **_: object) -> None:
         raise StateError("disk full")
 
     monkeypatch.setattr(driver.state, "add_volume", broken)
@@ -528,3 +528,103 @@ def test_failed_mount_leaves_no_bind(
     monkeypatch.undo()
     assert mounts_at(bind_settings.mount_root / "v") == 0
     assert mounts(driver, "v") == 0
+
+
+# Bounded waits and per-feature jobs
+
+def test_no_lock_is_kept_for_junk_names_or_removed_volumes(driver: Driver) -> None:
+    from plugin.errors import InvalidName
+
+    driver.create("v", None)
+    driver.remove("v")
+    for junk in ("x" * 100_000, "../x", ""):
+        with pytest.raises(InvalidName):
+            driver.remove(junk)
+    with pytest.raises(VolumeNotFound):
+        driver.mount("gone", "id")
+    assert len(driver._locks) == 0
+
+
+def test_jobs_cancel_only_queued_cancellable_work_and_say_what_runs() -> None:
+    from plugin.jobs import Jobs
+
+    jobs = Jobs(name="test")
+    release = threading.Event()
+    ran: list[str] = []
+    try:
+        jobs.submit("v", "slow job", lambda: release.wait(10) and None)
+        jobs.submit("v", "dropped", lambda: ran.append("dropped"), cancellable=True)
+        jobs.submit("v", "kept", lambda: ran.append("kept"))
+        assert not jobs.wait("v", 0.1)
+        assert jobs.describe("v") is not None
+        assert jobs.describe("v").startswith("slow job (running for 0 s), then 2 more")  # type: ignore[union-attr]
+        assert jobs.cancel("v") == ["dropped"]
+        release.set()
+        assert jobs.wait("v", 10)
+        assert ran == ["kept"] and not jobs.busy("v")
+    finally:
+        release.set()
+        jobs.shutdown()
+
+
+def test_an_error_is_cleared_only_by_a_success_of_the_same_feature(driver: Driver) -> None:
+    def fail() -> None:
+        raise OSError("disk on fire")
+
+    driver.sync.jobs.submit("v", "S3 restore", fail)
+    assert driver.sync.jobs.wait("v", 10)
+    driver.jobs.submit("v", "snapshot on unmount", lambda: None)
+    assert driver.jobs.wait("v", 10)
+    assert driver.sync.jobs.errors == {"v": "S3 restore failed: disk on fire"}
+    assert driver.jobs.errors == {}
+
+
+def test_remote_copies_may_not_nest_with_those_of_volumes_or_pending_removed_ones(
+        driver: Driver) -> None:
+    from plugin.state import SyncRecord
+
+    def s3(prefix: str) -> dict[str, str]:
+        return {"s3_bucket": "b", "s3_prefix": prefix, "s3_restore": "never"}
+
+    driver.create("a", s3("team"))
+    driver.state.put_sync(SyncRecord(volume="gone", bucket="b", prefix="ops", keep=3,
+                                     pending=True, snapshot="sync-1"))
+    with pytest.raises(InvalidOption, match=r"^volume 'x': its remote copy s3://b/ops/db lies "
+                       r"inside the remote copy s3://b/ops of removed volume 'gone' \(its last "
+                       r"push is pending\)"):
+        driver.create("x", s3("ops/db"))
+    with pytest.raises(InvalidOption, match=r"s3://b/team/db lies inside the remote copy "
+                       r"s3://b/team of volume 'a'"):
+        driver.create("y", s3("team/db"))
+    driver.create("gone", s3("ops"))  # the same name again takes over its own remote copy
+    driver.create("z", s3("teamdb"))
+    driver.create("w", {**s3("team"), "s3_bucket": "other"})
+    assert [v.name for v in driver.list_volumes()] == ["a", "gone", "w", "z"]
+
+
+def test_a_lock_wait_ends_at_the_deadline_with_what_holds_the_volume() -> None:
+    from plugin.errors import VolumeBusy
+    from plugin.locks import Deadline, VolumeLocks
+
+    locks = VolumeLocks()
+    with locks.hold("v", Deadline(), lambda: "never asked"):
+        with pytest.raises(VolumeBusy, match=r"^v is busy$"), \
+                locks.hold("v", Deadline(0.05), lambda: "v is busy"):
+            pass
+        assert len(locks) == 1
+    assert len(locks) == 0
+    assert Deadline(None).remaining() is None and Deadline(None).remaining(3.0) == 3.0
+
+
+def test_remove_drops_a_queued_on_unmount_snapshot_and_waits_for_the_running_job(
+        driver: Driver) -> None:
+    driver.create("v", {"snapshot_on_unmount": "true"})
+    data = driver.mount("v", "id1")
+    (data / "f").write_text("x")
+    release = threading.Event()
+    driver.jobs.submit("v", "slow job", lambda: release.wait(10) and None)
+    driver.unmount("v", "id1")  # queues the on-unmount snapshot behind the slow job
+    threading.Timer(0.3, release.set).start()
+    driver.remove("v")
+    assert driver.jobs.wait("v", 10)
+    assert driver.snapshots.store.list_snapshots("v") == []

@@ -166,3 +166,14 @@ def test_unknown_default_backend_is_refused() -> None:
     message = refused({}, default_backend="s3")
     assert "'s3'" in message
     assert "available: local" in message
+
+
+def test_snapshot_names_are_capped_so_every_derived_file_name_fits() -> None:
+    from plugin.errors import InvalidName
+    from plugin.snapshotting import validate_snapshot_name
+
+    assert validate_snapshot_name("s" * 200) == "s" * 200
+    for length in (201, 246, 255):
+        with pytest.raises(InvalidName, match="use 1-200 characters"):
+            validate_snapshot_name("s" * length)
+    assert len(f".{'s' * 200}.json.tmp".encode()) <= 255

@@ -232,3 +232,62 @@ def test_restart_with_another_default_backend_keeps_each_volumes_backend(
     assert second.options_of(record_v).uid == 5
     assert backends["local"].exists("v")
     assert not backends["other"].exists("v")
+
+
+def test_a_record_being_created_is_invisible_until_finished_and_survives_a_restart(
+        db_path: Path) -> None:
+    from plugin.state import SyncRecord
+
+    first = StateStore(db_path)
+    sync = SyncRecord(volume="new", bucket="b", prefix="new", keep=3, restoring="latest")
+    first.add_volume(record("new", s3_bucket="b"), creating=True, sync=sync)
+    assert first.get_volume("new") is None and first.list_volumes() == []
+    assert first.get_sync("new") == sync  # committed with the record, in one transaction
+    first.close()
+
+    second = StateStore(db_path)  # a crash before the data was in place
+    assert [r.name for r in second.creating_volumes()] == ["new"]
+    assert second.creating_volumes()[0].options == {"s3_bucket": "b"}
+    second.finish_create("new")
+    assert second.get_volume("new") is not None and second.creating_volumes() == []
+    second.close()
+    third = StateStore(db_path)
+    assert [r.name for r in third.list_volumes()] == ["new"]
+    third.close()
+
+
+def test_an_aborted_create_puts_back_the_sync_record_it_found(store: StateStore) -> None:
+    from plugin.state import SyncRecord
+
+    pending = SyncRecord(volume="v", bucket="b", prefix="v", keep=3, pending=True,
+                         snapshot="sync-1")
+    store.put_sync(pending)
+    store.add_volume(record("v"), creating=True,
+                     sync=SyncRecord(volume="v", bucket="b", prefix="v", keep=3,
+                                     restoring="latest", pending=True, snapshot="sync-1"))
+    store.abort_create("v", pending)
+    assert store.get_sync("v") == pending
+    assert store.creating_volumes() == [] and store.get_volume("v") is None
+    # Without a record to put back, only the restore the create asked for is dropped.
+    store.add_volume(record("w"), creating=True,
+                     sync=SyncRecord(volume="w", bucket="b", prefix="w", keep=3,
+                                     restoring="latest"))
+    store.abort_create("w")
+    assert store.get_sync("w") is None
+
+
+def test_a_database_of_an_older_pyvol_gains_the_creating_flag(db_path: Path) -> None:
+    import sqlite3
+
+    db_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(db_path)
+    old.execute("CREATE TABLE volumes (name TEXT PRIMARY KEY, backend TEXT NOT NULL, "
+                "options TEXT NOT NULL, created_at TEXT NOT NULL)")
+    old.execute("INSERT INTO volumes VALUES ('legacy', 'local', '{\"mode\": \"0700\"}', "
+                "'2024-05-01T12:00:00+00:00')")
+    old.commit()
+    old.close()
+    store = StateStore(db_path)
+    assert [(r.name, dict(r.options)) for r in store.list_volumes()] == \
+        [("legacy", {"mode": "0700"})]
+    store.close()

@@ -1,0 +1,61 @@
+"""Helpers of the orchestration tests in the hostile tier: the server's test hooks
+(``plugin.testhooks``) armed through the environment, and calls answered in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEADLINE = 26.0
+"""Every Docker verb answers within 25 s (dockerd gives up at 30 s); one second for the test."""
+
+
+class Gate:
+    """A hold point of the server: ``env`` arms it, ``wait_held`` waits until a job is parked
+    there, ``release`` lets it go on."""
+
+    def __init__(self, tmp: Path, point: str) -> None:
+        self.release_file = tmp / f"release-{point.replace(':', '-')}"
+        self.env = {"PYVOL_TEST_HOLD_AT": f"{point}={self.release_file}"}
+
+    def wait_held(self, timeout: float = 30) -> None:
+        held = Path(str(self.release_file) + ".held")
+        deadline = time.monotonic() + timeout
+        while not held.exists():
+            assert time.monotonic() < deadline, "the server never reached the hold point"
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        self.release_file.touch()
+
+
+class Background:
+    """Run one call in a thread; ``result()`` joins it and returns what it returned."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self._out: dict[str, Any] = {}
+        self._thread = threading.Thread(target=lambda: self._out.update(value=call()),
+                                        daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float = 60) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the call did not answer"
+        return self._out["value"]
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def s3_settings(url: str, **extra: str) -> dict[str, str]:
+    """Plugin settings for a server that syncs to the test S3 endpoint ``url``."""
+    from s3_fixtures import ACCESS_KEY, SECRET_KEY
+
+    return {"S3_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **extra}
