@@ -235,11 +235,13 @@ def test_check_reports_rot_and_missing_packs_and_the_next_push_repairs(
     # Nothing changed in the volume; the push still uploads the rotten content again.
     push_wait(server, "db")
     assert server.cli("sync", "check", "db", "--read-data").returncode == 1  # the old snapshot
-    create(server, "copy", s3_bucket=bucket, s3_prefix="db", s3_sync="manual")
-    assert "last_error" not in restore_outcome(server, "copy")
-    data = mount(server.client, "copy", "d" * 64)
+    # Read it back as another host would (one host never has two volumes on one prefix).
+    other = start(tmp_path / "other", settings(moto.url))
+    create(other, "copy", s3_bucket=bucket, s3_prefix="db", s3_sync="manual")
+    assert "last_error" not in restore_outcome(other, "copy")
+    data = mount(other.client, "copy", "d" * 64)
     assert {p.name: p.read_bytes() for p in data.iterdir()} == content
-    unmount(server.client, "copy", "d" * 64)
+    unmount(other.client, "copy", "d" * 64)
 
     # A pack that disappears is found without reading any data.
     client.delete_object(Bucket=bucket, Key=packs[0])
@@ -266,14 +268,15 @@ def test_junk_under_snapshots_is_skipped_and_latest_is_by_recorded_time(
     listing = server.cli("sync", "ls", "web")
     assert listing.returncode == 0, listing.stderr
     assert [row.split("\t")[0] for row in listing.stdout.splitlines()][-1] == "0-newest"
-    create(server, "web2", s3_bucket=bucket, s3_prefix="web")
-    s3 = restore_outcome(server, "web2")
+    other = start(tmp_path / "other", settings(moto.url))
+    create(other, "web2", s3_bucket=bucket, s3_prefix="web")
+    s3 = restore_outcome(other, "web2")
     assert "last_error" not in s3, s3
     assert any("web/snapshots/README" in w for w in s3["warnings"]), s3
     assert any("99991231T235959.999999Z" in w for w in s3["warnings"]), s3
-    data = mount(server.client, "web2", M1)
+    data = mount(other.client, "web2", M1)
     assert (data / "index.html").read_bytes() == b"newest"
-    unmount(server.client, "web2", M1)
+    unmount(other.client, "web2", M1)
     write(server, "web", {"index.html": b"again"})
     push_wait(server, "web")
     restored = server.cli("sync", "restore", "web", "latest")
@@ -283,8 +286,11 @@ def test_junk_under_snapshots_is_skipped_and_latest_is_by_recorded_time(
 def test_delete_remote_stops_at_the_prefix_boundary(
         start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     client: Any = moto.client()
-    server = start(tmp_path / "root", settings(moto.url))
+    # One host refuses nested prefixes at create; hosts sharing a bucket cannot see each
+    # other's volumes, so each volume here lives on a host of its own.
+    hosts = {}
     for name, prefix in (("team", "team"), ("db", "team/db"), ("dat", "team/data/x")):
+        hosts[name] = server = start(tmp_path / name, settings(moto.url))
         create(server, name, s3_bucket=bucket, s3_prefix=prefix, s3_sync="manual")
         restore_outcome(server, name)
         write(server, name, {"f": name.encode() * 1000})
@@ -296,11 +302,11 @@ def test_delete_remote_stops_at_the_prefix_boundary(
                 .get("Contents", []) if "/locks/" not in o["Key"]]
     others = keys("team/db/") + keys("team/data/x/")
     assert others
-    deleted = server.cli("sync", "delete-remote", "team", "--yes")
+    deleted = hosts["team"].cli("sync", "delete-remote", "team", "--yes")
     assert deleted.returncode == 0, deleted.stderr
     assert sorted(keys("team/")) == sorted(others)
     for name in ("db", "dat"):
-        listing = server.cli("sync", "ls", name)
+        listing = hosts[name].cli("sync", "ls", name)
         assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 1
 
 

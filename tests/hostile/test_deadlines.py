@@ -38,7 +38,7 @@ def test_mount_and_remove_during_a_stuck_on_unmount_snapshot_answer_in_time(
     assert "cannot be removed yet: its snapshot on unmount" in err and "try again" in err, err
     # Docker's cheap verbs never waited meanwhile.
     _, took = timed(lambda: plugin.volume("slow"))
-    assert took < 1.0
+    assert took < 5.0  # the snapshot is held until released: any answer shows Get never waited
 
     gate.release()
     plugin.ok("VolumeDriver.Mount", {"Name": "slow", "ID": M2})

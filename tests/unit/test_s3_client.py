@@ -114,7 +114,8 @@ def test_retries_stop_at_the_deadline() -> None:
     with pytest.raises(EndpointUnreachable,
                        match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:9") as info:
         store._run("x", op)
-    assert time.monotonic() - started < 1.0
+    # 1000 attempts would take 100 s: a few seconds (a loaded machine) shows the deadline held.
+    assert time.monotonic() - started < 3.0
     assert "S3_ENDPOINT_URL" in str(info.value)
     assert SECRET not in str(info.value)
 
