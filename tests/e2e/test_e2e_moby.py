@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -63,8 +65,8 @@ def test_unsafe_names_reach_the_plugin_and_are_rejected(scenario: Scenario, bad:
     data = scenario.plugin.data
     assert not (data / "escape").exists()
     assert not (data.parent / "escape").exists()
-    assert {p.name for p in data.iterdir()} <= {"snapshots", "state.db", "state.db-shm",
-                                                "state.db-wal", "volumes"}
+    assert {p.name for p in data.iterdir()} <= {"s3cache", "snapshots", "state.db",
+                                                "state.db-shm", "state.db-wal", "volumes"}
     assert all(not row.endswith(f" {bad}") for row in volume_rows())
 
 
@@ -92,3 +94,30 @@ def test_a_name_taken_by_another_driver_is_refused(scenario: Scenario) -> None:
     assert not scenario.plugin.volume_dir(theirs).exists()
     # The same create again with the inspected driver name is accepted (idempotent).
     assert ok(docker("volume", "create", "-d", DRIVER, ours)).strip() == ours
+
+
+def test_the_data_directory_is_private_to_root(scenario: Scenario) -> None:
+    """The README's install step makes the data directory 0711; the running plugin narrows it
+    and everything a volume lives in to 0700, so no host user reaches volume data through it
+    (a setuid file in a volume must not be runnable by a host user)."""
+    vol = scenario.create("private")
+    ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c",
+                    "cp /bin/busybox /data/suid && chmod 4755 /data/suid"))
+    data = scenario.plugin.data
+    for path in (data, data / "volumes", data / "snapshots"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    suid = data / "volumes" / vol / "suid"
+    assert suid.stat().st_mode & stat.S_ISUID
+    pid = os.fork()
+    if pid == 0:  # an unprivileged host user
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.stat(suid)
+            os._exit(1)  # reachable: the test fails
+        except PermissionError:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "a host user reached a file in a volume"
