@@ -27,8 +27,9 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,13 +124,26 @@ class SnapshotStore:
     def __init__(self, root: Path) -> None:
         self.root = root / "snapshots"
         make_private(self.root)
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._guard = threading.Lock()
         self._catalog: dict[str, list[SnapshotInfo]] = {}
+        """Only volumes that have a snapshot directory: a miss is not cached, so callers
+        asking about names without snapshots never grow it."""
 
-    def _lock(self, volume: str) -> threading.Lock:
+    @contextmanager
+    def _lock(self, volume: str) -> Iterator[None]:
+        """Hold the volume's lock; its entry lives only while some thread holds or waits."""
         with self._guard:
-            return self._locks.setdefault(volume, threading.Lock())
+            lock, users = self._locks.setdefault(volume, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[volume]
 
     def _dir(self, volume: str, *parts: str) -> Path:
         return confined(self.root, volume, *parts)
@@ -144,13 +158,18 @@ class SnapshotStore:
             return list(cached)
         catalog = self._dir(volume, "catalog")
         infos = []
-        if catalog.is_dir():
-            for entry in os.scandir(catalog):
+        try:
+            items = os.scandir(catalog)
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # not cached: junk names must not grow the cache
+        with items:
+            for entry in items:
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
                     infos.append(SnapshotInfo.from_json(json.loads(Path(entry.path).read_text())))
         infos.sort(key=lambda i: (i.created, i.name))
         with self._guard:
-            self._catalog[volume] = infos
+            self._catalog.setdefault(volume, infos)
+            infos = self._catalog[volume]
         return list(infos)
 
     def get(self, volume: str, name: str) -> SnapshotInfo:

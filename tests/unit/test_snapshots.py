@@ -770,3 +770,28 @@ def test_long_snapshots_of_other_volumes_never_hold_up_a_mount(
         release.set()
     for name in slow_volumes:
         assert driver.jobs.wait(name, 30)
+
+
+# the store keeps nothing for names it is only asked about
+
+
+def test_listing_names_without_snapshots_caches_nothing(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    for i in range(1000):
+        assert store.list_snapshots(f"nobody-{i}") == []
+        with pytest.raises(SnapshotNotFound):
+            store.remove(f"nobody-{i}", "s1")
+    assert store._catalog == {} and store._locks == {}
+
+
+def test_a_volume_with_snapshots_is_cached_and_its_lock_dropped_when_idle(
+        tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("x")
+    store.create(VOL, data, "s1")
+    assert [i.name for i in store.list_snapshots(VOL)] == ["s1"]
+    assert list(store._catalog) == [VOL] and store._locks == {}
+    again = SnapshotStore(tmp_path)  # a restart reads the catalog from disk
+    assert [i.name for i in again.list_snapshots(VOL)] == ["s1"]
