@@ -80,7 +80,7 @@ class Syncer:
         self._failures: dict[str, int] = {}
         self._periodic: dict[str, tuple[S3Policy, MountedData]] = {}
         self._stop = threading.Event()
-        self.checks = Checks()
+        self.checks = Checks(state)
 
     # plumbing
 
@@ -402,7 +402,8 @@ class Syncer:
                 status["last_error"] = {"message": record.last_error, "at": record.last_error_at}
         if progress is not None:
             status["bytes_done"], status["bytes_total"] = progress[1], progress[2]
-        status.update(self.checks.status(volume, self._remotes.get((policy.bucket, policy.prefix))))
+        where = (policy.bucket, policy.prefix)
+        status.update(self.checks.status(volume, where, self._remotes.get(where)))
         return {"s3": status}
 
     # explicit actions (CLI)
@@ -420,6 +421,7 @@ class Syncer:
     def delete_remote(self, volume: str, policy: S3Policy) -> None:
         self.remote(policy.bucket, policy.prefix).delete_all()
         self.state.delete_sync(volume)
+        self.checks.forget(volume)
 
     # the schedule and the durable queue
 
@@ -489,4 +491,5 @@ class Syncer:
 
     def check(self, volume: str, policy: S3Policy, read_data: bool) -> CheckReport:
         """Check the volume's remote copy (``pyvol sync check``); the result shows in Status."""
-        return self.checks.run(volume, self.remote(policy.bucket, policy.prefix), read_data)
+        return self.checks.run(volume, (policy.bucket, policy.prefix),
+                               self.remote(policy.bucket, policy.prefix), read_data)
