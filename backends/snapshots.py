@@ -9,6 +9,11 @@ Layout under ``<root>/snapshots/<volume>/``:
   A snapshot without a catalog file does not exist; :meth:`SnapshotStore.recover` sweeps what
   an interrupted one left behind.
 
+When a volume goes, :meth:`SnapshotStore.discard` takes its snapshots away at once (a rename
+of ``<volume>/`` into ``.removing/.<random>/``, or, when some must stay, the removal of the
+others' catalog files) and :meth:`SnapshotStore.purge` deletes the data later, in the
+background.
+
 A new snapshot reuses the objects of the newest one for files whose (inode, size, mtime,
 ctime) did not change, so its cost is proportional to what changed.
 
@@ -37,7 +42,14 @@ from typing import Any, BinaryIO, Literal
 
 from backends import btrfs
 from backends.errors import BackendError
-from backends.fs import confined, make_private, remove_tree, syncfs, write_atomic
+from backends.fs import (
+    confined,
+    fsync_dir,
+    make_private,
+    remove_tree,
+    syncfs,
+    write_atomic,
+)
 from backends.tree import (
     Entry,
     clone_fd,
@@ -123,7 +135,11 @@ class SnapshotView:
 class SnapshotStore:
     def __init__(self, root: Path) -> None:
         self.root = root / "snapshots"
+        self._removing = self.root / ".removing"
         make_private(self.root)
+        make_private(self._removing)
+        self._unswept: set[str] = set()
+        """Volumes whose discarded snapshots' objects :meth:`purge` still has to sweep."""
         self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._guard = threading.Lock()
         self._catalog: dict[str, list[SnapshotInfo]] = {}
@@ -373,6 +389,44 @@ class SnapshotStore:
             finally:
                 with self._guard:
                     self._catalog.pop(volume, None)
+
+    def discard(self, volume: str, keep_kinds: frozenset[str] = frozenset()) -> None:
+        """Take every snapshot of the volume away, except those of ``keep_kinds``, in time
+        independent of their size: :meth:`purge` deletes their data later."""
+        with self._lock(volume):
+            kept = [i for i in self.list_snapshots(volume) if i.kind in keep_kinds]
+            try:
+                if kept:
+                    # Each catalog file is its snapshot's commit point: unlinked, it is gone.
+                    for info in self.list_snapshots(volume):
+                        if info.kind not in keep_kinds:
+                            self._dir(volume, "catalog", f"{info.name}.json").unlink()
+                    self._unswept.add(volume)
+                elif self._dir(volume).is_dir():
+                    bin_ = self._removing / f".{secrets.token_hex(8)}"
+                    bin_.mkdir(mode=0o700)
+                    os.rename(self._dir(volume), confined(bin_, volume))
+                    fsync_dir(bin_)
+                    fsync_dir(self.root)
+            finally:
+                with self._guard:
+                    self._catalog.pop(volume, None)
+
+    def purge(self) -> None:
+        """Delete what :meth:`discard` took away (slow: run it in the background).  After a
+        crash, the next call finishes (``recover`` sweeps what stayed in place)."""
+        with self._guard:
+            unswept, self._unswept = self._unswept, set()
+        for volume in sorted(unswept):
+            with self._lock(volume):
+                self._sweep(volume)
+        for bin_ in os.scandir(self._removing):
+            for item in os.scandir(bin_.path):
+                subvols = Path(item.path) / "subvols"
+                if subvols.is_dir():
+                    for sub in os.scandir(subvols):
+                        btrfs.destroy_subvolume(Path(sub.path))
+            remove_tree(Path(bin_.path))
 
     def populate_from(self, volume: str, name: str) -> Callable[[Path], None]:
         """A ``populate`` function that rebuilds ``volume@name`` into a new directory."""

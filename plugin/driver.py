@@ -103,6 +103,8 @@ class Driver:
         """Copies of ``from=`` volumes and snapshots into new volumes."""
         self.jobs = Jobs(name="snapshot-jobs")
         """The snapshot feature's jobs; S3 has its own (``self.sync.jobs``)."""
+        self.removals = Jobs(workers=1, name="removal-jobs")
+        """Deletes removed volumes' data (and discarded snapshots) after Remove answered."""
         store = SnapshotStore(settings.root)
         self.snapshots = Snapshotter(store, self.jobs)
         self.sync = Syncer(settings.root, self.state, store, Jobs(name="s3-jobs"),
@@ -324,11 +326,13 @@ class Driver:
         return lambda dst: copy_tree(data, dst)
 
     def remove(self, name: str) -> None:
-        """Delete a volume and its data, within the call's deadline.
+        """Delete a volume and its data, within the call's deadline whatever their size.
 
-        Queued automatic snapshots are dropped; a job still running at the deadline, a restore
-        or a manual snapshot in progress make it fail with VolumeBusy (retry).  Also raises
-        VolumeNotFound or VolumeInUse.
+        The data (and with ``snapshot_on_remove=delete`` the snapshots) is renamed away and
+        deleted by a background job; on return the volume is gone from Get and List and its
+        name is free.  Queued automatic snapshots are dropped; a job still running at the
+        deadline, a restore or a manual snapshot in progress make it fail with VolumeBusy
+        (retry).  Also raises VolumeNotFound or VolumeInUse.
         """
         deadline = Deadline()
         with self._locked(name, deadline):
@@ -346,6 +350,17 @@ class Driver:
             self.snapshots.on_remove(name, options.snapshot)
             backend.remove(name)
             self.state.delete_volume(name)
+        self._purge_later()
+
+    def _purge_later(self) -> None:
+        """Queue the deletion of removed data (one job at a time; each deletes all)."""
+        self.removals.submit("", "deletion of removed data", self._purge)
+
+    def _purge(self) -> None:
+        hold_point("remove:purge")
+        for backend in self.backends.values():
+            backend.purge()
+        self.snapshots.store.purge()
 
     def mount(self, name: str, mount_id: str) -> Path:
         """Count a use of the volume by ``mount_id``; set it up on the first one.
@@ -606,6 +621,7 @@ class Driver:
                                  self._replace_fn(backend, record.name))
                 self.sync.track(record.name, options.s3, self._mounted_data_fn(record.name))
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
+        self._purge_later()  # what a restart interrupted
         self.snapshots.start()
         self.sync.start()
 

@@ -91,7 +91,8 @@ class Snapshotter:
         self.untrack(volume)
         if policy.on_remove == "delete":
             # A pending S3 push still reads its sync snapshot; the syncer drops it after.
-            self.store.remove_all(volume, keep_kinds=frozenset({"sync"}))
+            # At once: the data goes in the background (the driver runs ``store.purge``).
+            self.store.discard(volume, keep_kinds=frozenset({"sync"}))
 
     def status(self, volume: str, policy: SnapshotPolicy) -> dict[str, Any]:
         snaps = [s for s in self.store.list_snapshots(volume) if s.kind != "sync"]

@@ -5,12 +5,16 @@ snapshots say how far they are and an automatic one is cancelled by Remove, the 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from functional_support import Plugin, PluginProcess
-from orch_support import s3_settings
+import pytest
+from functional_support import Plugin, PluginProcess, StartServer
+from orch_support import Gate, s3_settings, timed
 from sync_support import mount, s3_status, sync_servers, unmount, wait_for
 from test_api_fuzz import rss
 
@@ -20,6 +24,65 @@ if TYPE_CHECKING:
 pytest_plugins = ["s3_fixtures"]
 
 M1, M2 = "a" * 64, "b" * 64
+
+
+def kill9(server: PluginProcess) -> None:
+    """SIGKILL the worker and the master, by PID: nothing runs its cleanup."""
+    assert server.proc is not None
+    for pid in sorted(server.workers):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    server.proc.kill()
+    server.proc.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}/cmdline").exists() and
+                             Path(f"/proc/{pid}/cmdline").read_bytes()
+                             for pid in server.workers), 10, "the worker to die")
+
+
+def staged(root: Path) -> list[Path]:
+    """Removed data not deleted yet: volumes' and snapshots' bins."""
+    return sorted(p for area in ("volumes", "snapshots")
+                  for p in (root / area / ".removing").glob(".*"))
+
+
+def test_remove_answers_at_once_and_a_restart_finishes_the_delete_it_left(
+        start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(tmp_path, "remove:purge")
+    for key, value in gate.env.items():
+        monkeypatch.setenv(key, value)
+    root = tmp_path / "root"
+    server = start_server(root)
+    plugin = server.client
+    plugin.ok("VolumeDriver.Create", {"Name": "big", "Opts": {"snapshot_on_remove": "delete"}})
+    data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "big", "ID": M1})["Mountpoint"])
+    for i in range(2000):
+        (data / f"f{i}").write_text(f"old {i}")
+    plugin.ok("VolumeDriver.Unmount", {"Name": "big", "ID": M1})
+    plugin.ok("pyvol/snapshot/create", {"Volume": "big", "Name": "s1"})
+
+    _, took = timed(lambda: plugin.ok("VolumeDriver.Remove", {"Name": "big"}))
+    assert took < 5.0, f"Remove answered after {took:.1f} s"
+    assert plugin.ok("VolumeDriver.List", {})["Volumes"] == []
+    assert plugin.fails("VolumeDriver.Get", {"Name": "big"}).startswith(
+        "volume 'big' not found")
+    gate.wait_held()  # the delete runs after Remove answered: parked before it starts
+    assert len(staged(root)) == 2  # the data and the snapshots, renamed away whole
+
+    plugin.ok("VolumeDriver.Create", {"Name": "big", "Opts": None})  # the same name at once
+    data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "big", "ID": M2})["Mountpoint"])
+    assert list(data.iterdir()) == []
+    (data / "new").write_text("new")
+    plugin.ok("VolumeDriver.Unmount", {"Name": "big", "ID": M2})
+    assert plugin.ok("pyvol/snapshot/list", {"Volume": "big"})["Snapshots"] == []
+
+    kill9(server)  # in the middle of the delete
+    monkeypatch.delenv("PYVOL_TEST_HOLD_AT")
+    plugin = start_server(root).client
+    wait_for(lambda: staged(root) == [], 30, "the restart to finish the delete")
+    assert [v["Name"] for v in plugin.ok("VolumeDriver.List", {})["Volumes"]] == ["big"]
+    data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "big", "ID": M1})["Mountpoint"])
+    assert [p.name for p in data.iterdir()] == ["new"]
+    assert plugin.ok("pyvol/snapshot/list", {"Volume": "big"})["Snapshots"] == []
 
 
 def test_listing_snapshots_of_random_names_does_not_grow_the_server(

@@ -319,6 +319,39 @@ def test_remove_frees_only_objects_no_other_snapshot_uses(store: SnapshotStore, 
     assert object_files(store) == {}
 
 
+def test_discard_takes_snapshots_away_at_once_and_purge_deletes_them(
+        store: SnapshotStore, data: Path, tmp_path: Path) -> None:
+    store.create(VOL, data, "s1")
+    store.create("other", data, "s1")
+    before = set(object_files(store).values())
+    store.discard(VOL)
+    assert names(store) == [] and store.volumes() == {"other"}
+    assert all(not p.exists() for p in before)  # renamed away whole, not deleted yet
+    assert list((store.root / ".removing").rglob("*/objects/*/*")) != []
+    store.create(VOL, data, "s1")  # a new volume of the same name starts afresh
+    assert names(store) == ["s1"]
+    store.purge()
+    assert list((store.root / ".removing").iterdir()) == []
+    assert names(store) == ["s1"] and names(store, "other") == ["s1"]
+    assert state(restore(store, "s1", tmp_path / "back")) == state(data)
+
+
+def test_discard_keeps_the_kinds_asked_and_purge_sweeps_only_the_others(
+        store: SnapshotStore, data: Path, tmp_path: Path) -> None:
+    store.create(VOL, data, "pushed", kind="sync")
+    (data / "only-in-manual").write_text("m")
+    store.create(VOL, data, "m1")
+    store.discard(VOL, keep_kinds=frozenset({"sync"}))
+    assert names(store) == ["pushed"]
+    assert len(object_files(store)) == 4  # the manual one's own object: swept later
+    store.purge()
+    assert len(object_files(store)) == 3
+    back = state(restore(store, "pushed", tmp_path / "back"))
+    now = state(data)
+    del now["only-in-manual"], now["."], back["."]  # the root's mtime moved with the file
+    assert back == now
+
+
 def test_remove_all_removes_every_snapshot(store: SnapshotStore, data: Path) -> None:
     store.create(VOL, data, "s1")
     store.create("other", data, "s1")
