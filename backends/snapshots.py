@@ -24,6 +24,7 @@ copy-on-write; the entries and catalog files work as above.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -83,6 +84,41 @@ class SnapshotNotFound(BackendError):
 
 class SnapshotExists(BackendError):
     pass
+
+
+class SnapshotCancelled(BackendError):
+    """The caller asked a snapshot to stop; nothing of it was committed."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a snapshot is: entries scanned, then files and bytes stored of those to store
+    (unchanged files are shared with the previous snapshot and cost nothing)."""
+
+    scanned: int = 0
+    files_done: int = 0
+    files_total: int | None = None
+    """``None`` while the tree is being scanned."""
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+    def text(self) -> str:
+        if self.files_total is None:
+            return f"scanning, {self.scanned} entries so far"
+        return (f"{self.files_done} of {self.files_total} files, "
+                f"{self.bytes_done / MiB:.1f} of {self.bytes_total / MiB:.1f} MiB stored")
+
+    def to_json(self) -> dict[str, int | None]:
+        return asdict(self)
+
+
+OnProgress = Callable[[Progress], None]
+"""Told each step of a snapshot (from the capture's threads; keep it cheap)."""
+Cancelled = Callable[[], bool]
+"""Polled by a capture between files: True stops it with :class:`SnapshotCancelled`."""
+MiB = 1 << 20
+SCAN_REPORT = 1000
+"""Entries between two progress reports (and cancellation checks) while scanning."""
 
 
 @dataclass(frozen=True)
@@ -229,8 +265,12 @@ class SnapshotStore:
     # writing
 
     def create(self, volume: str, data: Path, name: str | None = None,
-               kind: Kind = "manual") -> SnapshotInfo:
-        """Snapshot the directory ``data`` as ``volume@name``; complete or absent after a crash."""
+               kind: Kind = "manual", progress: OnProgress | None = None,
+               cancelled: Cancelled | None = None) -> SnapshotInfo:
+        """Snapshot the directory ``data`` as ``volume@name``; complete or absent after a crash.
+
+        ``progress`` is told how far it is; ``cancelled`` is polled between files, and when it
+        turns True the snapshot stops with :class:`SnapshotCancelled`, leaving nothing."""
         with self._lock(volume):
             name = name or default_name()
             if any(i.name == name for i in self.list_snapshots(volume)):
@@ -248,7 +288,9 @@ class SnapshotStore:
                     if base else {}
                 root_fd = open_dir(data)
                 try:
-                    entries, copied, method = self._capture(root_fd, objects, previous)
+                    entries, copied, method = self._capture(
+                        root_fd, objects, previous, progress or (lambda p: None),
+                        cancelled or (lambda: False))
                 finally:
                     os.close(root_fd)
             files = [e for e in entries if e.kind == "file"]
@@ -276,8 +318,8 @@ class SnapshotStore:
         btrfs.snapshot(data, target, readonly=True)
         return list(scan(target)), 0, NATIVE
 
-    def _capture(self, root_fd: int, objects: Path,
-                 previous: dict[str, Entry]) -> tuple[list[Entry], int, str]:
+    def _capture(self, root_fd: int, objects: Path, previous: dict[str, Entry],
+                 progress: OnProgress, cancelled: Cancelled) -> tuple[list[Entry], int, str]:
         """Scan the open volume directory ``root_fd`` and store its changed files.
 
         Every file is opened beneath ``root_fd`` without following symlinks and checked
@@ -288,7 +330,12 @@ class SnapshotStore:
         entries: list[Entry] = []
         todo: list[int] = []
         started = time.time_ns()
+        progress(Progress())
         for entry in scan(root_fd):
+            if len(entries) % SCAN_REPORT == SCAN_REPORT - 1:
+                if cancelled():
+                    raise SnapshotCancelled("the snapshot was cancelled while scanning")
+                progress(Progress(scanned=len(entries) + 1))
             if entry.kind == "file":
                 old = previous.get(entry.path)
                 if old is not None and old.kind == "file" and old.ref and \
@@ -306,8 +353,24 @@ class SnapshotStore:
         skipped: set[str] = set()
         # Plain strings: pathlib's joins cost as much as a clone per file.
         objects_dir = str(objects)
+        done = Progress(scanned=len(entries), files_total=len(todo),
+                        bytes_total=sum(entries[i].size for i in todo))
+        done_guard = threading.Lock()
+        progress(done)
 
         def store(index: int) -> str | None:
+            nonlocal done
+            if cancelled():
+                raise SnapshotCancelled("the snapshot was cancelled")
+            method = store_one(index)
+            with done_guard:
+                done = replace(done, files_done=done.files_done + 1,
+                               bytes_done=done.bytes_done + entries[index].size)
+                now = done
+            progress(now)
+            return method
+
+        def store_one(index: int) -> str | None:
             entry = entries[index]
             assert entry.ref is not None  # noqa: S101
             try:
@@ -337,15 +400,25 @@ class SnapshotStore:
 
         # Clones are small metadata updates that threads only make contend (measured on XFS
         # and btrfs: one thread is fastest); copies move data, so they run in parallel.
-        first, rest = None, todo
-        while first is None and rest:
-            first, rest = store(rest[0]), rest[1:]
-        if first == "reflink" or len(rest) < 2:
-            for index in rest:
-                store(index)
-        else:
-            with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot") as pool:
-                list(pool.map(store, rest))
+        try:
+            first, rest = None, todo
+            while first is None and rest:
+                first, rest = store(rest[0]), rest[1:]
+            if first == "reflink" or len(rest) < 2:
+                for index in rest:
+                    store(index)
+            else:
+                with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot") as pool:
+                    list(pool.map(store, rest))
+            if cancelled():
+                raise SnapshotCancelled("the snapshot was cancelled")
+        except BaseException:
+            # Nothing of this snapshot is committed; drop the objects it stored already.
+            for index in todo:
+                ref = entries[index].ref
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{objects_dir}/{ref[:2]}/{ref}")  # type: ignore[index]
+            raise
         copied = sum(entries[i].size for i in todo if entries[i].path not in skipped)
         if skipped:
             entries = [e for e in entries if e.path not in skipped

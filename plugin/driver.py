@@ -43,7 +43,7 @@ from plugin.locks import Deadline, VolumeLocks
 from plugin.names import validate_volume_name
 from plugin.options import S3Policy, VolumeOptions, parse_options
 from plugin.settings import Settings
-from plugin.snapshotting import Snapshotter, validate_snapshot_name
+from plugin.snapshotting import Capture, Snapshotter, validate_snapshot_name
 from plugin.state import StateStore, SyncRecord, VolumeRecord
 from plugin.syncing import Syncer
 from plugin.testhooks import crash_point, hold_point
@@ -477,7 +477,9 @@ class Driver:
         """A manual snapshot, taken outside the volume's lock; Remove meanwhile is refused."""
         if name is not None:
             validate_snapshot_name(name)
-        op = Operation(f"a manual snapshot of volume {volume!r}", exclusive=False)
+        capture = Capture()
+        op = Operation(f"a manual snapshot of volume {volume!r}", exclusive=False,
+                       progress=capture.text)
         with self._locked(volume):
             record = self._record(volume)
             self._refuse_if_busy(volume, "snapshotted", exclusive_only=True)
@@ -486,7 +488,8 @@ class Driver:
         with self._operation(volume, op):
             hold_point("snapshot:manual")
             try:
-                return self.snapshots.store.create(volume, data, name, kind="manual")
+                return self.snapshots.store.create(volume, data, name, kind="manual",
+                                                   progress=capture.update)
             except OSError as exc:
                 raise SnapshotFailed(f"the snapshot of volume {volume!r} failed: {exc}; check "
                                      "the volume and try again") from exc

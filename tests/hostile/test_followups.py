@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from functional_support import Plugin, PluginProcess, StartServer
-from orch_support import Gate, s3_settings, timed
+from orch_support import DEADLINE, Gate, s3_settings, timed
 from sync_support import mount, s3_status, sync_servers, unmount, wait_for
 from test_api_fuzz import rss
 
@@ -126,3 +127,41 @@ def test_the_last_sync_check_survives_a_restart_and_goes_with_delete_remote(
         again.stop()
         third = start(tmp_path / "root", s3_settings(moto.url))
         assert "last_check" not in s3_status(third.client, "db")
+
+
+def test_an_on_unmount_snapshot_says_how_far_it_is_and_remove_cancels_it(
+        start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(tmp_path, "snapshot:capture")  # held once the first file is stored
+    for key, value in gate.env.items():
+        monkeypatch.setenv(key, value)
+    root = tmp_path / "root"
+    plugin = start_server(root).client
+    plugin.ok("VolumeDriver.Create", {"Name": "slow", "Opts": {"snapshot_on_unmount": "true"}})
+    data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "slow", "ID": M1})["Mountpoint"])
+    for i in range(50):
+        (data / f"f{i:02}").write_bytes(os.urandom(100 << 10))
+    plugin.ok("VolumeDriver.Unmount", {"Name": "slow", "ID": M1})
+    gate.wait_held()
+
+    status = plugin.volume("slow")["Status"]
+    assert status["snapshot_state"] == "running"
+    assert status["snapshot_progress"] == {
+        "scanned": 51, "files_done": 1, "files_total": 50, "bytes_done": 100 << 10,
+        "bytes_total": 50 * (100 << 10)}
+    err, took = timed(lambda: plugin.fails("VolumeDriver.Mount", {"Name": "slow", "ID": M2}))
+    assert took < DEADLINE, f"Mount answered after {took:.1f} s"
+    assert re.search(r"volume 'slow' cannot be mounted yet: its snapshot on unmount \(running "
+                     r"for \d+ s, 1 of 50 files, 0\.1 of 4\.9 MiB stored\) is still reading "
+                     r"the data; try again shortly", err), err
+    assert plugin.mounts("slow") == 0
+
+    _, took = timed(lambda: plugin.ok("VolumeDriver.Remove", {"Name": "slow"}))
+    assert took < 5.0, f"Remove answered after {took:.1f} s"
+    assert plugin.ok("VolumeDriver.List", {})["Volumes"] == []
+    # Cancelled: nothing of it committed, nothing of it left (snapshots are kept on remove).
+    snapdir = root / "snapshots" / "slow"
+    assert list((snapdir / "catalog").iterdir()) == []
+    assert list((snapdir / "entries").iterdir()) == []
+    assert [p for p in (snapdir / "objects").rglob("*") if p.is_file()] == []
+    plugin.ok("VolumeDriver.Create", {"Name": "slow", "Opts": None})
+    assert plugin.ok("pyvol/snapshot/list", {"Volume": "slow"})["Snapshots"] == []

@@ -828,3 +828,42 @@ def test_a_volume_with_snapshots_is_cached_and_its_lock_dropped_when_idle(
     assert list(store._catalog) == [VOL] and store._locks == {}
     again = SnapshotStore(tmp_path)  # a restart reads the catalog from disk
     assert [i.name for i in again.list_snapshots(VOL)] == ["s1"]
+
+
+# progress and cancellation
+
+
+def test_a_snapshot_reports_its_progress_up_to_all_files_stored(
+        store: SnapshotStore, data: Path) -> None:
+    seen: list[snapshots_module.Progress] = []
+    settle()  # so that s2 trusts what s1 stored
+    info = store.create(VOL, data, "s1", progress=seen.append)
+    last = seen[-1]
+    assert (last.files_done, last.files_total, last.bytes_done, last.bytes_total) == \
+        (info.files, info.files, info.size, info.size)
+    assert seen[0].files_total is None  # scanning first
+    assert [p.files_done for p in seen if p.files_total is not None] == \
+        list(range(info.files + 1))
+    unchanged: list[snapshots_module.Progress] = []
+    store.create(VOL, data, "s2", progress=unchanged.append)  # nothing to store anew
+    assert (unchanged[-1].files_total, unchanged[-1].bytes_total) == (0, 0)
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_a_cancelled_snapshot_leaves_nothing(store: SnapshotStore, data: Path,
+                                             after: int) -> None:
+    store.create(VOL, data, "s0")
+    (data / "new1").write_text("1")
+    (data / "new2").write_text("2")
+    objects = set(object_files(store))
+    stored: list[int] = []
+
+    def progress(p: snapshots_module.Progress) -> None:
+        stored.append(p.files_done)
+
+    with pytest.raises(snapshots_module.SnapshotCancelled):
+        store.create(VOL, data, "s1", progress=progress,
+                     cancelled=lambda: max(stored, default=0) >= after)
+    assert names(store) == ["s0"]
+    assert set(object_files(store)) == objects
+    store.create(VOL, data, "s1")  # the name was never taken
