@@ -254,6 +254,7 @@ class Driver:
         except BaseException:
             if self.state.get_volume(name) is None:
                 backend.remove(name)
+                self._purge_later()
                 self.state.abort_create(name, before)
             raise
         crash_point("create:after-commit")

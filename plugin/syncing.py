@@ -253,7 +253,7 @@ class Syncer:
         if record is None or not record.pending:
             return
         if record.snapshot is None:
-            capture = Capture()
+            capture = Capture(hold="s3:capture")
             self._captures[volume] = capture
             self.jobs.progress[volume] = capture.text
             try:

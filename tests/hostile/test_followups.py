@@ -165,3 +165,26 @@ def test_an_on_unmount_snapshot_says_how_far_it_is_and_remove_cancels_it(
     assert [p for p in (snapdir / "objects").rglob("*") if p.is_file()] == []
     plugin.ok("VolumeDriver.Create", {"Name": "slow", "Opts": None})
     assert plugin.ok("pyvol/snapshot/list", {"Volume": "slow"})["Snapshots"] == []
+
+
+def test_an_s3_sync_snapshot_shows_its_progress_in_status(
+        moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    gate = Gate(tmp_path, "s3:capture")  # held once the first file is stored
+    with sync_servers(tmp_path) as start:
+        server = start(tmp_path / "root", s3_settings(moto.url, **gate.env))
+        server.client.ok("VolumeDriver.Create", {"Name": "docs", "Opts": {
+            "s3_bucket": bucket, "s3_sync": "manual"}})
+        wait_for(lambda: s3_status(server.client, "docs")["state"] == "idle", 30, "the restore")
+        data = mount(server.client, "docs", M1)
+        for i in range(20):
+            (data / f"f{i:02}").write_bytes(os.urandom(64 << 10))
+        unmount(server.client, "docs", M1)
+        server.client.ok("pyvol/sync/push", {"Volume": "docs"})
+        gate.wait_held()
+        s3 = s3_status(server.client, "docs")
+        assert s3["snapshot_progress"] == {
+            "scanned": 21, "files_done": 1, "files_total": 20, "bytes_done": 64 << 10,
+            "bytes_total": 20 * (64 << 10)}, s3
+        gate.release()
+        wait_for(lambda: "snapshot_progress" not in s3_status(server.client, "docs"), 30,
+                 "the capture to end")
