@@ -474,7 +474,8 @@ class SnapshotStore:
                     for info in self.list_snapshots(volume):
                         if info.kind not in keep_kinds:
                             self._dir(volume, "catalog", f"{info.name}.json").unlink()
-                    self._unswept.add(volume)
+                    with self._guard:
+                        self._unswept.add(volume)
                 elif self._dir(volume).is_dir():
                     bin_ = self._removing / f".{secrets.token_hex(8)}"
                     bin_.mkdir(mode=0o700)
