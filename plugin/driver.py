@@ -353,12 +353,14 @@ class Driver:
             self.state.delete_volume(name)
         self._purge_later()
 
-    def _purge_later(self) -> None:
+    def _purge_later(self, *, after_remove: bool = True) -> None:
         """Queue the deletion of removed data (one job at a time; each deletes all)."""
-        self.removals.submit("", "deletion of removed data", self._purge)
+        self.removals.submit("", "deletion of removed data",
+                             lambda: self._purge(after_remove=after_remove))
 
-    def _purge(self) -> None:
-        hold_point("remove:purge")
+    def _purge(self, *, after_remove: bool = False) -> None:
+        if after_remove:
+            hold_point("remove:purge")
         for backend in self.backends.values():
             backend.purge()
         self.snapshots.store.purge()
@@ -625,7 +627,7 @@ class Driver:
                                  self._replace_fn(backend, record.name))
                 self.sync.track(record.name, options.s3, self._mounted_data_fn(record.name))
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
-        self._purge_later()  # what a restart interrupted
+        self._purge_later(after_remove=False)  # what a restart interrupted
         self.snapshots.start()
         self.sync.start()
 

@@ -28,16 +28,17 @@ M1, M2 = "a" * 64, "b" * 64
 
 
 def kill9(server: PluginProcess) -> None:
-    """SIGKILL the worker and the master, by PID: nothing runs its cleanup."""
+    """SIGKILL the master, then the worker, by PID: nothing runs its cleanup (the master
+    first: else it would start a new worker, which would keep the socket)."""
     assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait()
     for pid in sorted(server.workers):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    server.proc.kill()
-    server.proc.wait()
-    wait_for(lambda: not any(Path(f"/proc/{pid}/cmdline").exists() and
-                             Path(f"/proc/{pid}/cmdline").read_bytes()
-                             for pid in server.workers), 10, "the worker to die")
+    # Its main thread turns zombie while other threads still exit and hold the socket:
+    # wait until nothing answers on it any more.
+    wait_for(lambda: not server._listening(), 10, "the killed server to release its socket")
 
 
 def staged(root: Path) -> list[Path]:
@@ -67,6 +68,7 @@ def test_remove_answers_at_once_and_a_restart_finishes_the_delete_it_left(
     assert plugin.fails("VolumeDriver.Get", {"Name": "big"}).startswith(
         "volume 'big' not found")
     gate.wait_held()  # the delete runs after Remove answered: parked before it starts
+    assert (root / "volumes" / ".removing").exists()
     assert len(staged(root)) == 2  # the data and the snapshots, renamed away whole
 
     plugin.ok("VolumeDriver.Create", {"Name": "big", "Opts": None})  # the same name at once
