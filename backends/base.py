@@ -39,7 +39,13 @@ class Backend(Protocol):
         """Swap the volume's content for what ``populate`` builds; all or nothing."""
 
     def remove(self, volume: str) -> None:
-        """Delete the volume and its data.  Idempotent: a missing volume is fine."""
+        """Take the volume away at once, whatever its size (its data goes to a staging area
+        that :meth:`purge` empties).  The name is free again on return.  Idempotent: a
+        missing volume is fine."""
+
+    def purge(self) -> None:
+        """Delete the data of removed volumes; slow, so run in the background.  What a
+        crash interrupts, the next call finishes."""
 
     def path(self, volume: str) -> Path:
         """The directory holding the volume's data (it may not exist)."""
@@ -62,5 +68,7 @@ class Backend(Protocol):
     def recover(self) -> set[str]:
         """Finish or roll back operations a crash interrupted.
 
-        Returns the names whose removal was under way: the caller drops their records.
+        Returns the names whose removal was under way or whose data still waits for
+        :meth:`purge`: the caller drops their records if no volume of that name exists.
+        Never slow: the deletion of removed data is left to :meth:`purge`.
         """

@@ -1,14 +1,17 @@
 """The ``local`` backend: each volume is a plain directory ``<root>/volumes/<name>``.
 
 Create builds the directory under ``.creating/`` and renames it into place; remove renames
-it into ``.removing/`` before deleting it.  A rename is atomic, so after a crash a volume
-directory is complete or absent, and :meth:`LocalBackend.recover` clears the leftovers.
+it into ``.removing/.<random>/NAME`` (its own bin: a volume created again under the same name
+and removed again never collides), and :meth:`LocalBackend.purge` deletes it later, in the
+background.  A rename is atomic, so after a crash a volume directory is complete or absent,
+and :meth:`LocalBackend.recover` clears the leftovers (staged removals are left to ``purge``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +110,30 @@ class LocalBackend:
         self._usage.forget(final)
 
     def remove(self, volume: str) -> None:
+        """Take the volume away in one rename, whatever its size; :meth:`purge` deletes it."""
         final = self.path(volume)
         if not final.exists():
             return
-        # The bare name: NAME@suffix would pass NAME_MAX (255) for the longest volume names.
-        doomed = confined(self._removing, volume)
+        # A bin of its own, holding the bare name: NAME.suffix would pass NAME_MAX (255) for
+        # the longest volume names.  Bins start with a dot, so they never clash with the
+        # bare names a content swap parks here (volume names start with a letter or digit).
+        bin_ = self._removing / f".{secrets.token_hex(8)}"
         try:
-            remove_tree(doomed)  # left by an earlier removal of this name that failed half-way
-            os.rename(final, doomed)
+            bin_.mkdir(mode=0o700)
+            os.rename(final, confined(bin_, volume))
+            fsync_dir(bin_)
             fsync_dir(self.root)
-            remove_tree(doomed)
         except OSError as exc:
+            if final.exists():  # not moved: drop the empty bin
+                remove_tree(bin_)
             raise BackendError(f"cannot remove the data of volume {volume!r}: {exc}") from exc
         self._usage.forget(final)
+
+    def purge(self) -> None:
+        """Delete the data of removed volumes (slow: run it in the background)."""
+        for entry in os.scandir(self._removing):
+            if entry.name.startswith("."):
+                remove_tree(Path(entry.path))
 
     def mount(self, volume: str) -> Path:
         path = self.path(volume)
@@ -172,6 +186,9 @@ class LocalBackend:
             remove_tree(Path(entry.path))
         interrupted: set[str] = set()
         for entry in os.scandir(self._removing):
+            if entry.name.startswith("."):  # a bin: its deletion is left to purge()
+                interrupted.update(e.name for e in os.scandir(entry.path))
+                continue
             log.info("finishing the interrupted removal of %s", entry.path)
             remove_tree(Path(entry.path))
             interrupted.add(entry.name.split("@", 1)[0])

@@ -9,6 +9,11 @@ Layout under ``<root>/snapshots/<volume>/``:
   A snapshot without a catalog file does not exist; :meth:`SnapshotStore.recover` sweeps what
   an interrupted one left behind.
 
+When a volume goes, :meth:`SnapshotStore.discard` takes its snapshots away at once (a rename
+of ``<volume>/`` into ``.removing/.<random>/``, or, when some must stay, the removal of the
+others' catalog files) and :meth:`SnapshotStore.purge` deletes the data later, in the
+background.
+
 A new snapshot reuses the objects of the newest one for files whose (inode, size, mtime,
 ctime) did not change, so its cost is proportional to what changed.
 
@@ -19,6 +24,7 @@ copy-on-write; the entries and catalog files work as above.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -27,8 +33,9 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +43,14 @@ from typing import Any, BinaryIO, Literal
 
 from backends import btrfs
 from backends.errors import BackendError
-from backends.fs import confined, make_private, remove_tree, syncfs, write_atomic
+from backends.fs import (
+    confined,
+    fsync_dir,
+    make_private,
+    remove_tree,
+    syncfs,
+    write_atomic,
+)
 from backends.tree import (
     Entry,
     clone_fd,
@@ -70,6 +84,41 @@ class SnapshotNotFound(BackendError):
 
 class SnapshotExists(BackendError):
     pass
+
+
+class SnapshotCancelled(BackendError):
+    """The caller asked a snapshot to stop; nothing of it was committed."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a snapshot is: entries scanned, then files and bytes stored of those to store
+    (unchanged files are shared with the previous snapshot and cost nothing)."""
+
+    scanned: int = 0
+    files_done: int = 0
+    files_total: int | None = None
+    """``None`` while the tree is being scanned."""
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+    def text(self) -> str:
+        if self.files_total is None:
+            return f"scanning, {self.scanned} entries so far"
+        return (f"{self.files_done} of {self.files_total} files, "
+                f"{self.bytes_done / MiB:.1f} of {self.bytes_total / MiB:.1f} MiB stored")
+
+    def to_json(self) -> dict[str, int | None]:
+        return asdict(self)
+
+
+OnProgress = Callable[[Progress], None]
+"""Told each step of a snapshot (from the capture's threads; keep it cheap)."""
+Cancelled = Callable[[], bool]
+"""Polled by a capture between files: True stops it with :class:`SnapshotCancelled`."""
+MiB = 1 << 20
+SCAN_REPORT = 1000
+"""Entries between two progress reports (and cancellation checks) while scanning."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +171,31 @@ class SnapshotView:
 class SnapshotStore:
     def __init__(self, root: Path) -> None:
         self.root = root / "snapshots"
+        self._removing = self.root / ".removing"
         make_private(self.root)
-        self._locks: dict[str, threading.Lock] = {}
+        make_private(self._removing)
+        self._unswept: set[str] = set()
+        """Volumes whose discarded snapshots' objects :meth:`purge` still has to sweep."""
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._guard = threading.Lock()
         self._catalog: dict[str, list[SnapshotInfo]] = {}
+        """Only volumes that have a snapshot directory: a miss is not cached, so callers
+        asking about names without snapshots never grow it."""
 
-    def _lock(self, volume: str) -> threading.Lock:
+    @contextmanager
+    def _lock(self, volume: str) -> Iterator[None]:
+        """Hold the volume's lock; its entry lives only while some thread holds or waits."""
         with self._guard:
-            return self._locks.setdefault(volume, threading.Lock())
+            lock, users = self._locks.setdefault(volume, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[volume]
 
     def _dir(self, volume: str, *parts: str) -> Path:
         return confined(self.root, volume, *parts)
@@ -144,13 +210,18 @@ class SnapshotStore:
             return list(cached)
         catalog = self._dir(volume, "catalog")
         infos = []
-        if catalog.is_dir():
-            for entry in os.scandir(catalog):
+        try:
+            items = os.scandir(catalog)
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # not cached: junk names must not grow the cache
+        with items:
+            for entry in items:
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
                     infos.append(SnapshotInfo.from_json(json.loads(Path(entry.path).read_text())))
         infos.sort(key=lambda i: (i.created, i.name))
         with self._guard:
-            self._catalog[volume] = infos
+            self._catalog.setdefault(volume, infos)
+            infos = self._catalog[volume]
         return list(infos)
 
     def get(self, volume: str, name: str) -> SnapshotInfo:
@@ -194,8 +265,12 @@ class SnapshotStore:
     # writing
 
     def create(self, volume: str, data: Path, name: str | None = None,
-               kind: Kind = "manual") -> SnapshotInfo:
-        """Snapshot the directory ``data`` as ``volume@name``; complete or absent after a crash."""
+               kind: Kind = "manual", progress: OnProgress | None = None,
+               cancelled: Cancelled | None = None) -> SnapshotInfo:
+        """Snapshot the directory ``data`` as ``volume@name``; complete or absent after a crash.
+
+        ``progress`` is told how far it is; ``cancelled`` is polled between files, and when it
+        turns True the snapshot stops with :class:`SnapshotCancelled`, leaving nothing."""
         with self._lock(volume):
             name = name or default_name()
             if any(i.name == name for i in self.list_snapshots(volume)):
@@ -213,7 +288,9 @@ class SnapshotStore:
                     if base else {}
                 root_fd = open_dir(data)
                 try:
-                    entries, copied, method = self._capture(root_fd, objects, previous)
+                    entries, copied, method = self._capture(
+                        root_fd, objects, previous, progress or (lambda p: None),
+                        cancelled or (lambda: False))
                 finally:
                     os.close(root_fd)
             files = [e for e in entries if e.kind == "file"]
@@ -241,8 +318,8 @@ class SnapshotStore:
         btrfs.snapshot(data, target, readonly=True)
         return list(scan(target)), 0, NATIVE
 
-    def _capture(self, root_fd: int, objects: Path,
-                 previous: dict[str, Entry]) -> tuple[list[Entry], int, str]:
+    def _capture(self, root_fd: int, objects: Path, previous: dict[str, Entry],
+                 progress: OnProgress, cancelled: Cancelled) -> tuple[list[Entry], int, str]:
         """Scan the open volume directory ``root_fd`` and store its changed files.
 
         Every file is opened beneath ``root_fd`` without following symlinks and checked
@@ -253,7 +330,12 @@ class SnapshotStore:
         entries: list[Entry] = []
         todo: list[int] = []
         started = time.time_ns()
+        progress(Progress())
         for entry in scan(root_fd):
+            if len(entries) % SCAN_REPORT == SCAN_REPORT - 1:
+                if cancelled():
+                    raise SnapshotCancelled("the snapshot was cancelled while scanning")
+                progress(Progress(scanned=len(entries) + 1))
             if entry.kind == "file":
                 old = previous.get(entry.path)
                 if old is not None and old.kind == "file" and old.ref and \
@@ -271,8 +353,24 @@ class SnapshotStore:
         skipped: set[str] = set()
         # Plain strings: pathlib's joins cost as much as a clone per file.
         objects_dir = str(objects)
+        done = Progress(scanned=len(entries), files_total=len(todo),
+                        bytes_total=sum(entries[i].size for i in todo))
+        done_guard = threading.Lock()
+        progress(done)
 
         def store(index: int) -> str | None:
+            nonlocal done
+            if cancelled():
+                raise SnapshotCancelled("the snapshot was cancelled")
+            method = store_one(index)
+            with done_guard:
+                done = replace(done, files_done=done.files_done + 1,
+                               bytes_done=done.bytes_done + entries[index].size)
+                now = done
+            progress(now)
+            return method
+
+        def store_one(index: int) -> str | None:
             entry = entries[index]
             assert entry.ref is not None  # noqa: S101
             try:
@@ -302,15 +400,25 @@ class SnapshotStore:
 
         # Clones are small metadata updates that threads only make contend (measured on XFS
         # and btrfs: one thread is fastest); copies move data, so they run in parallel.
-        first, rest = None, todo
-        while first is None and rest:
-            first, rest = store(rest[0]), rest[1:]
-        if first == "reflink" or len(rest) < 2:
-            for index in rest:
-                store(index)
-        else:
-            with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot") as pool:
-                list(pool.map(store, rest))
+        try:
+            first, rest = None, todo
+            while first is None and rest:
+                first, rest = store(rest[0]), rest[1:]
+            if first == "reflink" or len(rest) < 2:
+                for index in rest:
+                    store(index)
+            else:
+                with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot") as pool:
+                    list(pool.map(store, rest))
+            if cancelled():
+                raise SnapshotCancelled("the snapshot was cancelled")
+        except BaseException:
+            # Nothing of this snapshot is committed; drop the objects it stored already.
+            for index in todo:
+                ref = entries[index].ref
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{objects_dir}/{ref[:2]}/{ref}")  # type: ignore[index]
+            raise
         copied = sum(entries[i].size for i in todo if entries[i].path not in skipped)
         if skipped:
             entries = [e for e in entries if e.path not in skipped
@@ -354,6 +462,45 @@ class SnapshotStore:
             finally:
                 with self._guard:
                     self._catalog.pop(volume, None)
+
+    def discard(self, volume: str, keep_kinds: frozenset[str] = frozenset()) -> None:
+        """Take every snapshot of the volume away, except those of ``keep_kinds``, in time
+        independent of their size: :meth:`purge` deletes their data later."""
+        with self._lock(volume):
+            kept = [i for i in self.list_snapshots(volume) if i.kind in keep_kinds]
+            try:
+                if kept:
+                    # Each catalog file is its snapshot's commit point: unlinked, it is gone.
+                    for info in self.list_snapshots(volume):
+                        if info.kind not in keep_kinds:
+                            self._dir(volume, "catalog", f"{info.name}.json").unlink()
+                    with self._guard:
+                        self._unswept.add(volume)
+                elif self._dir(volume).is_dir():
+                    bin_ = self._removing / f".{secrets.token_hex(8)}"
+                    bin_.mkdir(mode=0o700)
+                    os.rename(self._dir(volume), confined(bin_, volume))
+                    fsync_dir(bin_)
+                    fsync_dir(self.root)
+            finally:
+                with self._guard:
+                    self._catalog.pop(volume, None)
+
+    def purge(self) -> None:
+        """Delete what :meth:`discard` took away (slow: run it in the background).  After a
+        crash, the next call finishes (``recover`` sweeps what stayed in place)."""
+        with self._guard:
+            unswept, self._unswept = self._unswept, set()
+        for volume in sorted(unswept):
+            with self._lock(volume):
+                self._sweep(volume)
+        for bin_ in os.scandir(self._removing):
+            for item in os.scandir(bin_.path):
+                subvols = Path(item.path) / "subvols"
+                if subvols.is_dir():
+                    for sub in os.scandir(subvols):
+                        btrfs.destroy_subvolume(Path(sub.path))
+            remove_tree(Path(bin_.path))
 
     def populate_from(self, volume: str, name: str) -> Callable[[Path], None]:
         """A ``populate`` function that rebuilds ``volume@name`` into a new directory."""

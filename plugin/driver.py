@@ -43,7 +43,7 @@ from plugin.locks import Deadline, VolumeLocks
 from plugin.names import validate_volume_name
 from plugin.options import S3Policy, VolumeOptions, parse_options
 from plugin.settings import Settings
-from plugin.snapshotting import Snapshotter, validate_snapshot_name
+from plugin.snapshotting import Capture, Snapshotter, validate_snapshot_name
 from plugin.state import StateStore, SyncRecord, VolumeRecord
 from plugin.syncing import Syncer
 from plugin.testhooks import crash_point, hold_point
@@ -103,6 +103,8 @@ class Driver:
         """Copies of ``from=`` volumes and snapshots into new volumes."""
         self.jobs = Jobs(name="snapshot-jobs")
         """The snapshot feature's jobs; S3 has its own (``self.sync.jobs``)."""
+        self.removals = Jobs(workers=1, name="removal-jobs")
+        """Deletes removed volumes' data (and discarded snapshots) after Remove answered."""
         store = SnapshotStore(settings.root)
         self.snapshots = Snapshotter(store, self.jobs)
         self.sync = Syncer(settings.root, self.state, store, Jobs(name="s3-jobs"),
@@ -252,6 +254,7 @@ class Driver:
         except BaseException:
             if self.state.get_volume(name) is None:
                 backend.remove(name)
+                self._purge_later()
                 self.state.abort_create(name, before)
             raise
         crash_point("create:after-commit")
@@ -324,11 +327,13 @@ class Driver:
         return lambda dst: copy_tree(data, dst)
 
     def remove(self, name: str) -> None:
-        """Delete a volume and its data, within the call's deadline.
+        """Delete a volume and its data, within the call's deadline whatever their size.
 
-        Queued automatic snapshots are dropped; a job still running at the deadline, a restore
-        or a manual snapshot in progress make it fail with VolumeBusy (retry).  Also raises
-        VolumeNotFound or VolumeInUse.
+        The data (and with ``snapshot_on_remove=delete`` the snapshots) is renamed away and
+        deleted by a background job; on return the volume is gone from Get and List and its
+        name is free.  Queued automatic snapshots are dropped; a job still running at the
+        deadline, a restore or a manual snapshot in progress make it fail with VolumeBusy
+        (retry).  Also raises VolumeNotFound or VolumeInUse.
         """
         deadline = Deadline()
         with self._locked(name, deadline):
@@ -346,6 +351,19 @@ class Driver:
             self.snapshots.on_remove(name, options.snapshot)
             backend.remove(name)
             self.state.delete_volume(name)
+        self._purge_later()
+
+    def _purge_later(self, *, after_remove: bool = True) -> None:
+        """Queue the deletion of removed data (one job at a time; each deletes all)."""
+        self.removals.submit("", "deletion of removed data",
+                             lambda: self._purge(after_remove=after_remove))
+
+    def _purge(self, *, after_remove: bool = False) -> None:
+        if after_remove:
+            hold_point("remove:purge")
+        for backend in self.backends.values():
+            backend.purge()
+        self.snapshots.store.purge()
 
     def mount(self, name: str, mount_id: str) -> Path:
         """Count a use of the volume by ``mount_id``; set it up on the first one.
@@ -462,7 +480,9 @@ class Driver:
         """A manual snapshot, taken outside the volume's lock; Remove meanwhile is refused."""
         if name is not None:
             validate_snapshot_name(name)
-        op = Operation(f"a manual snapshot of volume {volume!r}", exclusive=False)
+        capture = Capture()
+        op = Operation(f"a manual snapshot of volume {volume!r}", exclusive=False,
+                       progress=capture.text)
         with self._locked(volume):
             record = self._record(volume)
             self._refuse_if_busy(volume, "snapshotted", exclusive_only=True)
@@ -471,7 +491,8 @@ class Driver:
         with self._operation(volume, op):
             hold_point("snapshot:manual")
             try:
-                return self.snapshots.store.create(volume, data, name, kind="manual")
+                return self.snapshots.store.create(volume, data, name, kind="manual",
+                                                   progress=capture.update)
             except OSError as exc:
                 raise SnapshotFailed(f"the snapshot of volume {volume!r} failed: {exc}; check "
                                      "the volume and try again") from exc
@@ -606,6 +627,7 @@ class Driver:
                                  self._replace_fn(backend, record.name))
                 self.sync.track(record.name, options.s3, self._mounted_data_fn(record.name))
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
+        self._purge_later(after_remove=False)  # what a restart interrupted
         self.snapshots.start()
         self.sync.start()
 

@@ -13,10 +13,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.snapshots import SnapshotStore
+from backends.snapshots import Progress, SnapshotCancelled, SnapshotStore
 from plugin.errors import InvalidName, VolumeBusy
 from plugin.jobs import Jobs
 from plugin.locks import Deadline
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 MOUNT_WAIT = 90.0
 """A cap below the call's own deadline (which is shorter today)."""
 STATUS_SNAPSHOTS = 20
+CANCEL_POLL = 0.2
+"""Seconds between checks, while Remove waits, for an automatic snapshot to cancel."""
 
 
 def validate_snapshot_name(name: str) -> str:
@@ -40,10 +43,31 @@ def validate_snapshot_name(name: str) -> str:
     return name
 
 
+@dataclass(eq=False)
+class Capture:
+    """One running snapshot as others see it: how far it is, and its cancel flag."""
+
+    hold: str | None = None
+    """Test hook (``plugin.testhooks``) held once the first file is stored."""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    progress: Progress | None = None
+
+    def update(self, progress: Progress) -> None:
+        self.progress = progress
+        if self.hold and progress.files_done == 1:
+            hold_point(self.hold, until=self.cancel.is_set)
+
+    def text(self) -> str | None:
+        progress = self.progress
+        return None if progress is None else progress.text()
+
+
 class Snapshotter:
     def __init__(self, store: SnapshotStore, jobs: Jobs) -> None:
         self.store = store
         self.jobs = jobs
+        self._captures: dict[str, Capture] = {}
+        """The running automatic snapshot of each volume (Remove cancels it)."""
         self._periodic: dict[str, tuple[SnapshotPolicy, Callable[[], Path]]] = {}
         self._guard = threading.Lock()
         self._stop = threading.Event()
@@ -76,22 +100,37 @@ class Snapshotter:
                              lambda: self._automatic(volume, policy, data), cancellable=True)
 
     def before_remove(self, volume: str, deadline: Deadline) -> None:
-        """Drop the volume's queued automatic snapshots and wait (bounded) for a running one;
-        raise :class:`VolumeBusy` if it is still running at the deadline."""
+        """Drop the volume's queued automatic snapshots and cancel a running one (it stops
+        at its next file and leaves nothing); raise :class:`VolumeBusy` if it is still
+        running at the deadline (then it is let finish: the volume stays)."""
         dropped = self.jobs.cancel(volume)
         if dropped:
             log.info("volume %s: removed, so its queued %s will not run", volume,
                      ", ".join(dropped))
-        if not self.jobs.wait(volume, deadline.remaining()):
-            raise VolumeBusy(
-                f"volume {volume!r} cannot be removed yet: its {self.jobs.describe(volume)} "
-                "is still running; try again shortly")
+        cancelled: set[Capture] = set()
+        while True:
+            with self._guard:
+                capture = self._captures.get(volume)
+            if capture is not None and capture not in cancelled:
+                capture.cancel.set()
+                cancelled.add(capture)
+            left = deadline.remaining()
+            if self.jobs.wait(volume, CANCEL_POLL if left is None else min(left, CANCEL_POLL)):
+                return
+            if left is not None and left <= CANCEL_POLL:
+                break
+        for capture in cancelled:
+            capture.cancel.clear()
+        raise VolumeBusy(
+            f"volume {volume!r} cannot be removed yet: its {self.jobs.describe(volume)} "
+            "is still running; try again shortly")
 
     def on_remove(self, volume: str, policy: SnapshotPolicy) -> None:
         self.untrack(volume)
         if policy.on_remove == "delete":
             # A pending S3 push still reads its sync snapshot; the syncer drops it after.
-            self.store.remove_all(volume, keep_kinds=frozenset({"sync"}))
+            # At once: the data goes in the background (the driver runs ``store.purge``).
+            self.store.discard(volume, keep_kinds=frozenset({"sync"}))
 
     def status(self, volume: str, policy: SnapshotPolicy) -> dict[str, Any]:
         snaps = [s for s in self.store.list_snapshots(volume) if s.kind != "sync"]
@@ -111,15 +150,32 @@ class Snapshotter:
         }
         if self.jobs.busy(volume):
             status["snapshot_state"] = "running"
+            with self._guard:
+                capture = self._captures.get(volume)
+            if capture is not None and capture.progress is not None:
+                status["snapshot_progress"] = capture.progress.to_json()
         error = self.jobs.errors.get(volume)
         if error:
             status["snapshot_error"] = error
         return status
 
     def _automatic(self, volume: str, policy: SnapshotPolicy, data: Path) -> None:
-        hold_point("snapshot:automatic")
-        fail_point("snapshot:automatic")
-        self.store.create(volume, data, kind="automatic")
+        capture = Capture(hold="snapshot:capture")
+        with self._guard:
+            self._captures[volume] = capture
+        self.jobs.progress[volume] = capture.text
+        try:
+            hold_point("snapshot:automatic")
+            fail_point("snapshot:automatic")
+            self.store.create(volume, data, kind="automatic", progress=capture.update,
+                              cancelled=capture.cancel.is_set)
+        except SnapshotCancelled:
+            log.info("volume %s: its automatic snapshot was cancelled by its removal; "
+                     "nothing of it was kept", volume)
+            return
+        finally:
+            with self._guard:
+                self._captures.pop(volume, None)
         dropped = self.store.prune(volume, policy.keep)
         if dropped:
             log.info("volume %s: pruned %d automatic snapshot(s)", volume, len(dropped))

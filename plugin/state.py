@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS sync (
     last_error TEXT,
     last_error_at TEXT
 );
+CREATE TABLE IF NOT EXISTS checks (
+    volume TEXT PRIMARY KEY,
+    bucket TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    result TEXT NOT NULL
+);
 """
 
 
@@ -279,6 +285,25 @@ class StateStore:
     def delete_sync(self, volume: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM sync WHERE volume = ?", (volume,))
+
+    # the last `pyvol sync check` of each volume's remote copy
+
+    def put_check(self, volume: str, where: tuple[str, str],
+                  result: Mapping[str, object] | None) -> None:
+        """Keep ``result`` as the last check of ``volume``'s copy at ``where`` (bucket,
+        prefix), replacing the one before; ``None`` forgets it.  One transaction."""
+        with self._tx() as db:
+            if result is None:
+                db.execute("DELETE FROM checks WHERE volume = ?", (volume,))
+            else:
+                db.execute("INSERT OR REPLACE INTO checks (volume, bucket, prefix, result) "
+                           "VALUES (?, ?, ?, ?)", (volume, *where, json.dumps(dict(result))))
+
+    def get_check(self, volume: str, where: tuple[str, str]) -> dict[str, object] | None:
+        """The last check kept for ``volume``, if it was of the copy at ``where``."""
+        rows = self._read("SELECT result FROM checks WHERE volume = ? AND bucket = ? AND "
+                          "prefix = ?", (volume, *where))
+        return dict(json.loads(str(rows[0][0]))) if rows else None
 
     # small key/value facts (boot id, schema notes)
 

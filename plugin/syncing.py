@@ -34,6 +34,7 @@ from plugin.errors import PyvolError, VolumeBusy
 from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import S3Policy
+from plugin.snapshotting import Capture
 from plugin.state import StateStore, SyncRecord
 from plugin.testhooks import fail_point, hold_point
 
@@ -76,11 +77,13 @@ class Syncer:
         self._remotes: dict[tuple[str, str], RemoteStore] = {}
         self._guard = threading.Lock()
         self._progress: dict[str, tuple[str, int, int]] = {}
+        self._captures: dict[str, Capture] = {}
+        """The running sync snapshot of each volume, for its progress."""
         self._retry_at: dict[str, tuple[float, Callable[[], None]]] = {}
         self._failures: dict[str, int] = {}
         self._periodic: dict[str, tuple[S3Policy, MountedData]] = {}
         self._stop = threading.Event()
-        self.checks = Checks()
+        self.checks = Checks(state)
 
     # plumbing
 
@@ -250,13 +253,19 @@ class Syncer:
         if record is None or not record.pending:
             return
         if record.snapshot is None:
+            capture = Capture(hold="s3:capture")
+            self._captures[volume] = capture
+            self.jobs.progress[volume] = capture.text
             try:
                 fail_point("s3:capture")
-                info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync")
+                info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync",
+                                             progress=capture.update)
             except Exception as exc:
                 self._failed(volume, record, f"the snapshot for the push failed: {exc}",
                              lambda: self._submit_capture(volume, data))
                 return
+            finally:
+                self._captures.pop(volume, None)
             record = self._update(volume, snapshot=info.name)
         self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
 
@@ -402,7 +411,11 @@ class Syncer:
                 status["last_error"] = {"message": record.last_error, "at": record.last_error_at}
         if progress is not None:
             status["bytes_done"], status["bytes_total"] = progress[1], progress[2]
-        status.update(self.checks.status(volume, self._remotes.get((policy.bucket, policy.prefix))))
+        capture = self._captures.get(volume)
+        if capture is not None and capture.progress is not None:
+            status["snapshot_progress"] = capture.progress.to_json()
+        where = (policy.bucket, policy.prefix)
+        status.update(self.checks.status(volume, where, self._remotes.get(where)))
         return {"s3": status}
 
     # explicit actions (CLI)
@@ -420,6 +433,7 @@ class Syncer:
     def delete_remote(self, volume: str, policy: S3Policy) -> None:
         self.remote(policy.bucket, policy.prefix).delete_all()
         self.state.delete_sync(volume)
+        self.checks.forget(volume)
 
     # the schedule and the durable queue
 
@@ -489,4 +503,5 @@ class Syncer:
 
     def check(self, volume: str, policy: S3Policy, read_data: bool) -> CheckReport:
         """Check the volume's remote copy (``pyvol sync check``); the result shows in Status."""
-        return self.checks.run(volume, self.remote(policy.bucket, policy.prefix), read_data)
+        return self.checks.run(volume, (policy.bucket, policy.prefix),
+                               self.remote(policy.bucket, policy.prefix), read_data)

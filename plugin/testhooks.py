@@ -7,7 +7,8 @@ The hostile tier kills or stalls the server at named points to make races and cr
   ``create:after-data``): its gunicorn master first (else it would start a new worker), then
   this process.
 - ``PYVOL_TEST_HOLD_AT=POINT=FILE``: on reaching POINT, create ``FILE.held`` and block until
-  FILE exists (e.g. ``snapshot:automatic=/tmp/release``).
+  FILE exists (e.g. ``snapshot:automatic=/tmp/release``), or until the caller's ``until()``
+  turns True (a hold in a loop that can be cancelled ends when it is).
 - ``PYVOL_TEST_FAIL_AT=POINT=FILE``: on reaching POINT, raise OSError while FILE exists.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HOLD_LIMIT = 600.0
@@ -47,11 +49,12 @@ def fail_point(point: str) -> None:
         raise OSError(f"injected failure at {point} (test hook)")
 
 
-def hold_point(point: str) -> None:
+def hold_point(point: str, until: Callable[[], bool] | None = None) -> None:
     release = _armed("PYVOL_TEST_HOLD_AT", point)
     if not release:
         return
     Path(release + ".held").touch()
     deadline = time.monotonic() + HOLD_LIMIT
-    while not Path(release).exists() and time.monotonic() < deadline:
+    while not Path(release).exists() and time.monotonic() < deadline and \
+            not (until is not None and until()):
         time.sleep(0.05)

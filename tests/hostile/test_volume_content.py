@@ -426,7 +426,11 @@ def test_a_tree_deeper_than_path_max_snapshots_clones_measures_and_removes(
         reply = call(server.socket, "VolumeDriver.Remove", {"Name": name}, BOUND)
         assert not reply.get("Err"), reply
     assert not data.exists()
-    assert list((server.root / "volumes" / ".removing").iterdir()) == []
+    removing = server.root / "volumes" / ".removing"
+    deadline = time.monotonic() + 60  # the delete runs in the background after Remove
+    while list(removing.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(removing.iterdir()) == []
 
 
 # 4. other host users

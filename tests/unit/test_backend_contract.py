@@ -117,6 +117,24 @@ def test_remove_is_idempotent(backend: Backend) -> None:
     assert list(backend.path("v").iterdir()) == []
 
 
+def test_remove_takes_the_volume_away_at_once_and_purge_deletes_it(
+        backend: Backend, root: Path) -> None:
+    for round_ in range(2):  # the same name again: the staged copies never collide
+        backend.create("v", DirSpec())
+        populate(backend.path("v"))
+        (backend.path("v") / "round").write_text(str(round_))
+        backend.remove("v")
+        assert not backend.exists("v") and backend.names() == set()
+    staged = [p for p in root.rglob("round")]
+    assert sorted(p.read_text() for p in staged) == ["0", "1"]  # kept for purge
+    backend.create("v", DirSpec())
+    assert list(backend.path("v").iterdir()) == []
+    assert backend.recover() == {"v"}  # a restart reports them; the driver keeps volume v
+    backend.purge()
+    assert [p for p in root.rglob("round")] == []
+    assert backend.names() == {"v"} and backend.recover() == set()
+
+
 def test_longest_name_round_trip(backend: Backend) -> None:
     longest = "n" * 255  # names may use all of NAME_MAX: no suffixes on the bare name
     backend.create(longest, DirSpec())
@@ -126,6 +144,7 @@ def test_longest_name_round_trip(backend: Backend) -> None:
     backend.remove(longest)
     assert not backend.exists(longest)
     assert backend.names() == set()
+    backend.purge()
     assert backend.recover() == set()
 
 
@@ -135,6 +154,7 @@ def test_remove_does_not_follow_links_out(backend: Backend, outside: Path) -> No
     (backend.path("v") / "link").symlink_to(outside, target_is_directory=True)
     (backend.path("v") / "file-link").symlink_to(outside / "precious")
     backend.remove("v")
+    backend.purge()
     assert snapshot(outside) == before
 
 
@@ -340,6 +360,7 @@ def test_crashed_remove_is_finished_and_reported_by_recover(
     for root, _ in crash_points(lambda b: b.remove(VOLUME), factory, tmp_path, prepare):
         restarted = factory(root)
         reported = restarted.recover()
+        restarted.purge()  # the driver runs it in the background after recover()
         assert leftovers(root, restarted) == [], f"{root.name}: removal not finished"
         if restarted.exists(VOLUME):
             assert is_populated(restarted.path(VOLUME)), f"{root.name}: half-deleted volume"

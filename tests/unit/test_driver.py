@@ -403,6 +403,7 @@ def test_recover_after_kill_9_in_the_middle_of_everything(
     assert sorted(p.name for p in volumes.iterdir() if not p.name.startswith(".")) == [
         "healthy", "orphan"]
     assert list((volumes / ".creating").iterdir()) == []
+    driver._purge()  # start() queues it in the background
     assert list((volumes / ".removing").iterdir()) == []
     driver.unmount("healthy", "id2")
     assert mounts(driver, "healthy") == 2

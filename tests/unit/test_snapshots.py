@@ -319,6 +319,39 @@ def test_remove_frees_only_objects_no_other_snapshot_uses(store: SnapshotStore, 
     assert object_files(store) == {}
 
 
+def test_discard_takes_snapshots_away_at_once_and_purge_deletes_them(
+        store: SnapshotStore, data: Path, tmp_path: Path) -> None:
+    store.create(VOL, data, "s1")
+    store.create("other", data, "s1")
+    before = set(object_files(store).values())
+    store.discard(VOL)
+    assert names(store) == [] and store.volumes() == {"other"}
+    assert all(not p.exists() for p in before)  # renamed away whole, not deleted yet
+    assert list((store.root / ".removing").rglob("*/objects/*/*")) != []
+    store.create(VOL, data, "s1")  # a new volume of the same name starts afresh
+    assert names(store) == ["s1"]
+    store.purge()
+    assert list((store.root / ".removing").iterdir()) == []
+    assert names(store) == ["s1"] and names(store, "other") == ["s1"]
+    assert state(restore(store, "s1", tmp_path / "back")) == state(data)
+
+
+def test_discard_keeps_the_kinds_asked_and_purge_sweeps_only_the_others(
+        store: SnapshotStore, data: Path, tmp_path: Path) -> None:
+    store.create(VOL, data, "pushed", kind="sync")
+    (data / "only-in-manual").write_text("m")
+    store.create(VOL, data, "m1")
+    store.discard(VOL, keep_kinds=frozenset({"sync"}))
+    assert names(store) == ["pushed"]
+    assert len(object_files(store)) == 4  # the manual one's own object: swept later
+    store.purge()
+    assert len(object_files(store)) == 3
+    back = state(restore(store, "pushed", tmp_path / "back"))
+    now = state(data)
+    del now["only-in-manual"], now["."], back["."]  # the root's mtime moved with the file
+    assert back == now
+
+
 def test_remove_all_removes_every_snapshot(store: SnapshotStore, data: Path) -> None:
     store.create(VOL, data, "s1")
     store.create("other", data, "s1")
@@ -770,3 +803,67 @@ def test_long_snapshots_of_other_volumes_never_hold_up_a_mount(
         release.set()
     for name in slow_volumes:
         assert driver.jobs.wait(name, 30)
+
+
+# the store keeps nothing for names it is only asked about
+
+
+def test_listing_names_without_snapshots_caches_nothing(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    for i in range(1000):
+        assert store.list_snapshots(f"nobody-{i}") == []
+        with pytest.raises(SnapshotNotFound):
+            store.remove(f"nobody-{i}", "s1")
+    assert store._catalog == {} and store._locks == {}
+
+
+def test_a_volume_with_snapshots_is_cached_and_its_lock_dropped_when_idle(
+        tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("x")
+    store.create(VOL, data, "s1")
+    assert [i.name for i in store.list_snapshots(VOL)] == ["s1"]
+    assert list(store._catalog) == [VOL] and store._locks == {}
+    again = SnapshotStore(tmp_path)  # a restart reads the catalog from disk
+    assert [i.name for i in again.list_snapshots(VOL)] == ["s1"]
+
+
+# progress and cancellation
+
+
+def test_a_snapshot_reports_its_progress_up_to_all_files_stored(
+        store: SnapshotStore, data: Path) -> None:
+    seen: list[snapshots_module.Progress] = []
+    settle()  # so that s2 trusts what s1 stored
+    info = store.create(VOL, data, "s1", progress=seen.append)
+    last = seen[-1]
+    assert (last.files_done, last.files_total, last.bytes_done, last.bytes_total) == \
+        (info.files, info.files, info.size, info.size)
+    assert seen[0].files_total is None  # scanning first
+    assert [p.files_done for p in seen if p.files_total is not None] == \
+        list(range(info.files + 1))
+    unchanged: list[snapshots_module.Progress] = []
+    store.create(VOL, data, "s2", progress=unchanged.append)  # nothing to store anew
+    assert (unchanged[-1].files_total, unchanged[-1].bytes_total) == (0, 0)
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_a_cancelled_snapshot_leaves_nothing(store: SnapshotStore, data: Path,
+                                             after: int) -> None:
+    store.create(VOL, data, "s0")
+    (data / "new1").write_text("1")
+    (data / "new2").write_text("2")
+    objects = set(object_files(store))
+    stored: list[int] = []
+
+    def progress(p: snapshots_module.Progress) -> None:
+        stored.append(p.files_done)
+
+    with pytest.raises(snapshots_module.SnapshotCancelled):
+        store.create(VOL, data, "s1", progress=progress,
+                     cancelled=lambda: max(stored, default=0) >= after)
+    assert names(store) == ["s0"]
+    assert set(object_files(store)) == objects
+    store.create(VOL, data, "s1")  # the name was never taken

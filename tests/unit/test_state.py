@@ -291,3 +291,19 @@ def test_a_database_of_an_older_pyvol_gains_the_creating_flag(db_path: Path) -> 
     assert [(r.name, dict(r.options)) for r in store.list_volumes()] == \
         [("legacy", {"mode": "0700"})]
     store.close()
+
+
+def test_the_last_check_is_kept_per_volume_and_location_across_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    store.put_check("db", ("b", "db"), {"ok": False, "problems": 2, "first_problems": ["x"]})
+    store.put_check("db", ("b", "db"), {"ok": True, "problems": 0, "first_problems": []})
+    store.close()
+    store = StateStore(path)
+    assert store.get_check("db", ("b", "db")) == {"ok": True, "problems": 0,
+                                                  "first_problems": []}
+    assert store.get_check("db", ("b", "other")) is None  # a check of another copy
+    assert store.get_check("nobody", ("b", "db")) is None
+    store.put_check("db", ("", ""), None)
+    assert store.get_check("db", ("b", "db")) is None
+    store.close()
