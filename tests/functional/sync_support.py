@@ -80,7 +80,9 @@ class SyncServer(PluginProcess):
         self.proc.kill()
         self.proc.wait()
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in self.workers):
+        # The main thread turns zombie while other threads are still exiting and holding the
+        # socket: wait until nothing answers on it either.
+        while any(_alive(pid) for pid in self.workers) or self._listening():
             assert time.monotonic() < deadline, "the worker outlived SIGKILL"
             time.sleep(0.05)
 
