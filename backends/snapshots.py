@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Literal
 from backends import btrfs
 from backends.errors import BackendError
 from backends.fs import confined, make_private, remove_tree, syncfs, write_atomic
+from backends.priority import lower_priority
 from backends.tree import (
     Entry,
     clone_fd,
@@ -309,7 +310,8 @@ class SnapshotStore:
             for index in rest:
                 store(index)
         else:
-            with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot") as pool:
+            with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot",
+                                    initializer=lower_priority) as pool:
                 list(pool.map(store, rest))
         copied = sum(entries[i].size for i in todo if entries[i].path not in skipped)
         if skipped:

@@ -19,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 
 from plugin.settings import Settings
 
+SWITCH_INTERVAL = 0.001
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -27,6 +28,9 @@ def build_app(settings: Settings) -> Flask:
     from plugin.app import create_app
     from plugin.driver import Driver
 
+    # Background threads (snapshot copies, S3 hashing and uploads) share the GIL with request
+    # threads; a shorter switch interval (default 5 ms) bounds each wait for it.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     driver = Driver(settings)
     driver.recover()
     driver.start()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from backends.priority import normal
 from plugin.errors import StateError
 
 SCHEMA = """
@@ -123,7 +124,9 @@ class StateStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        # Every Mount and Unmount commits under this lock: a background thread holds it at
+        # normal priority, or its fsync would queue behind all the disk's other writes.
+        with normal(), self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
