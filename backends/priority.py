@@ -53,6 +53,12 @@ def _get(tid: int) -> tuple[int, int]:
     return os.getpriority(os.PRIO_PROCESS, tid), max(_syscall(1, IOPRIO_WHO_PROCESS, tid), 0)
 
 
+def current() -> tuple[int, int]:
+    """The calling thread's nice value and I/O priority class."""
+    nice, ioprio = _get(threading.get_native_id())
+    return nice, ioprio >> IOPRIO_CLASS_SHIFT
+
+
 @contextlib.contextmanager
 def lowered() -> Iterator[None]:
     """Run the block at idle priority, then restore the calling thread's priorities.
