@@ -9,12 +9,9 @@ SIGKILLs a plugin 10 s after SIGTERM.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import queue
 import sys
-from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 from flask import Flask
@@ -34,31 +31,10 @@ def build_app(settings: Settings) -> Flask:
     # Background threads (snapshot copies, S3 hashing and uploads) share the GIL with request
     # threads; a shorter switch interval (default 5 ms) bounds each wait for it.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    _log_in_background()
     driver = Driver(settings)
     driver.recover()
     driver.start()
     return create_app(driver)
-
-
-def _log_in_background() -> None:
-    """Hand log records to a writer thread: a request never waits on the log's output.
-
-    A write to stderr can block for tens of milliseconds (a file on a busy disk, a pipe
-    whose reader lags).  One thread writes the records, in order; the queue is drained
-    when the worker exits.
-    """
-    root = logging.getLogger()
-    handlers = [h for h in root.handlers if not isinstance(h, QueueHandler)]
-    if not handlers:
-        return
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = QueueListener(records, *handlers, respect_handler_level=True)
-    for handler in handlers:
-        root.removeHandler(handler)
-    root.addHandler(QueueHandler(records))
-    listener.start()
-    atexit.register(listener.stop)
 
 
 class PluginServer(BaseApplication):  # type: ignore[misc]
