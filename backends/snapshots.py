@@ -51,6 +51,7 @@ from backends.fs import (
     syncfs,
     write_atomic,
 )
+from backends.priority import lower_priority
 from backends.tree import (
     Entry,
     clone_fd,
@@ -408,7 +409,8 @@ class SnapshotStore:
                 for index in rest:
                     store(index)
             else:
-                with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot") as pool:
+                with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="snapshot",
+                                        initializer=lower_priority) as pool:
                     list(pool.map(store, rest))
             if cancelled():
                 raise SnapshotCancelled("the snapshot was cancelled")

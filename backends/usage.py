@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backends.fs import Cancelled, tree_usage
+from backends.priority import lower_priority
 
 
 @dataclass(frozen=True)
@@ -22,22 +20,6 @@ class Usage:
     size_bytes: int
     entries: int
     measured_at: datetime
-
-
-IOPRIO_WHO_PROCESS = 1
-IOPRIO_CLASS_IDLE = 3
-SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
-
-
-def _lower_priority() -> None:
-    """Idle CPU and I/O priority for the calling thread (Linux sets both per thread)."""
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, 19)
-    number = SYS_IOPRIO_SET.get(os.uname().machine)
-    if number is not None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall(number, IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_IDLE << 13)
 
 
 class UsageCache:
@@ -62,7 +44,7 @@ class UsageCache:
         self._running: dict[Path, Future[Usage]] = {}
         self._cancel: dict[Path, threading.Event] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage",
-                                        initializer=_lower_priority)
+                                        initializer=lower_priority)
 
     def get(self, path: Path, ttl: float | None = None) -> Usage | None:
         with self._lock:

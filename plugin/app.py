@@ -7,6 +7,7 @@ parsed by hand and anything that is not a JSON object counts as ``{}``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backends.errors import BackendError
+from backends.priority import lowered
 from plugin.driver import Driver, VolumeInfo
 from plugin.errors import InvalidOption, InvalidRequest, PyvolError
 
@@ -162,6 +164,14 @@ ROUTES: dict[str, Handler] = {
 }
 
 
+BULK = frozenset({
+    "pyvol/snapshot/create", "pyvol/snapshot/remove", "pyvol/snapshot/restore",
+    "pyvol/sync/restore", "pyvol/sync/check", "pyvol/sync/delete-remote",
+})
+"""Management calls that walk, copy or delete whole trees in the calling thread: they run at
+idle CPU and I/O priority, so Docker's calls on other volumes do not wait behind them."""
+
+
 def _err(message: str, status: int = 500) -> tuple[Response, int]:
     return jsonify({"Err": message}), status
 
@@ -186,7 +196,8 @@ def create_app(driver: Driver, extra_routes: dict[str, Handler] | None = None) -
         subject = body.get("Name", body.get("Volume", ""))
         started = time.perf_counter()
         try:
-            result = handler(driver, body)
+            with lowered() if endpoint in BULK else contextlib.nullcontext():
+                result = handler(driver, body)
         except (PyvolError, BackendError) as exc:
             log.info("%s %.80r failed: %s", endpoint, subject, exc)
             return _err(str(exc))

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from backends.priority import lower_priority
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,9 @@ class Jobs:
     volumes' long ones."""
 
     def __init__(self, workers: int = 64, name: str = "jobs") -> None:
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        # Idle priority: Docker calls must not wait behind background work (CPU, GIL, disk).
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=name,
+                                        initializer=lower_priority)
         self._lock = threading.Lock()
         self._queued: dict[str, list[Job]] = {}
         self.errors: dict[str, str] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -19,6 +20,8 @@ from gunicorn.app.base import BaseApplication
 
 from plugin.settings import Settings
 
+SWITCH_INTERVAL = 0.001
+SHM = Path("/dev/shm")  # noqa: S108 -- gunicorn mkstemps its heartbeat file there, unlinked
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -27,6 +30,9 @@ def build_app(settings: Settings) -> Flask:
     from plugin.app import create_app
     from plugin.driver import Driver
 
+    # Background threads (snapshot copies, S3 hashing and uploads) share the GIL with request
+    # threads; a shorter switch interval (default 5 ms) bounds each wait for it.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     driver = Driver(settings)
     driver.recover()
     driver.start()
@@ -56,6 +62,10 @@ class PluginServer(BaseApplication):  # type: ignore[misc]
             # gunicorn >= 24 opens a control socket under $HOME; a plugin needs none.
             "control_socket_disable": True,
         }
+        if SHM.is_dir():
+            # The worker's heartbeat touches a file before each wait for requests; on a busy
+            # disk-backed /tmp that inode update can stall the loop for tens of ms.
+            options["worker_tmp_dir"] = str(SHM)
         for key, value in options.items():
             if key in self.cfg.settings:
                 self.cfg.set(key, value)

@@ -10,7 +10,9 @@ A failed write raises :class:`StateError` and fails the call that caused it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -19,8 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
+from backends.priority import normal
 from plugin.errors import StateError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DELAY = 1.0
+"""Seconds from a commit to the background checkpoint that it schedules."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -104,10 +113,16 @@ class StateStore:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         os.close(fd)
         self._lock = threading.Lock()
+        self._checkpoint_due = False
+        self._closed = False
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Checkpoints run in the background (:meth:`_checkpoint`), not in the commit of
+            # whichever Mount or Unmount crosses the WAL's threshold: that one would wait
+            # for the database file's writes and fsync too.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(volumes)")}
@@ -129,7 +144,9 @@ class StateStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        # Every Mount and Unmount commits under this lock: a background thread holds it at
+        # normal priority, or its fsync would queue behind all the disk's other writes.
+        with normal(), self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -140,6 +157,31 @@ class StateStore:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StateError(f"the state database {self.path} failed: {exc}") from exc
+            if not self._checkpoint_due:
+                self._checkpoint_due = True
+                timer = threading.Timer(CHECKPOINT_DELAY, self._checkpoint)
+                timer.daemon = True
+                timer.start()
+
+    def _checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file, outside every call's path.
+
+        PASSIVE: it never blocks a writer.  Once it has caught up, the next commit writes the
+        WAL from its start again, so the WAL file does not grow and a commit's fsync
+        rewrites blocks in place (no journal commit of the file's size).
+        """
+        with self._lock:
+            self._checkpoint_due = False
+            if self._closed:
+                return
+        try:
+            with normal(), contextlib.closing(sqlite3.connect(
+                    f"file:{quote(str(self.path))}?mode=rw", uri=True,
+                    isolation_level=None)) as db:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("checkpoint of the state database %s failed (retried after the next "
+                        "change): %s", self.path, exc)
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         with self._lock:
@@ -318,6 +360,7 @@ class StateStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
 
 

@@ -12,6 +12,7 @@ import builtins
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from backends.priority import lower_priority
 from backends.s3 import check as check_mod
 from backends.s3 import prune as prune_mod
 from backends.s3 import push as push_mod
@@ -67,7 +68,8 @@ class RemoteStore:
         of ``prune``.  ``progress(done, total)`` gets bytes of file content processed.  An
         interrupted push leaves every existing snapshot intact; the new one does not exist.
         """
-        with self._lock, ThreadPoolExecutor(self._workers, "s3-push") as pool:
+        with self._lock, ThreadPoolExecutor(self._workers, "s3-push",
+                                            initializer=lower_priority) as pool:
             return push_mod.push(self._remote, view, progress, pool)
 
     def list(self) -> builtins.list[RemoteSnapshot]:
@@ -103,7 +105,7 @@ class RemoteStore:
         :class:`CorruptObject` and ``dst`` is left empty.
         """
         manifest = self._remote.manifest(self.resolve(snapshot_id))
-        with ThreadPoolExecutor(self._workers, "s3-restore") as pool:
+        with ThreadPoolExecutor(self._workers, "s3-restore", initializer=lower_priority) as pool:
             restore_mod.restore(self._remote, manifest, dst, progress, pool)
 
     def verify(self, read_data: bool = False) -> CheckReport:
@@ -113,7 +115,7 @@ class RemoteStore:
         remembered, so the next push uploads their content again instead of deduplicating
         against them.
         """
-        with ThreadPoolExecutor(self._workers, "s3-check") as pool:
+        with ThreadPoolExecutor(self._workers, "s3-check", initializer=lower_priority) as pool:
             report = check_mod.check(self._remote, read_data, pool)
         if read_data:
             self._remote.cache.keep_bad(report.bad)
