@@ -143,18 +143,29 @@ class StateStore:
             raise StateError(f"cannot open the state database {path}: {exc}") from exc
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, per_boot: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction.  ``per_boot``: the change only matters until the host reboots
+        (mount references, which start-up drops after a reboot anyway), so its commit skips
+        the fsync (synchronous=NORMAL): it survives kill -9 of the plugin like any other
+        commit, and only an OS crash, after which it is discarded regardless, can lose it.
+        Under a disk flooded by snapshot copies that fsync was most of a Mount's time."""
         # Every Mount and Unmount commits under this lock: a background thread holds it at
         # normal priority, or its fsync would queue behind all the disk's other writes.
         with normal(), self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                if per_boot:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._db
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+                finally:
+                    if per_boot:
+                        self._db.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 raise StateError(f"the state database {self.path} failed: {exc}") from exc
             if not self._checkpoint_due:
@@ -258,7 +269,7 @@ class StateStore:
 
     def add_mount(self, name: str, mount_id: str) -> int:
         """Count one more use of ``name`` by ``mount_id``; return the volume's total."""
-        with self._tx() as db:
+        with self._tx(per_boot=True) as db:
             db.execute(
                 "INSERT INTO mounts (name, mount_id, count) VALUES (?, ?, 1) "
                 "ON CONFLICT (name, mount_id) DO UPDATE SET count = count + 1",
@@ -270,7 +281,7 @@ class StateStore:
 
     def drop_mount(self, name: str, mount_id: str) -> tuple[bool, int]:
         """Count one use less; return (whether the ID was known, the volume's total)."""
-        with self._tx() as db:
+        with self._tx(per_boot=True) as db:
             row = db.execute(
                 "SELECT count FROM mounts WHERE name = ? AND mount_id = ?", (name, mount_id)
             ).fetchone()

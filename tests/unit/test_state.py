@@ -307,3 +307,22 @@ def test_the_last_check_is_kept_per_volume_and_location_across_a_reopen(tmp_path
     store.put_check("db", ("", ""), None)
     assert store.get_check("db", ("b", "db")) is None
     store.close()
+
+
+def test_mount_references_commit_without_fsync_and_other_changes_stay_durable(
+        store: StateStore, tmp_path: Path) -> None:
+    """Mount references matter for one boot only (a reboot drops them), so their commits skip
+    the fsync; they are still committed (another connection sees them, as a restarted plugin
+    would after kill -9) and every other change is back to synchronous=FULL."""
+    import sqlite3
+
+    store.add_volume(VolumeRecord(name="v", backend="local", options={}))
+    store.add_mount("v", "m1")
+    other = sqlite3.connect(store.path)
+    try:
+        assert other.execute("SELECT count FROM mounts WHERE name = 'v'").fetchone() == (1,)
+    finally:
+        other.close()
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    store.drop_mount("v", "m1")
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
