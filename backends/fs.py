@@ -143,22 +143,6 @@ def make_private(path: Path) -> None:
         os.close(fd)
 
 
-PRIVATE_DIRS = ("", "volumes", "volumes/.creating", "volumes/.removing", "volumes/.replacing",
-                "snapshots", "s3cache")
-"""pyvol's directories under its data root (``""``: the root itself), all mode 0700."""
-
-
-def secure_data_root(root: Path) -> None:
-    """Create pyvol's data root and its top directories mode 0700, narrowing wider ones.
-
-    Run at start-up.  Containers reach a volume through its bind mount, whose root is the
-    volume directory itself, so the parents' mode does not limit them; it only keeps other
-    host users out.
-    """
-    for sub in PRIVATE_DIRS:
-        make_private(root / sub if sub else root)
-
-
 def raise_fd_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard one: walks hold one descriptor per level of
     a tree, and a container can make a tree thousands of levels deep."""

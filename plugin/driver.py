@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from backends import REGISTRY, Backend
 from backends.base import Populate
 from backends.errors import BackendError
-from backends.fs import bind_mount, confined, is_mountpoint, secure_data_root, unmount
+from backends.fs import bind_mount, confined, is_mountpoint, make_private, unmount
 from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
 from backends.tree import copy_tree
 from plugin.errors import (
@@ -91,7 +91,10 @@ class Driver:
         backends: Mapping[str, Backend] | None = None,
     ) -> None:
         self.settings = settings
-        secure_data_root(settings.root)
+        # Each store makes its own directories private the same way (volumes, snapshots, the
+        # S3 cache).  Containers reach a volume through its bind mount, so the parents' mode
+        # does not limit them; it keeps other host users out.
+        make_private(settings.root)
         self.state = state or StateStore(settings.root / "state.db")
         self.backends: Mapping[str, Backend] = backends or {
             name: factory(settings.root) for name, factory in REGISTRY.items()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Populate
+from backends.fs import make_private
 from backends.snapshots import SnapshotStore, default_name
 from plugin.checking import Checks
 from plugin.errors import PyvolError, VolumeBusy
@@ -84,6 +85,7 @@ class Syncer:
         self._periodic: dict[str, tuple[S3Policy, MountedData]] = {}
         self._stop = threading.Event()
         self.checks = Checks(state)
+        make_private(root / "s3cache")
 
     # plumbing
 

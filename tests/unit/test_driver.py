@@ -629,3 +629,15 @@ def test_remove_drops_a_queued_on_unmount_snapshot_and_waits_for_the_running_job
     driver.remove("v")
     assert driver.jobs.wait("v", 10)
     assert driver.snapshots.store.list_snapshots("v") == []
+
+
+def test_start_up_makes_every_data_directory_0700_and_narrows_wider_ones(
+        make_driver: MakeDriver, settings: Settings) -> None:
+    root = settings.root
+    (root / "volumes").mkdir(parents=True)
+    os.chmod(root, 0o755)  # noqa: S103 -- the wide mode start-up must narrow
+    os.chmod(root / "volumes", 0o711)  # noqa: S103
+    make_driver()
+    for sub in ("", "volumes", "volumes/.creating", "volumes/.removing",
+                "volumes/.replacing", "snapshots", "s3cache"):
+        assert stat.S_IMODE((root / sub).stat().st_mode) == 0o700, sub

@@ -15,9 +15,9 @@ from backends.fs import (
     bind_mount,
     confined,
     is_mountpoint,
+    make_private,
     raise_fd_limit,
     remove_tree,
-    secure_data_root,
     tree_usage,
     unmount,
 )
@@ -112,15 +112,15 @@ def test_removal_never_follows_a_link_out(tmp_path: Path) -> None:
     remove_tree(root)  # missing is fine
 
 
-def test_private_directories_are_created_0700_and_narrowed(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "volumes").mkdir(parents=True)
-    os.chmod(root, 0o755)  # noqa: S103 -- the wide mode start-up must narrow
-    os.chmod(root / "volumes", 0o711)  # noqa: S103
-    secure_data_root(root)
-    for sub in ("", "volumes", "volumes/.creating", "volumes/.removing",
-                "volumes/.replacing", "snapshots", "s3cache"):
-        assert stat.S_IMODE((root / sub).stat().st_mode) == 0o700, sub
+def test_make_private_creates_0700_and_narrows_a_wider_mode(tmp_path: Path) -> None:
+    made = tmp_path / "a" / "made"
+    make_private(made)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    wide = tmp_path / "wide"
+    wide.mkdir(mode=0o755)
+    os.chmod(wide, 0o711)  # noqa: S103 -- the wide mode start-up must narrow
+    make_private(wide)
+    assert stat.S_IMODE(wide.stat().st_mode) == 0o700
 
 
 def test_start_up_raises_the_descriptor_limit_for_deep_walks() -> None:
