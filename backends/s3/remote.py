@@ -98,9 +98,6 @@ class Remote:
                         self.where, len(skipped), skipped[0])
         return Catalog(found, skipped)
 
-    def pack_ids(self) -> set[str]:
-        return set(self.pack_sizes())
-
     def pack_sizes(self) -> dict[str, int]:
         """Every pack of this store with its size in bytes (one LIST of ``data/``)."""
         return {Layout.tail(o.key, self.layout.data): o.size
