@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 DEADLINE = 26.0
 """Every Docker verb answers within 25 s (dockerd gives up at 30 s); one second for the test."""
 
@@ -20,6 +22,11 @@ class Gate:
     def __init__(self, tmp: Path, point: str) -> None:
         self.release_file = tmp / f"release-{point.replace(':', '-')}"
         self.env = {"PYVOL_TEST_HOLD_AT": f"{point}={self.release_file}"}
+
+    def arm(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Arm the hold point in servers started from now on (they inherit the environment)."""
+        for key, value in self.env.items():
+            monkeypatch.setenv(key, value)
 
     def wait_held(self, timeout: float = 30) -> None:
         held = Path(str(self.release_file) + ".held")

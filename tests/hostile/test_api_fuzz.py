@@ -72,8 +72,7 @@ def test_too_long_snapshot_names_are_refused_and_leave_nothing(
 def test_a_snapshot_racing_a_remove_gets_a_clean_answer(
         start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(tmp_path, "snapshot:manual")
-    for key, value in gate.env.items():
-        monkeypatch.setenv(key, value)
+    gate.arm(monkeypatch)
     plugin = start_server(tmp_path / "root").client
     plugin.ok("VolumeDriver.Create", {"Name": "racy", "Opts": None})
     data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "racy", "ID": M1})["Mountpoint"])

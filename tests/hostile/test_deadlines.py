@@ -18,8 +18,7 @@ M1, M2 = "a" * 64, "b" * 64
 def test_mount_and_remove_during_a_stuck_on_unmount_snapshot_answer_in_time(
         start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(tmp_path, "snapshot:automatic")
-    for key, value in gate.env.items():
-        monkeypatch.setenv(key, value)
+    gate.arm(monkeypatch)
     plugin = start_server(tmp_path / "root").client
     plugin.ok("VolumeDriver.Create", {"Name": "slow", "Opts": {"snapshot_on_unmount": "true"}})
     data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "slow", "ID": M1})["Mountpoint"])
@@ -50,8 +49,7 @@ def test_mount_and_remove_during_a_stuck_on_unmount_snapshot_answer_in_time(
 def test_a_restore_in_progress_makes_mount_and_remove_fail_at_once(
         start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(tmp_path, "restore:snapshot")
-    for key, value in gate.env.items():
-        monkeypatch.setenv(key, value)
+    gate.arm(monkeypatch)
     plugin = start_server(tmp_path / "root").client
     plugin.ok("VolumeDriver.Create", {"Name": "site", "Opts": None})
     data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "site", "ID": M1})["Mountpoint"])
@@ -83,8 +81,7 @@ def test_a_restore_in_progress_makes_mount_and_remove_fail_at_once(
 def test_a_long_copy_at_create_answers_in_time_and_the_retried_create_succeeds(
         start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(tmp_path, "create:copy")
-    for key, value in gate.env.items():
-        monkeypatch.setenv(key, value)
+    gate.arm(monkeypatch)
     plugin = start_server(tmp_path / "root").client
     plugin.ok("VolumeDriver.Create", {"Name": "big", "Opts": None})
     data = Path(plugin.ok("VolumeDriver.Mount", {"Name": "big", "ID": M1})["Mountpoint"])

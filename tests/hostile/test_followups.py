@@ -50,8 +50,7 @@ def staged(root: Path) -> list[Path]:
 def test_remove_answers_at_once_and_a_restart_finishes_the_delete_it_left(
         start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(tmp_path, "remove:purge")
-    for key, value in gate.env.items():
-        monkeypatch.setenv(key, value)
+    gate.arm(monkeypatch)
     root = tmp_path / "root"
     server = start_server(root)
     plugin = server.client
@@ -134,8 +133,7 @@ def test_the_last_sync_check_survives_a_restart_and_goes_with_delete_remote(
 def test_an_on_unmount_snapshot_says_how_far_it_is_and_remove_cancels_it(
         start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(tmp_path, "snapshot:capture")  # held once the first file is stored
-    for key, value in gate.env.items():
-        monkeypatch.setenv(key, value)
+    gate.arm(monkeypatch)
     root = tmp_path / "root"
     plugin = start_server(root).client
     plugin.ok("VolumeDriver.Create", {"Name": "slow", "Opts": {"snapshot_on_unmount": "true"}})
