@@ -8,13 +8,44 @@ plugin; backends still confine every path they build (``backends.fs.confined``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 Populate = Callable[[Path], None]
 """Fills a new, empty directory with a volume's initial content (clone, restore)."""
+
+Resized = Literal["online", "offline"]
+"""How a resize was done: while the volume was mounted, or with its filesystem detached."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; features and the options parser ask, never guess."""
+
+    size_limit: bool = False
+    """Enforces ``-o size=``: writes past it fail with ENOSPC."""
+    online_resize: bool = False
+    """Grows a volume while containers use it."""
+    plain_directory: bool = True
+    """A volume's data is a plain directory even when not mounted (else only inside a
+    :meth:`Backend.view` or between :meth:`Backend.mount` and :meth:`Backend.unmount`)."""
+    snapshot_methods: tuple[str, ...] = ("copy",)
+    """How snapshots of its volumes can be taken, preferred first."""
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """A ``-o`` option that only one backend understands (``size`` for ``image``)."""
+
+    name: str
+    parse: Callable[[str], Any]
+    """Value to typed value; raises ValueError whose message says what is expected."""
+    help: str
+    show: Callable[[Any], str] = str
+    """Typed value back to text, for ``docker volume inspect`` and messages."""
 
 
 @dataclass(frozen=True)
@@ -24,16 +55,39 @@ class DirSpec:
     uid: int | None = None
     gid: int | None = None
     mode: int = 0o755
+    params: Mapping[str, Any] = field(default_factory=dict)
+    """The backend's own options, parsed (e.g. ``{"size": 10737418240}``)."""
 
 
 class Backend(Protocol):
-    """One volume store.  Every method names the volume it acts on."""
+    """One volume store.  Every method names the volume it acts on.
+
+    Features (snapshots, clones, S3 push and restore, usage) never assume a volume is a
+    directory: they read it inside :meth:`view` and replace it with :meth:`replace`.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    options: ClassVar[tuple[BackendOption, ...]]
 
     def create(self, volume: str, spec: DirSpec, populate: Populate | None = None) -> None:
         """Create a volume, empty or filled by ``populate``; all or nothing.
 
         Raises ``BackendError`` if it already exists.
         """
+
+    def view(self, volume: str) -> AbstractContextManager[Path]:
+        """A readable directory of the volume's current content, valid until the context
+        exits, whatever mounts and unmounts meanwhile (a view holds the data available).
+
+        Raises ``BackendError`` if the volume's data is missing."""
+
+    def size(self, volume: str) -> int | None:
+        """The volume's size limit in bytes, or None if it has none."""
+
+    def resize(self, volume: str, size: int) -> Resized:
+        """Grow the volume to ``size`` bytes.  Raises ``BackendError`` for a shrink, or if the
+        backend has no size limits."""
 
     def replace(self, volume: str, populate: Populate) -> None:
         """Swap the volume's content for what ``populate`` builds; all or nothing."""
@@ -48,7 +102,7 @@ class Backend(Protocol):
         crash interrupts, the next call finishes."""
 
     def path(self, volume: str) -> Path:
-        """The directory holding the volume's data (it may not exist)."""
+        """Where :meth:`mount` makes the volume's data visible (it may not exist)."""
 
     def exists(self, volume: str) -> bool:
         """Whether the volume's data directory exists."""
@@ -57,7 +111,7 @@ class Backend(Protocol):
         """Make the volume usable (first mount) and return its data directory."""
 
     def unmount(self, volume: str) -> None:
-        """Release what ``mount`` set up (last unmount)."""
+        """Release what ``mount`` set up (last unmount); open views keep the data available."""
 
     def status(self, volume: str) -> dict[str, Any]:
         """Cheap facts for ``docker volume inspect``; never raises for an existing volume."""
@@ -72,3 +126,22 @@ class Backend(Protocol):
         :meth:`purge`: the caller drops their records if no volume of that name exists.
         Never slow: the deletion of removed data is left to :meth:`purge`.
         """
+
+
+@dataclass(frozen=True)
+class VolumeContent:
+    """One volume's content as a feature sees it: read in a view, replaced by staging.
+
+    Snapshots, clones and S3 sync get one of these, never a path or a backend."""
+
+    backend: Backend
+    volume: str
+
+    def view(self) -> AbstractContextManager[Path]:
+        return self.backend.view(self.volume)
+
+    def replace(self, populate: Populate) -> None:
+        self.backend.replace(self.volume, populate)
+
+    def exists(self) -> bool:
+        return self.backend.exists(self.volume)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from backends import btrfs
-from backends.base import DirSpec, Populate
+from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resized
 from backends.errors import BackendError
 from backends.fs import confined, fsync_dir, make_private, raise_fd_limit, remove_tree
 from backends.usage import UsageCache
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class LocalBackend:
+    name: ClassVar[str] = "local"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        size_limit=False, online_resize=False, plain_directory=True,
+        snapshot_methods=("reflink-or-copy", "btrfs-snapshot"))
+    options: ClassVar[tuple[BackendOption, ...]] = ()
+
     def __init__(self, root: Path, usage: UsageCache | None = None) -> None:
         self.root = root / "volumes"
         self._creating = root / "volumes" / ".creating"
@@ -53,6 +61,21 @@ class LocalBackend:
 
     def exists(self, volume: str) -> bool:
         return self.path(volume).is_dir()
+
+    @contextmanager
+    def view(self, volume: str) -> Iterator[Path]:
+        path = self.path(volume)
+        if not path.is_dir():
+            raise BackendError(f"the data directory {path} of volume {volume!r} is missing")
+        yield path
+
+    def size(self, volume: str) -> int | None:
+        return None
+
+    def resize(self, volume: str, size: int) -> Resized:
+        raise BackendError(
+            f"volume {volume!r} has no size limit (backend {self.name}) and cannot be resized: "
+            "create a sized volume with -o size=SIZE and from={volume} to copy it")
 
     def create(self, volume: str, spec: DirSpec, populate: Populate | None = None) -> None:
         final = self.path(volume)
