@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from backends.base import DirSpec
+from backends.base import BackendOption, Capabilities, DirSpec
 from plugin.errors import InvalidOption
 from plugin.names import VOLUME_NAME
 
 MAX_ID = 2**32 - 2
+_ABILITY = {"size": "enforce a size limit"}
 CREDENTIAL_HINTS = ("secret", "password", "passwd", "token", "access_key", "credential")
 
 
@@ -59,18 +60,25 @@ class VolumeOptions:
     """``from=VOLUME`` or ``from=VOLUME@SNAPSHOT``: the volume starts as a copy of it."""
     snapshot: SnapshotPolicy = field(default_factory=SnapshotPolicy)
     s3: S3Policy | None = None
+    params: tuple[tuple[str, Any, str], ...] = ()
+    """The selected backend's own options: (key, parsed value, value as text)."""
+
+    def param(self, key: str) -> Any:
+        return next((value for name, value, _ in self.params if name == key), None)
 
     def dir_spec(self) -> DirSpec:
-        return DirSpec(uid=self.uid, gid=self.gid, mode=self.mode)
+        return DirSpec(uid=self.uid, gid=self.gid, mode=self.mode,
+                       params={name: value for name, value, _ in self.params})
 
     def describe(self) -> dict[str, str]:
         """The effective options as strings, for ``docker volume inspect`` and messages."""
         shown: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name in ("snapshot", "s3"):
+            if value is None or f.name in ("snapshot", "s3", "params"):
                 continue
             shown[f.name] = f"{value:04o}" if f.name == "mode" else str(value)
+        shown.update((name, text) for name, _, text in self.params)
         return shown
 
 
@@ -195,6 +203,46 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "s3_keep": _positive,
 }
 VALID_KEYS = ("backend", *PARSERS)
+"""The keys every backend takes; a backend adds its own (``Backend.options``)."""
+
+
+class BackendLike(Protocol):
+    capabilities: Capabilities
+    options: tuple[BackendOption, ...]
+
+
+class _Plain:
+    """A backend known only by name (tests): no options of its own, no capabilities."""
+
+    capabilities = Capabilities()
+    options: tuple[BackendOption, ...] = ()
+
+
+def _catalog(backends: Mapping[str, Any] | Collection[str]) -> dict[str, BackendLike]:
+    if isinstance(backends, Mapping):
+        return dict(backends)
+    return {name: _Plain() for name in backends}
+
+
+def _choose_backend(opts: Mapping[str, str], default: str,
+                    backends: Mapping[str, BackendLike]) -> str:
+    """The named backend, else the default if it takes every backend key given, else the
+    first registered backend that does (``-o size=`` alone picks one that can limit)."""
+    named = opts.get("backend")
+    if named:
+        if named not in backends:
+            raise InvalidOption(f"option backend={named!r} names no backend; available: "
+                                f"{', '.join(sorted(backends))}")
+        return named
+    wanted = {key for key in opts if key not in VALID_KEYS}
+    if not wanted:
+        return default
+    candidates = [default, *(name for name in backends if name != default)]
+    for name in candidates:
+        backend = backends.get(name)
+        if backend is not None and wanted <= {o.name for o in backend.options}:
+            return name
+    return default
 
 
 def normalise(raw: Mapping[str, object] | None) -> dict[str, str]:
@@ -214,7 +262,7 @@ def parse_options(
     raw: Mapping[str, object] | None,
     *,
     default_backend: str,
-    backends: Collection[str],
+    backends: Mapping[str, Any] | Collection[str],
     volume: str = "",
     default_bucket: str = "",
 ) -> VolumeOptions:
@@ -231,15 +279,36 @@ def parse_options(
                 "set them once with `docker plugin set pyvol AWS_ACCESS_KEY_ID=... "
                 "AWS_SECRET_ACCESS_KEY=...`"
             )
-        if key not in VALID_KEYS:
-            raise InvalidOption(
-                f"unknown option {key!r}; valid options are: {', '.join(sorted(VALID_KEYS))}"
-            )
-    backend = opts.get("backend") or default_backend
-    if backend not in backends:
+    catalog = _catalog(backends)
+    backend = _choose_backend(opts, default_backend, catalog)
+    if backend not in catalog:
         raise InvalidOption(
-            f"option backend={backend!r} names no backend; available: {', '.join(sorted(backends))}"
+            f"option backend={backend!r} names no backend; available: {', '.join(sorted(catalog))}"
         )
+    own = {o.name: o for o in catalog[backend].options}
+    for key in opts:
+        if key in VALID_KEYS or key in own:
+            continue
+        others = sorted(name for name, b in catalog.items()
+                        if any(o.name == key for o in b.options))
+        if others:
+            how = ("omit -o backend" if opts.get("backend") else
+                   f"or add -o backend={others[0]}")
+            raise InvalidOption(
+                f"option {key!r} is not supported by backend {backend} (it cannot "
+                f"{_ABILITY.get(key, 'take it')}); backend {', '.join(others)} takes it: "
+                f"{how}")
+        raise InvalidOption(
+            f"unknown option {key!r}; valid options for backend {backend} are: "
+            f"{', '.join(sorted([*VALID_KEYS, *own]))}")
+    params: list[tuple[str, Any, str]] = []
+    for key, option in own.items():
+        if key in opts:
+            try:
+                value = option.parse(opts[key])
+            except ValueError as exc:
+                raise InvalidOption(f"option {key}={opts[key]!r}: {exc}") from None
+            params.append((key, value, option.show(value)))
     p = {key: PARSERS[key](key, value) for key, value in opts.items() if key in PARSERS}
     snapshot = SnapshotPolicy(
         on_unmount=p.get("snapshot_on_unmount", False),
@@ -261,5 +330,5 @@ def parse_options(
                       keep=p.get("s3_keep", S3Policy.keep))
     return VolumeOptions(
         backend=backend, uid=p.get("uid"), gid=p.get("gid"), mode=p.get("mode", 0o755),
-        source=p.get("from"), snapshot=snapshot, s3=s3,
+        source=p.get("from"), snapshot=snapshot, s3=s3, params=tuple(params),
     )

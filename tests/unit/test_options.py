@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 import pytest
 
-from backends.base import DirSpec
+from backends.base import BackendOption, Capabilities, DirSpec
 from plugin.errors import InvalidOption
 from plugin.options import VALID_KEYS, VolumeOptions, parse_options
 from plugin.settings import Settings
@@ -101,9 +101,58 @@ def test_ids_refused(key: str, value: str) -> None:
 def test_unknown_key_names_it_and_lists_valid_ones() -> None:
     message = refused({"colour": "blue"})
     assert "unknown option 'colour'" in message
-    assert f"valid options are: {', '.join(sorted(VALID_KEYS))}" in message
+    assert f"valid options for backend local are: {', '.join(sorted(VALID_KEYS))}" in message
     for key in ("backend", "uid", "gid", "mode"):
         assert key in VALID_KEYS
+
+
+class _Sized:
+    capabilities = Capabilities(size_limit=True)
+    options = (BackendOption("size", lambda text: int(text.rstrip("G")) * 2**30, "limit",
+                             show=lambda n: f"{n // 2**30} GiB"),)
+
+
+class _Plain:
+    capabilities = Capabilities()
+    options: tuple[BackendOption, ...] = ()
+
+
+SIZED = {"local": _Plain(), "image": _Sized()}
+
+
+def test_a_backend_option_alone_picks_the_backend_that_takes_it() -> None:
+    options = parse_options({"size": "10G"}, default_backend="local", backends=SIZED)
+    assert options.backend == "image"
+    assert options.param("size") == 10 * 2**30
+    assert options.dir_spec().params == {"size": 10 * 2**30}
+    assert options.describe()["size"] == "10 GiB"
+
+
+def test_a_backend_that_cannot_limit_refuses_size_and_says_which_can() -> None:
+    with pytest.raises(InvalidOption) as err:
+        parse_options({"backend": "local", "size": "1G"}, default_backend="local",
+                      backends=SIZED)
+    assert str(err.value) == ("option 'size' is not supported by backend local (it cannot "
+                              "enforce a size limit); backend image takes it: omit -o backend")
+
+
+def test_an_unknown_key_lists_the_selected_backends_own_keys() -> None:
+    with pytest.raises(InvalidOption) as err:
+        parse_options({"backend": "image", "colour": "red"}, default_backend="local",
+                      backends=SIZED)
+    assert str(err.value) == ("unknown option 'colour'; valid options for backend image are: "
+                              + ", ".join(sorted([*VALID_KEYS, "size"])))
+
+
+def test_a_bad_backend_option_value_names_the_key() -> None:
+    def parse(text: str) -> int:
+        raise ValueError("must be a size with a unit such as 10G")
+    sized = _Sized()
+    sized.options = (BackendOption("size", parse, "limit"),)  # type: ignore[misc]
+    with pytest.raises(InvalidOption) as err:
+        parse_options({"size": "ten"}, default_backend="local",
+                      backends={"local": _Plain(), "image": sized})
+    assert str(err.value) == "option size='ten': must be a size with a unit such as 10G"
 
 
 @pytest.mark.parametrize("key", [
