@@ -152,6 +152,7 @@ ROUTES: dict[str, Handler] = {
         "Snapshots": [s.to_json() for s in d.snapshot_list(_volume_arg(b))]},
     "pyvol/snapshot/remove": _snapshot_remove,
     "pyvol/snapshot/restore": _snapshot_restore,
+    "pyvol/resize": lambda d, b: d.resize(_volume_arg(b), str(_field(b, "Size"))),
     "pyvol/mounts/reset": lambda d, b: {"Cleared": d.reset_mounts(_volume_arg(b))},
     "pyvol/sync/push": _sync_push,
     "pyvol/sync/status": _sync_status,

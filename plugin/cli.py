@@ -178,6 +178,13 @@ def _mounts_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resize(args: argparse.Namespace) -> int:
+    done = _call(args, "pyvol/resize", {"Volume": args.volume, "Size": args.size})
+    how = "online, while in use" if done["How"] == "online" else "while unmounted"
+    print(f"{args.volume}: resized to {done['Size']} ({how})")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line on stderr, like every other error (subparsers inherit it)."""
 
@@ -225,6 +232,15 @@ def parser() -> argparse.ArgumentParser:
         "reset", help="forget VOLUME's mount references (only when no container uses it)")
     reset.add_argument("volume")
     reset.set_defaults(func=_mounts_reset)
+
+    resize = sub.add_parser(
+        "resize", help="grow a sized volume to SIZE (e.g. 20G); shrinking is refused",
+        description="Grows the volume's size limit and its filesystem, online when it is in "
+        "use.  Shrinking is refused: copy into a smaller volume with "
+        "`docker volume create -d pyvol -o size=SIZE -o from=VOLUME NEW` instead.")
+    resize.add_argument("volume")
+    resize.add_argument("size")
+    resize.set_defaults(func=_resize)
 
     sync = sub.add_parser(
         "sync", help="S3 sync: VOLUME (push now), ls VOLUME, restore VOLUME ID, "

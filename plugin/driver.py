@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends import REGISTRY, Backend
-from backends.base import Populate
+from backends.base import Populate, VolumeContent
 from backends.errors import BackendError
 from backends.fs import bind_mount, confined, is_mountpoint, make_private, unmount
 from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
@@ -164,8 +164,9 @@ class Driver:
         return parse_options(record.options, default_backend=record.backend,
                              backends=self.backends.keys(), volume=record.name)
 
-    def _data(self, name: str) -> Path:
-        return self.backends[self._record(name).backend].path(name)
+    def _content(self, record: VolumeRecord) -> VolumeContent:
+        """What features read (in a view) and replace (staged) of the volume."""
+        return VolumeContent(self.backends[record.backend], record.name)
 
     def _record(self, name: str) -> VolumeRecord:
         record = self.state.get_volume(validate_volume_name(name))
@@ -202,6 +203,7 @@ class Driver:
         it is done).  Until then the volume is invisible to Get and List.
         """
         validate_volume_name(name)
+        raw_options = self._inherit_size(raw_options)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
                                 backends=self.backends.keys(), volume=name,
                                 default_bucket=self.settings.s3_bucket)
@@ -261,10 +263,11 @@ class Driver:
                 self.state.abort_create(name, before)
             raise
         crash_point("create:after-commit")
+        content = VolumeContent(backend, name)
         if options.s3 is not None and restore is not None:
-            self.sync.on_create(name, restore, lambda populate: backend.replace(name, populate))
-            self.sync.track(name, options.s3, self._mounted_data_fn(name))
-        self.snapshots.track(name, options.snapshot, self._data_fn(name))
+            self.sync.on_create(name, restore, content)
+            self.sync.track(name, options.s3, self._mounted_content_fn(content))
+        self.snapshots.track(name, options.snapshot, content)
         log.info("created volume %s with %s", name, options.describe())
 
     def _await_copy(self, name: str, options: VolumeOptions, deadline: Deadline) -> None:
@@ -282,6 +285,23 @@ class Driver:
         if self.state.get_volume(name) is None:
             raise CreateFailed(f"volume {name!r} could not be created: "
                                f"{self.clones.errors.pop(name, 'its copy failed')}")
+
+    def _inherit_size(self, raw: Mapping[str, object] | None) -> Mapping[str, object] | None:
+        """A clone keeps its source's size limit unless ``size`` or ``backend`` says otherwise.
+
+        The size is added to the raw options, so it is stored and parsed again like any."""
+        keys = {str(k).strip().lower(): v for k, v in (raw or {}).items()}
+        source = keys.get("from")
+        if not isinstance(source, str) or "size" in keys or "backend" in keys:
+            return raw
+        record = self.state.get_volume(source.strip().partition("@")[0])
+        if record is None:
+            return raw
+        size = self.backends[record.backend].size(record.name)
+        if size is None:
+            return raw
+        text = f"{size // 2**20}M" if size % 2**20 == 0 else f"{size // 1024}K"
+        return {**(raw or {}), "size": text}
 
     def _refuse_overlap(self, name: str, s3: S3Policy) -> None:
         """Refuse a remote location that equals, contains or lies inside another volume's.
@@ -326,8 +346,12 @@ class Driver:
                 f"option from={volume}: no pyvol volume {volume!r} (a volume of another driver "
                 "cannot be cloned); see `docker volume ls -f driver=pyvol:latest`"
             )
-        data = self.backends[source.backend].path(volume)
-        return lambda dst: copy_tree(data, dst)
+        content = self._content(source)
+
+        def populate(dst: Path) -> None:
+            with content.view() as data:
+                copy_tree(data, dst)
+        return populate
 
     def remove(self, name: str) -> None:
         """Delete a volume and its data, within the call's deadline whatever their size.
@@ -349,7 +373,7 @@ class Driver:
             backend = self.backends[record.backend]
             self.snapshots.before_remove(name, deadline)
             if options.s3 is not None:
-                self.sync.before_remove(name, backend.path(name), deadline)
+                self.sync.before_remove(name, self._content(record), deadline)
                 self.sync.untrack(name)
             self.snapshots.on_remove(name, options.snapshot)
             backend.remove(name)
@@ -417,9 +441,12 @@ class Driver:
                 backend = self.backends[record.backend]
                 self._unexpose(name, backend)
                 options = self.options_of(record)
-                self.snapshots.after_last_unmount(name, options.snapshot, backend.path(name))
+                # Each feature's job reads the data in a view of its own: the backend keeps
+                # it available until the job is done, whatever the unmount released.
+                content = self._content(record)
+                self.snapshots.after_last_unmount(name, options.snapshot, content)
                 if options.s3 is not None:
-                    self.sync.after_last_unmount(name, options.s3, backend.path(name))
+                    self.sync.after_last_unmount(name, options.s3, content)
 
     def reset_mounts(self, name: str) -> int:
         """Forget all mount references of a volume (stale after a daemon crash)."""
@@ -452,6 +479,7 @@ class Driver:
         status: dict[str, Any] = {}
         try:
             options = self.options_of(record)
+            status["backend"] = record.backend
             status["options"] = options.describe()
             status["mounts"] = self.state.mount_count(record.name)
             status.update(self.backends[record.backend].status(record.name))
@@ -477,6 +505,33 @@ class Driver:
         finally:
             backend.unmount(name)
 
+    # size (the management API)
+
+    def resize(self, name: str, size_text: str) -> dict[str, Any]:
+        """Grow a sized volume to ``size_text`` (``pyvol resize``); a shrink is refused.
+
+        Returns how it was done (``online`` while mounted) and the new size."""
+        with self._locked(name):
+            record = self._record(name)
+            backend = self.backends[record.backend]
+            option = next((o for o in backend.options if o.name == "size"), None)
+            if option is None or not backend.capabilities.size_limit:
+                raise InvalidOption(
+                    f"volume {name!r} (backend {record.backend}) has no size limit to change: "
+                    f"create a sized copy with `docker volume create -d pyvol -o size=SIZE "
+                    f"-o from={name} NEW`")
+            self._refuse_if_busy(name, "resized")
+            try:
+                size = option.parse(size_text.strip())
+            except ValueError as exc:
+                raise InvalidOption(f"size {size_text!r}: {exc}") from None
+            how = backend.resize(name, size)
+            stored = {k: v for k, v in record.options.items() if k.strip().lower() != "size"}
+            stored["size"] = size_text.strip()
+            self.state.set_options(name, stored)
+            log.info("volume %s resized to %s (%s)", name, option.show(size), how)
+            return {"Size": option.show(size), "SizeBytes": size, "How": how}
+
     # snapshots (the management API)
 
     def snapshot_create(self, volume: str, name: str | None) -> SnapshotInfo:
@@ -489,13 +544,14 @@ class Driver:
         with self._locked(volume):
             record = self._record(volume)
             self._refuse_if_busy(volume, "snapshotted", exclusive_only=True)
-            data = self.backends[record.backend].path(volume)
+            content = self._content(record)
             self._begin(volume, op)
         with self._operation(volume, op):
             hold_point("snapshot:manual")
             try:
-                return self.snapshots.store.create(volume, data, name, kind="manual",
-                                                   progress=capture.update)
+                with content.view() as data:
+                    return self.snapshots.store.create(volume, data, name, kind="manual",
+                                                       progress=capture.update)
             except OSError as exc:
                 raise SnapshotFailed(f"the snapshot of volume {volume!r} failed: {exc}; check "
                                      "the volume and try again") from exc
@@ -559,10 +615,11 @@ class Driver:
         with self._operation(volume, op):
             self._wait_jobs(volume)
             hold_point("restore:snapshot")
-            backend = self.backends[record.backend]
-            safety = store.create(volume, backend.path(volume), f"pre-restore-{default_name()}",
-                                  kind="safety")
-            backend.replace(volume, store.populate_from(volume, name))
+            content = self._content(record)
+            with content.view() as data:
+                safety = store.create(volume, data, f"pre-restore-{default_name()}",
+                                      kind="safety")
+            content.replace(store.populate_from(volume, name))
             log.info("volume %s restored from snapshot %s (safety snapshot %s)", volume, name,
                      safety.name)
             return safety
@@ -580,7 +637,7 @@ class Driver:
     def sync_push(self, volume: str) -> None:
         """Queue a push now; returns at once (poll Get's Status.s3 to follow it)."""
         record, s3 = self._s3(volume)
-        self.sync.request_push(volume, s3, self.backends[record.backend].path(volume))
+        self.sync.request_push(volume, s3, self._content(record))
 
     def sync_list(self, volume: str) -> list[RemoteSnapshot]:
         return self.sync.remote_list(self._s3(volume)[1])
@@ -601,11 +658,11 @@ class Driver:
             self._begin(volume, op)
         with self._operation(volume, op):
             self._wait_jobs(volume)
-            backend = self.backends[record.backend]
-            safety = self.snapshots.store.create(
-                volume, backend.path(volume), f"pre-restore-{default_name()}", kind="safety")
-            self.sync.restore_in_place(volume, s3, snapshot_id,
-                                       lambda populate: backend.replace(volume, populate))
+            content = self._content(record)
+            with content.view() as data:
+                safety = self.snapshots.store.create(
+                    volume, data, f"pre-restore-{default_name()}", kind="safety")
+            self.sync.restore_in_place(volume, s3, snapshot_id, content)
             return safety
 
     def _wait_jobs(self, volume: str) -> None:
@@ -623,26 +680,18 @@ class Driver:
         """Start background work: recovery, schedules, and pushes a restart interrupted."""
         for record in self.state.list_volumes():
             options = self.options_of(record)
-            self.snapshots.track(record.name, options.snapshot, self._data_fn(record.name))
+            content = self._content(record)
+            self.snapshots.track(record.name, options.snapshot, content)
             if options.s3 is not None:
-                backend = self.backends[record.backend]
-                self.sync.resume(record.name, options.s3, self._data(record.name),
-                                 self._replace_fn(backend, record.name))
-                self.sync.track(record.name, options.s3, self._mounted_data_fn(record.name))
+                self.sync.resume(record.name, options.s3, content)
+                self.sync.track(record.name, options.s3, self._mounted_content_fn(content))
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
         self._purge_later(after_remove=False)  # what a restart interrupted
         self.snapshots.start()
         self.sync.start()
 
-    @staticmethod
-    def _replace_fn(backend: Backend, name: str) -> Callable[[Populate], None]:
-        return lambda populate: backend.replace(name, populate)
-
-    def _data_fn(self, name: str) -> Callable[[], Path]:
-        return lambda: self._data(name)
-
-    def _mounted_data_fn(self, name: str) -> Callable[[], Path | None]:
-        return lambda: self._data(name) if self.state.mount_count(name) else None
+    def _mounted_content_fn(self, content: VolumeContent) -> Callable[[], VolumeContent | None]:
+        return lambda: content if self.state.mount_count(content.volume) else None
 
     def recover(self) -> None:
         """Reconcile state and disk after a restart or crash; never deletes user data."""

@@ -14,9 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from backends.base import VolumeContent
 from backends.snapshots import Progress, SnapshotCancelled, SnapshotStore
 from plugin.errors import InvalidName, VolumeBusy
 from plugin.jobs import Jobs
@@ -68,14 +68,14 @@ class Snapshotter:
         self.jobs = jobs
         self._captures: dict[str, Capture] = {}
         """The running automatic snapshot of each volume (Remove cancels it)."""
-        self._periodic: dict[str, tuple[SnapshotPolicy, Callable[[], Path]]] = {}
+        self._periodic: dict[str, tuple[SnapshotPolicy, VolumeContent]] = {}
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # driver hooks
 
-    def track(self, volume: str, policy: SnapshotPolicy, data: Callable[[], Path]) -> None:
+    def track(self, volume: str, policy: SnapshotPolicy, data: VolumeContent) -> None:
         """Register a volume's periodic policy (at create and at start-up)."""
         if policy.every:
             with self._guard:
@@ -94,7 +94,8 @@ class Snapshotter:
                 "is still reading the data; try again shortly (`docker volume inspect "
                 f"{volume}` shows snapshot_state)")
 
-    def after_last_unmount(self, volume: str, policy: SnapshotPolicy, data: Path) -> None:
+    def after_last_unmount(self, volume: str, policy: SnapshotPolicy,
+                           data: VolumeContent) -> None:
         if policy.on_unmount:
             self.jobs.submit(volume, "snapshot on unmount",
                              lambda: self._automatic(volume, policy, data), cancellable=True)
@@ -159,7 +160,7 @@ class Snapshotter:
             status["snapshot_error"] = error
         return status
 
-    def _automatic(self, volume: str, policy: SnapshotPolicy, data: Path) -> None:
+    def _automatic(self, volume: str, policy: SnapshotPolicy, data: VolumeContent) -> None:
         capture = Capture(hold="snapshot:capture")
         with self._guard:
             self._captures[volume] = capture
@@ -167,8 +168,9 @@ class Snapshotter:
         try:
             hold_point("snapshot:automatic")
             fail_point("snapshot:automatic")
-            self.store.create(volume, data, kind="automatic", progress=capture.update,
-                              cancelled=capture.cancel.is_set)
+            with data.view() as path:  # held until read, whatever unmounts meanwhile
+                self.store.create(volume, path, kind="automatic", progress=capture.update,
+                                  cancelled=capture.cancel.is_set)
         except SnapshotCancelled:
             log.info("volume %s: its automatic snapshot was cancelled by its removal; "
                      "nothing of it was kept", volume)
@@ -204,9 +206,8 @@ class Snapshotter:
                                      self._periodic_job(volume, policy, data), cancellable=True)
 
     def _periodic_job(self, volume: str, policy: SnapshotPolicy,
-                      data: Callable[[], Path]) -> Callable[[], None]:
+                      data: VolumeContent) -> Callable[[], None]:
         def run() -> None:
-            path = data()
-            if path.is_dir():
-                self._automatic(volume, policy, path)
+            if data.exists():
+                self._automatic(volume, policy, data)
         return run

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -220,6 +220,15 @@ class StateStore:
             if sync is not None:
                 self._put_sync(db, sync)
         (self._creating if creating else self._volumes)[record.name] = record
+
+    def set_options(self, name: str, options: Mapping[str, str]) -> VolumeRecord:
+        """Replace a volume's stored raw options (``pyvol resize`` records the new size)."""
+        record = replace(self._volumes[name], options=dict(options))
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET options = ? WHERE name = ?",
+                       (json.dumps(dict(options), sort_keys=True), name))
+        self._volumes[name] = record
+        return record
 
     def finish_create(self, name: str) -> None:
         with self._tx() as db:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.base import Populate
+from backends.base import VolumeContent
 from backends.fs import make_private
 from backends.snapshots import SnapshotStore, default_name
 from plugin.checking import Checks
@@ -44,9 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Replace = Callable[[Populate], None]
-"""Swap a volume's content for what a populate function builds (``Backend.replace``)."""
-MountedData = Callable[[], Path | None]
+MountedData = Callable[[], VolumeContent | None]
+"""The volume's content while it is mounted, else None (periodic pushes)."""
 
 MOUNT_WAIT = 100.0
 """A cap on a Mount's wait for the restore; the Mount's own deadline is shorter today."""
@@ -136,13 +135,13 @@ class Syncer:
                              last_error_at=None)
         return record
 
-    def on_create(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
+    def on_create(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
         """Queue the restore a new volume asked for (``s3_restore``, default ``latest``);
         its record, marked ``restoring``, was committed by Create."""
         self._record(volume, policy)
         record = self.state.get_sync(volume)
         if record is not None and record.restoring:
-            self._queue_restore(volume, policy, replace_content)
+            self._queue_restore(volume, policy, content)
 
     def progress_text(self, volume: str) -> str | None:
         progress = self._progress.get(volume)
@@ -151,16 +150,16 @@ class Syncer:
         _, done, total = progress
         return f"{100 * done // total if total else 0}% done"
 
-    def _queue_restore(self, volume: str, policy: S3Policy, replace_content: Replace) -> None:
+    def _queue_restore(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
         def run() -> None:
             self.jobs.progress[volume] = lambda: self.progress_text(volume)
             record = self.state.get_sync(volume)
             if record is not None and record.restoring:
-                self._restore(volume, policy, record.restoring, replace_content, at_create=True)
+                self._restore(volume, policy, record.restoring, content, at_create=True)
 
         self.jobs.submit(volume, "S3 restore", run)
 
-    def _restore(self, volume: str, policy: S3Policy, wanted: str, replace_content: Replace,
+    def _restore(self, volume: str, policy: S3Policy, wanted: str, content: VolumeContent,
                  *, at_create: bool) -> None:
         """Replace the volume's content with remote snapshot ``wanted`` (an id or ``latest``).
 
@@ -174,7 +173,7 @@ class Syncer:
             pending = record.snapshot if record.pending else None
             if at_create and wanted == "latest" and pending and any(
                     s.name == pending for s in self.snapshots.list_snapshots(volume)):
-                replace_content(self.snapshots.populate_from(volume, pending))
+                content.replace(self.snapshots.populate_from(volume, pending))
                 log.info("volume %s: restored from %s, the not yet uploaded last push of the "
                          "removed volume of the same name", volume, pending)
                 self._update(volume, restoring=None, last_error=None, last_error_at=None)
@@ -196,7 +195,7 @@ class Syncer:
                 def build(dst: Path) -> None:
                     hold_point("s3:restore")
                     remote.restore(chosen.id, dst, self._progress_fn(volume, "restoring"))
-                replace_content(build)
+                content.replace(build)
                 log.info("volume %s: restored remote snapshot %s from s3://%s/%s", volume,
                          chosen.id, policy.bucket, policy.prefix)
             changes: dict[str, Any] = {"restoring": None}
@@ -236,20 +235,20 @@ class Syncer:
             f"`pyvol sync restore {volume} {record.restoring}`, or recreate the volume with "
             "-o s3_restore=never")
 
-    def after_last_unmount(self, volume: str, policy: S3Policy, data: Path) -> None:
+    def after_last_unmount(self, volume: str, policy: S3Policy, data: VolumeContent) -> None:
         if policy.sync != "manual":
             self.request_push(volume, policy, data)
 
-    def request_push(self, volume: str, policy: S3Policy, data: Path) -> None:
+    def request_push(self, volume: str, policy: S3Policy, data: VolumeContent) -> None:
         """Queue a push durably: snapshot now-ish, upload in the background."""
         self._record(volume, policy)
         self._update(volume, pending=True, snapshot=None)
         self._submit_capture(volume, data)
 
-    def _submit_capture(self, volume: str, data: Path) -> None:
+    def _submit_capture(self, volume: str, data: VolumeContent) -> None:
         self.jobs.submit(volume, "S3 sync snapshot", lambda: self._capture(volume, data))
 
-    def _capture(self, volume: str, data: Path) -> None:
+    def _capture(self, volume: str, data: VolumeContent) -> None:
         """Take the pending push's snapshot; a failure is recorded and retried like an upload's."""
         record = self.state.get_sync(volume)
         if record is None or not record.pending:
@@ -260,8 +259,9 @@ class Syncer:
             self.jobs.progress[volume] = capture.text
             try:
                 fail_point("s3:capture")
-                info = self.snapshots.create(volume, data, f"sync-{default_name()}", kind="sync",
-                                             progress=capture.update)
+                with data.view() as path:  # held until read, whatever unmounts meanwhile
+                    info = self.snapshots.create(volume, path, f"sync-{default_name()}",
+                                                 kind="sync", progress=capture.update)
             except Exception as exc:
                 self._failed(volume, record, f"the snapshot for the push failed: {exc}",
                              lambda: self._submit_capture(volume, data))
@@ -344,7 +344,7 @@ class Syncer:
             self._progress[volume] = (what, done, total)
         return progress
 
-    def before_remove(self, volume: str, data: Path, deadline: Deadline) -> None:
+    def before_remove(self, volume: str, data: VolumeContent, deadline: Deadline) -> None:
         """The local data goes; the remote copy stays.  A pending push still completes: its
         snapshot is taken now if it was not yet (within ``deadline``, else VolumeBusy)."""
         record = self.state.get_sync(volume)
@@ -356,14 +356,14 @@ class Syncer:
                 f"{self.progress_text(volume) or 'about to start'}; try again when it is done "
                 f"(`docker volume inspect {volume}` shows progress)")
         if record is not None and record.pending and record.snapshot is None and \
-                not self.jobs.busy(volume) and data.is_dir():
+                not self.jobs.busy(volume) and data.exists():
             self._submit_capture(volume, data)  # its earlier attempt failed: once more, now
         if not self.jobs.wait(volume, deadline.remaining()):
             raise VolumeBusy(
                 f"volume {volume!r} cannot be removed yet: its {self.jobs.describe(volume)} "
                 "is still running; try again shortly")
         record = self.state.get_sync(volume)
-        if record is not None and record.pending and record.snapshot is None and data.is_dir():
+        if record is not None and record.pending and record.snapshot is None and data.exists():
             raise VolumeBusy(
                 f"volume {volume!r} cannot be removed yet: the snapshot its pending S3 push "
                 f"needs could not be taken ({record.last_error}); fix that and try again")
@@ -427,10 +427,10 @@ class Syncer:
         return snaps
 
     def restore_in_place(self, volume: str, policy: S3Policy, snapshot_id: str,
-                         replace_content: Replace) -> None:
+                         content: VolumeContent) -> None:
         """Also completes a restore at create that failed (Mount refuses the volume until then)."""
         unfinished = bool(self._record(volume, policy).restoring)
-        self._restore(volume, policy, snapshot_id, replace_content, at_create=unfinished)
+        self._restore(volume, policy, snapshot_id, content, at_create=unfinished)
 
     def delete_remote(self, volume: str, policy: S3Policy) -> None:
         self.remote(policy.bucket, policy.prefix).delete_all()
@@ -457,14 +457,13 @@ class Syncer:
                 self.uploads.submit(record.volume, "S3 push", self._upload_job(record.volume))
         threading.Thread(target=self._loop, name="s3-schedule", daemon=True).start()
 
-    def resume(self, volume: str, policy: S3Policy, data: Path,
-               replace_content: Replace) -> None:
+    def resume(self, volume: str, policy: S3Policy, data: VolumeContent) -> None:
         """Queue again what a restart interrupted: the restore at create, a pending push."""
         record = self.state.get_sync(volume)
         if record is not None and record.restoring:
             log.info("volume %s: resuming its restore from s3://%s/%s", volume, record.bucket,
                      record.prefix)
-            self._queue_restore(volume, policy, replace_content)
+            self._queue_restore(volume, policy, data)
         if record is not None and record.pending:
             log.info("volume %s: resuming a pending S3 push", volume)
             if record.snapshot is None:

@@ -95,7 +95,7 @@ def test_create_with_options(plugin: Plugin, server: PluginProcess) -> None:
     assert "'db' already exists" in err
     err = plugin.fails("VolumeDriver.Create", {"Name": "other", "Opts": {"colour": "red"}})
     assert "unknown option 'colour'" in err
-    assert "valid options are:" in err
+    assert "valid options for backend local are:" in err
     err = plugin.fails("VolumeDriver.Create",
                        {"Name": "other", "Opts": {"aws_secret_access_key": "hunter2"}})
     assert "docker plugin set" in err
