@@ -41,7 +41,7 @@ from plugin.errors import (
 from plugin.jobs import Jobs
 from plugin.locks import Deadline, VolumeLocks
 from plugin.names import validate_volume_name
-from plugin.options import S3Policy, VolumeOptions, parse_options
+from plugin.options import S3Policy, VolumeOptions, parse_options, with_default_size
 from plugin.settings import Settings
 from plugin.snapshotting import Capture, Snapshotter, validate_snapshot_name
 from plugin.state import StateStore, SyncRecord, VolumeRecord
@@ -203,7 +203,9 @@ class Driver:
         it is done).  Until then the volume is invisible to Get and List.
         """
         validate_volume_name(name)
-        raw_options = self._inherit_size(raw_options)
+        raw_options = with_default_size(
+            self._inherit_size(raw_options), default_backend=self.settings.default_backend,
+            backends=self.backends, default_size=self.settings.default_size)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
                                 backends=self.backends.keys(), volume=name,
                                 default_bucket=self.settings.s3_bucket)

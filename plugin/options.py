@@ -258,6 +258,21 @@ def normalise(raw: Mapping[str, object] | None) -> dict[str, str]:
     return result
 
 
+def with_default_size(raw: Mapping[str, object] | None, *, default_backend: str,
+                      backends: Mapping[str, Any], default_size: str) -> Mapping[str, object]:
+    """``raw`` plus ``size=default_size`` if the backend it selects limits sizes and it has no
+    size.  Create stores the result, so a later change of the setting moves no volume."""
+    opts = {str(k).strip().lower(): v for k, v in (raw or {}).items()}
+    if not default_size or "size" in opts:
+        return raw or {}
+    named = opts.get("backend")
+    backend = backends.get(named.strip() if isinstance(named, str) and named.strip()
+                           else default_backend)
+    if backend is None or not backend.capabilities.size_limit:
+        return raw or {}
+    return {**(raw or {}), "size": default_size}
+
+
 def parse_options(
     raw: Mapping[str, object] | None,
     *,

@@ -19,6 +19,8 @@ class Settings:
     """Managed plugins: the propagatedMount under which volumes are bind-mounted."""
     log_level: str = "INFO"
     default_backend: str = "local"
+    default_size: str = ""
+    """``-o size`` for volumes of a sized backend created without one (e.g. ``10G``)."""
     s3_bucket: str = ""
     """Default bucket for volumes created with ``-o s3_sync`` but no ``s3_bucket``."""
     s3_env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -45,6 +47,7 @@ class Settings:
             mount_root=mount_root,
             log_level=level,
             default_backend=(env.get("DEFAULT_BACKEND") or "local").strip(),
+            default_size=(env.get("DEFAULT_SIZE") or "").strip(),
             s3_bucket=(env.get("S3_BUCKET") or "").strip(),
             s3_env={k: v for k, v in env.items() if k.startswith(("S3_", "AWS_"))},
         )

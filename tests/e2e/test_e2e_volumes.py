@@ -101,7 +101,8 @@ def test_owner_and_mode_options(scenario: Scenario) -> None:
     ("args", "expected"),
     [
         (["-o", "colour=blue"], ["unknown option 'colour'",
-                                 "valid options for backend local are: backend, from, gid, mode,", "uid"]),
+                                 "valid options for backend local are: backend, from, gid, mode,",
+                                 "uid"]),
         (["-o", "uid=alice"], ["option uid='alice' must be a number from 0 to"]),
         (["-o", "mode=0999"], ["option mode='0999' must be octal permission bits"]),
         (["-o", "snapshot_keep=0"], ["option snapshot_keep='0' must be a positive whole number"]),
