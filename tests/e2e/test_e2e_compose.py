@@ -39,10 +39,15 @@ services:
     network_mode: none
     labels:
       {label}: "{token}"
-    command: ["sh", "-c", "echo written-by-compose > /data/greeting"]
+    command: ["sh", "-c", "echo written-by-compose > /data/greeting && df -k /sized > /data/df"]
     volumes:
       - data:/data
+      - sized:/sized
 volumes:
+  sized:
+    driver: pyvol:latest
+    driver_opts:
+      size: 1G
   data:
     driver: pyvol:latest
     driver_opts:
@@ -102,6 +107,12 @@ def test_compose_volume_gets_the_driver_opts_and_keeps_its_data(
                                            "mode": "0750"}
     assert volume["Status"]["snapshot_policy"]["on_unmount"] is True
     assert (pyvol_plugin.volume_dir(vol) / "greeting").read_text() == "written-by-compose\n"
+    sized = inspect_volume(f"{project}_sized")
+    assert sized["Options"] == {"size": "1G"}
+    assert sized["Status"]["backend"] == "image"
+    assert sized["Status"]["size_limit"] == "1 GiB"
+    df = (pyvol_plugin.volume_dir(vol) / "df").read_text().splitlines()[-1].split()
+    assert 1000 * 1024 <= int(df[1]) <= 1024 * 1024  # the app's df saw the 1 GiB limit
 
     compose = ["docker-compose", "-f", docker_compose_file, "-p", project]
     read = run([*compose, "run", "--rm", "-T", "app", "cat", "/data/greeting"], timeout=120)

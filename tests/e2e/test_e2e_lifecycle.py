@@ -31,8 +31,10 @@ def _read(scenario: Scenario, vol: str, path: str = "/data/f") -> str:
 
 def test_disable_and_enable_with_a_running_container(scenario: Scenario) -> None:
     vol = scenario.create("disable")
-    user = scenario.start("-v", f"{vol}:/data")
+    sized = scenario.create("disable-sized", "-o", "size=64M")
+    user = scenario.start("-v", f"{vol}:/data", "-v", f"{sized}:/sized")
     ok(scenario.sh(user, "echo before > /data/f"))
+    ok(scenario.sh(user, "echo before > /sized/f"))
     try:
         assert ok(docker("plugin", "disable", "-f", ALIAS)).strip() == ALIAS
         stderr = fails(docker("volume", "inspect", vol))
@@ -46,9 +48,15 @@ def test_disable_and_enable_with_a_running_container(scenario: Scenario) -> None
     ok(scenario.sh(user, "echo after > /data/g"))
     assert (scenario.plugin.volume_dir(vol) / "g").read_text() == "after\n"
     assert inspect_volume(vol)["Status"]["mounts"] == 1
+    # The sized volume's filesystem, still mounted in the container, was found again (not
+    # attached a second time, which would corrupt it): both see the same files.
+    ok(scenario.sh(user, "echo after > /sized/g"))
+    assert inspect_volume(sized)["Status"]["mounts"] == 1
 
     ok(docker("stop", "-t", "2", user))
     assert inspect_volume(vol)["Status"]["mounts"] == 0
+    assert _read(scenario, sized, "/data/g") == "after\n"
+    assert _read(scenario, sized) == "before\n"
     ok(docker("rm", user))
     assert ok(docker("volume", "rm", vol)).strip() == vol
     assert not scenario.plugin.volume_dir(vol).exists()
@@ -83,10 +91,15 @@ def test_daemon_restart_keeps_volumes_labels_and_data(scenario: Scenario) -> Non
                    f"start: {', '.join(others)}")
     vol = scenario.create("restart", "-o", "mode=0700", "--label", "purpose=restart-test")
     ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", "echo survives > /data/f"))
-    running = scenario.start("-v", f"{vol}:/data")
+    sized = scenario.create("restart-sized", "-o", "size=64M")
+    ok(scenario.run("-v", f"{sized}:/data", BUSYBOX, "sh", "-c", "echo sized > /data/f"))
+    running = scenario.start("-v", f"{vol}:/data", "-v", f"{sized}:/sized")
     assert inspect_volume(vol)["Status"]["mounts"] == 1
 
     restart_dockerd()
+
+    assert _read(scenario, sized) == "sized\n"
+    assert inspect_volume(sized)["Status"]["size_limit"] == "64 MiB"
 
     assert plugin_field("{{.Enabled}}") == "true"
     # Without live-restore the graceful shutdown stopped the container (an Unmount).
@@ -111,6 +124,8 @@ def test_daemon_restart_keeps_volumes_labels_and_data(scenario: Scenario) -> Non
 def test_upgrade_keeps_volumes_and_data(scenario: Scenario) -> None:
     vol = scenario.create("upgrade", "--label", "v=1")
     ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", "echo from-v1 > /data/f"))
+    sized = scenario.create("upgrade-sized", "-o", "size=64M")
+    ok(scenario.run("-v", f"{sized}:/data", BUSYBOX, "sh", "-c", "echo sized-v1 > /data/f"))
 
     stderr = fails(docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check",
                           ALIAS, REF2, timeout=300))
@@ -132,11 +147,15 @@ def test_upgrade_keeps_volumes_and_data(scenario: Scenario) -> None:
     assert _read(scenario, vol) == "from-v1\n"
     ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", "echo from-v2 >> /data/f"))
     assert (scenario.plugin.volume_dir(vol) / "f").read_text() == "from-v1\nfrom-v2\n"
+    assert _read(scenario, sized) == "sized-v1\n"
+    assert inspect_volume(sized)["Status"]["size_limit"] == "64 MiB"
 
 
 def test_reinstall_with_the_same_alias_and_data_finds_old_volumes(scenario: Scenario) -> None:
     vol = scenario.create("reinstall", "-o", "uid=1000", "--label", "keep=me")
     ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", "echo precious > /data/f"))
+    sized = scenario.create("reinstall-sized", "-o", "size=64M")
+    ok(scenario.run("-v", f"{sized}:/data", BUSYBOX, "sh", "-c", "echo sized > /data/f"))
 
     assert ok(docker("plugin", "rm", "-f", ALIAS, timeout=120)).strip() == ALIAS
     assert all(not row.endswith(f" {vol}") for row in volume_rows())
@@ -151,3 +170,5 @@ def test_reinstall_with_the_same_alias_and_data_finds_old_volumes(scenario: Scen
     assert _read(scenario, vol) == "precious\n"
     assert ok(scenario.run("-v", f"{vol}:/data", BUSYBOX,
                            "stat", "-c", "%u", "/data")) == "1000\n"
+    assert _read(scenario, sized) == "sized\n"
+    assert inspect_volume(sized)["Status"]["size_limit"] == "64 MiB"
