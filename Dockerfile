@@ -11,6 +11,17 @@ RUN if [ -n "$APT_PACKAGES" ]; then \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 
+# The image backend formats, grows and checks ext4 file systems in image files: mkfs.ext4,
+# resize2fs and e2fsck (e2fsprogs). Debian minbase has them up to bookworm (so the debootstrap
+# fallback of scripts/build-plugin.sh needs no network here); trixie, the base of
+# python:3.12-slim since 2025, dropped e2fsprogs from minbase, so install it only when missing.
+RUN for t in mkfs.ext4 resize2fs e2fsck; do command -v $t >/dev/null || missing=1; done; \
+    if [ -n "${missing:-}" ]; then \
+      apt-get update && apt-get install -y --no-install-recommends e2fsprogs \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && command -v mkfs.ext4 && command -v resize2fs && command -v e2fsck
+
 # dockerd requires /run/docker/plugins in a plugin's rootfs; /data and /mnt/pyvol are the
 # mount points of config.json.
 RUN mkdir -p /run/docker/plugins /data /mnt/pyvol && python3 -m venv /opt/pyvol
