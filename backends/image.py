@@ -362,6 +362,9 @@ class ImageBackend:
                         "it and resize again (it then grows offline)")
                 self._busy[volume] = "resized"
             try:
+                if not loop.wait_unbound(image):
+                    raise VolumeInUse(f"volume {volume!r} is still held by a loop device; "
+                                      "stop what uses it and resize again")
                 _truncate(image, size)
                 ext4.grow_offline(image)
             finally:

@@ -19,6 +19,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,20 @@ def find(image: Path) -> Info | None:
         if (info.backing_dev, info.backing_ino) == key:
             return info
     return None
+
+
+def wait_unbound(image: Path, timeout: float = 5.0) -> bool:
+    """Wait until no loop device is bound to ``image``; False if one still is at the end.
+
+    Autoclear frees a device just after the unmount that released it returns, not during
+    it.  Whoever writes the image file directly must wait: a device still bound would be
+    reused by the next mount, with the old content in its page cache."""
+    deadline = time.monotonic() + timeout
+    while find(image) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _bind(loop_fd: int, image_fd: int, number: int) -> None:
