@@ -33,7 +33,7 @@ from backends import ext4, loop
 from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resized
 from backends.errors import BackendError
 from backends.fs import confined, fsync_dir, is_mountpoint, make_private, remove_tree, syncfs
-from backends.sizes import format_size, parse_size
+from backends.sizes import MIN_SIZE, format_size, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,9 @@ class ImageBackend:
         if not isinstance(size, int):
             raise BackendError(f"volume {volume!r} needs a size on backend image: create it "
                                "with -o size=SIZE, such as -o size=10G")
+        if size < MIN_SIZE:
+            raise BackendError(f"volume {volume!r}: a size of {format_size(size)} is too "
+                               f"small; ext4 needs at least {format_size(MIN_SIZE)}")
         if os.path.lexists(final):
             raise BackendError(f"volume {volume!r} already exists ({final}); remove it or "
                                "pick another name")

@@ -59,6 +59,8 @@ def fill(path: Path, mib: int) -> None:
 def test_create_needs_a_size(backend: ImageBackend) -> None:
     with pytest.raises(BackendError, match=r"'v' needs a size.*-o size=SIZE"):
         backend.create("v", DirSpec())
+    with pytest.raises(BackendError, match=r"'v'.*1 MiB is too small.*at least 32 MiB"):
+        backend.create("v", sized(MiB))
     assert backend.names() == set()
 
 
