@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backends.base import Backend, DirSpec
+from backends.image import ImageBackend
 from backends.local import LocalBackend
 
 REGISTRY: dict[str, Callable[[Path], Backend]] = {
+    "image": ImageBackend,
     "local": LocalBackend,
 }
 

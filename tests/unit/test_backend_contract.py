@@ -1,25 +1,32 @@
 """The contract every storage backend meets (backends/base.py), run on each entry of REGISTRY.
 
-A new backend registered in ``backends.REGISTRY`` gets this whole suite for free.  Crashes are
-simulated by killing the operation at its N-th filesystem mutation, for every N, then building
-a fresh backend over the same root (a restart) and calling ``recover()``.
+A new backend registered in ``backends.REGISTRY`` gets this whole suite for free (plus one
+line in :data:`STORED`).  Crashes are simulated by killing the operation at its N-th
+filesystem mutation, for every N, then building a fresh backend over the same root (a
+restart) and calling ``recover()``.  A volume's data is read and written between mount and
+unmount or inside a view, never through ``path()`` alone: not every backend keeps a plain
+directory there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from loop_support import HAS_LOOP, clear_under
 
 from backends import REGISTRY, Backend
-from backends.base import DirSpec
+from backends.base import DirSpec, Populate
 from backends.errors import BackendError, UnsafePath
+from backends.sizes import MiB
 
 Factory = Callable[[Path], Backend]
 VOLUME = "crashvol"
@@ -27,9 +34,65 @@ MUTATORS = ("mkdir", "rename", "replace", "chmod", "chown", "rmdir", "unlink", "
             "symlink", "link")
 
 
+SIZE = 64 * MiB
+"""The size given to every volume of a backend that enforces sizes."""
+
+STORED: dict[str, Callable[[Any, str], Path]] = {
+    "local": lambda b, volume: b.path(volume),
+    "image": lambda b, volume: b.image(volume),
+}
+"""Where each backend keeps a volume's data at rest: what must vanish for "missing"."""
+
+
+class Sized:
+    """A backend whose creates get ``size`` when the spec has none, as the options parser
+    gives it to backends with ``size_limit``."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+
+    def create(self, volume: str, spec: DirSpec, populate: Populate | None = None) -> None:
+        if "size" not in spec.params:
+            spec = dataclasses.replace(spec, params={**spec.params, "size": SIZE})
+        self._inner.create(volume, spec, populate)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 @pytest.fixture(params=sorted(REGISTRY))
-def factory(request: pytest.FixtureRequest) -> Factory:
-    return REGISTRY[request.param]
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
+    make = REGISTRY[request.param]
+    if make.capabilities.size_limit:  # type: ignore[attr-defined]
+        if not HAS_LOOP:
+            pytest.skip("/dev/loop-control is absent: image volumes need loop devices")
+        yield lambda root: Sized(make(root))  # type: ignore[return-value]
+    else:
+        yield make
+    mounts, loops = clear_under(tmp_path)
+    assert (mounts, loops) == ([], []), "mounts or loop devices left behind"
+
+
+def stored(backend: Backend, volume: str) -> Path:
+    return STORED[backend.name](backend, volume)
+
+
+def vanish(backend: Backend, volume: str) -> None:
+    """Delete a volume's data behind the backend's back."""
+    path = stored(backend, volume)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def mounted(backend: Backend, volume: str) -> Iterator[Path]:
+    path = backend.mount(volume)
+    try:
+        yield path
+    finally:
+        backend.unmount(volume)
 
 
 @pytest.fixture
@@ -80,9 +143,11 @@ def test_create_exists_path_names(backend: Backend) -> None:
     assert backend.exists("v")
     path = backend.path("v")
     assert path.is_absolute()
-    assert path.is_dir()
     assert backend.path("v") == path  # stable
-    assert list(path.iterdir()) == []  # a new volume is empty
+    with mounted(backend, "v") as data:
+        assert data == path
+        assert path.is_dir()
+        assert list(path.iterdir()) == []  # a new volume is empty: no lost+found either
     backend.create("w", DirSpec())
     assert backend.names() == {"v", "w"}  # no bookkeeping entries leak into names()
 
@@ -96,42 +161,51 @@ def test_path_of_an_unknown_volume_creates_nothing(backend: Backend) -> None:
 
 def test_create_twice_errors_and_keeps_the_data(backend: Backend) -> None:
     backend.create("v", DirSpec(mode=0o750))
-    (backend.path("v") / "data").write_text("x")
+    with mounted(backend, "v") as path:
+        (path / "data").write_text("x")
     with pytest.raises(BackendError) as excinfo:
         backend.create("v", DirSpec(mode=0o700))
     assert "v" in str(excinfo.value)
-    assert (backend.path("v") / "data").read_text() == "x"
-    assert stat.S_IMODE(backend.path("v").stat().st_mode) == 0o750
+    with backend.view("v") as path:
+        assert (path / "data").read_text() == "x"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o750
 
 
 def test_remove_is_idempotent(backend: Backend) -> None:
     backend.remove("never-created")
     backend.create("v", DirSpec())
-    populate(backend.path("v"))
+    with mounted(backend, "v") as path:
+        populate(path)
     backend.remove("v")
     assert not backend.exists("v")
     assert not backend.path("v").exists()
     assert backend.names() == set()
     backend.remove("v")
     backend.create("v", DirSpec())  # the name is free again, and the new volume is empty
-    assert list(backend.path("v").iterdir()) == []
+    with backend.view("v") as path:
+        assert list(path.iterdir()) == []
 
 
 def test_remove_takes_the_volume_away_at_once_and_purge_deletes_it(
         backend: Backend, root: Path) -> None:
+    plain = backend.capabilities.plain_directory  # else the staged data is not browsable
     for round_ in range(2):  # the same name again: the staged copies never collide
         backend.create("v", DirSpec())
-        populate(backend.path("v"))
-        (backend.path("v") / "round").write_text(str(round_))
+        with mounted(backend, "v") as path:
+            populate(path)
+            (path / "round").write_text(str(round_))
         backend.remove("v")
         assert not backend.exists("v") and backend.names() == set()
-    staged = [p for p in root.rglob("round")]
-    assert sorted(p.read_text() for p in staged) == ["0", "1"]  # kept for purge
+    if plain:
+        staged = [p for p in root.rglob("round")]
+        assert sorted(p.read_text() for p in staged) == ["0", "1"]  # kept for purge
     backend.create("v", DirSpec())
-    assert list(backend.path("v").iterdir()) == []
+    with backend.view("v") as path:
+        assert list(path.iterdir()) == []
     assert backend.recover() == {"v"}  # a restart reports them; the driver keeps volume v
     backend.purge()
-    assert [p for p in root.rglob("round")] == []
+    if plain:
+        assert [p for p in root.rglob("round")] == []
     assert backend.names() == {"v"} and backend.recover() == set()
 
 
@@ -151,8 +225,9 @@ def test_longest_name_round_trip(backend: Backend) -> None:
 def test_remove_does_not_follow_links_out(backend: Backend, outside: Path) -> None:
     before = snapshot(outside)
     backend.create("v", DirSpec())
-    (backend.path("v") / "link").symlink_to(outside, target_is_directory=True)
-    (backend.path("v") / "file-link").symlink_to(outside / "precious")
+    with mounted(backend, "v") as path:
+        (path / "link").symlink_to(outside, target_is_directory=True)
+        (path / "file-link").symlink_to(outside / "precious")
     backend.remove("v")
     backend.purge()
     assert snapshot(outside) == before
@@ -175,7 +250,8 @@ def test_uid_gid_mode_applied(backend: Backend, spec: DirSpec) -> None:
         backend.create("v", spec)
     finally:
         os.umask(old_umask)
-    st = backend.path("v").stat()
+    with backend.view("v") as path:
+        st = path.stat()
     assert stat.S_IMODE(st.st_mode) == spec.mode
     assert st.st_uid == (os.geteuid() if spec.uid is None else spec.uid)
     assert st.st_gid == (os.getegid() if spec.gid is None else spec.gid)
@@ -187,20 +263,26 @@ def test_mount_and_unmount(backend: Backend) -> None:
     assert data.is_dir()
     (data / "f").write_text("hello")
     backend.unmount("v")
-    assert (backend.path("v") / "f").read_text() == "hello"
+    with backend.view("v") as path:
+        assert (path / "f").read_text() == "hello"
 
 
 def test_mount_of_a_vanished_volume_errors(backend: Backend) -> None:
     backend.create("v", DirSpec())
-    shutil.rmtree(backend.path("v"))
+    vanish(backend, "v")
     with pytest.raises(BackendError) as excinfo:
         backend.mount("v")
+    assert "'v'" in str(excinfo.value)
+    with pytest.raises(BackendError) as excinfo, backend.view("v"):
+        pass
     assert "'v'" in str(excinfo.value)
 
 
 def test_status_of_existing_volume(backend: Backend) -> None:
     backend.create("v", DirSpec())
-    populate(backend.path("v"))
+    with mounted(backend, "v") as path:
+        populate(path)
+        json.dumps(backend.status("v"))  # mounted too
     status = backend.status("v")
     assert isinstance(status, dict)
     json.dumps(status)  # goes on the wire as is
@@ -211,7 +293,7 @@ def test_status_of_existing_volume(backend: Backend) -> None:
 def test_status_of_missing_volume(backend: Backend, how: str) -> None:
     if how == "deleted out of band":
         backend.create("v", DirSpec())
-        shutil.rmtree(backend.path("v"))
+        vanish(backend, "v")
     status = backend.status("v")
     json.dumps(status)
     assert status["state"] == "missing"
@@ -220,7 +302,8 @@ def test_status_of_missing_volume(backend: Backend, how: str) -> None:
 def test_recover_on_a_clean_root_changes_nothing(factory: Factory, root: Path) -> None:
     backend = factory(root)
     backend.create("v", DirSpec())
-    populate(backend.path("v"))
+    with mounted(backend, "v") as path:
+        populate(path)
     before = snapshot(root)
     assert factory(root).recover() == set()
     assert snapshot(root) == before
@@ -303,7 +386,7 @@ def kill_at(n: int) -> Iterator[KillSwitch]:
 
 def leftovers(root: Path, backend: Backend) -> list[Path]:
     """Paths anywhere under root that carry the volume's name but are not the volume."""
-    volume = backend.path(VOLUME)
+    volume = stored(backend, VOLUME)
     return [p for p in root.rglob(f"*{VOLUME}*")
             if p != volume and volume not in p.parents]
 
@@ -337,7 +420,8 @@ def test_crashed_create_is_complete_or_absent_after_recover(
         restarted.recover()
         assert leftovers(root, restarted) == [], f"{root.name}: create leftovers not cleared"
         if restarted.exists(VOLUME):
-            st = restarted.path(VOLUME).stat()
+            with restarted.view(VOLUME) as path:
+                st = path.stat()
             assert stat.S_IMODE(st.st_mode) == spec.mode, f"{root.name}: half-made volume"
             if spec.uid is not None:
                 assert st.st_uid == spec.uid, f"{root.name}: half-made volume"
@@ -354,7 +438,8 @@ def test_crashed_remove_is_finished_and_reported_by_recover(
 ) -> None:
     def prepare(b: Backend) -> None:
         b.create(VOLUME, DirSpec())
-        populate(b.path(VOLUME))
+        with mounted(b, VOLUME) as path:
+            populate(path)
 
     reported_any = False
     for root, _ in crash_points(lambda b: b.remove(VOLUME), factory, tmp_path, prepare):
@@ -363,7 +448,8 @@ def test_crashed_remove_is_finished_and_reported_by_recover(
         restarted.purge()  # the driver runs it in the background after recover()
         assert leftovers(root, restarted) == [], f"{root.name}: removal not finished"
         if restarted.exists(VOLUME):
-            assert is_populated(restarted.path(VOLUME)), f"{root.name}: half-deleted volume"
+            with restarted.view(VOLUME) as path:
+                assert is_populated(path), f"{root.name}: half-deleted volume"
         else:
             # The driver drops a record only for names reported here.
             assert VOLUME in reported, f"{root.name}: interrupted removal not reported"
@@ -400,3 +486,95 @@ def test_volume_data_is_unreachable_for_other_host_users_even_after_widening(
             break
     factory(root)
     assert private_ancestor(path, root) is not None
+
+
+# views, sizes, content swaps
+
+
+def test_view_reads_the_content_and_outlives_the_last_unmount(backend: Backend) -> None:
+    backend.create("v", DirSpec())
+    with mounted(backend, "v") as path:
+        populate(path)
+    with backend.view("v") as seen:
+        assert is_populated(seen)
+    backend.mount("v")
+    with backend.view("v") as seen:
+        backend.unmount("v")  # the last mount goes; the view still holds the data
+        assert is_populated(seen)
+        with backend.view("v") as nested:
+            assert is_populated(nested)
+        assert is_populated(seen)
+    backend.mount("v")  # and it mounts again afterwards
+    assert is_populated(backend.path("v"))
+    backend.unmount("v")
+
+
+def test_size_and_resize(backend: Backend) -> None:
+    backend.create("v", DirSpec())
+    with mounted(backend, "v") as path:
+        populate(path)
+    if not backend.capabilities.size_limit:
+        assert backend.size("v") is None
+        with pytest.raises(BackendError, match="'v'"):
+            backend.resize("v", 2 * SIZE)
+        return
+    assert backend.size("v") == SIZE
+    backend.resize("v", SIZE)  # the same size: nothing to do
+    assert backend.size("v") == SIZE
+    with pytest.raises(BackendError, match=r"'v'.*cannot shrink"):
+        backend.resize("v", SIZE // 2)
+    assert backend.size("v") == SIZE
+    backend.resize("v", 2 * SIZE)
+    assert backend.size("v") == 2 * SIZE
+    with backend.view("v") as path:
+        assert is_populated(path)
+        vfs = os.statvfs(path)
+        assert vfs.f_blocks * vfs.f_frsize > 1.8 * SIZE  # the filesystem grew, not just a file
+
+
+def test_replace_swaps_the_content(backend: Backend) -> None:
+    backend.create("v", DirSpec())
+    with mounted(backend, "v") as path:
+        (path / "old").write_text("old")
+    backend.replace("v", populate)
+    with backend.view("v") as path:
+        assert is_populated(path)
+        assert not (path / "old").exists()
+    assert backend.size("v") == (SIZE if backend.capabilities.size_limit else None)
+
+
+def test_failed_replace_keeps_the_content(backend: Backend) -> None:
+    backend.create("v", DirSpec())
+    with mounted(backend, "v") as path:
+        populate(path)
+
+    def broken(path: Path) -> None:
+        (path / "half").write_text("x")
+        raise OSError("restore failed midway")
+
+    with pytest.raises((OSError, BackendError), match="midway"):
+        backend.replace("v", broken)
+    with backend.view("v") as path:
+        assert is_populated(path) and not (path / "half").exists()
+    assert backend.recover() == set()
+
+
+def test_crashed_replace_is_old_or_new_after_recover(factory: Factory, tmp_path: Path) -> None:
+    def prepare(b: Backend) -> None:
+        b.create(VOLUME, DirSpec())
+        with mounted(b, VOLUME) as path:
+            (path / "old").write_text("old")
+
+    outcomes = set()
+    for root, _ in crash_points(lambda b: b.replace(VOLUME, populate), factory, tmp_path,
+                                prepare):
+        restarted = factory(root)
+        restarted.recover()
+        assert leftovers(root, restarted) == [], f"{root.name}: replace leftovers not cleared"
+        with restarted.view(VOLUME) as path:
+            names = sorted(p.name for p in path.iterdir())
+            assert names in (["old"], ["a.txt", "sub"]), f"{root.name}: mixed content {names}"
+            if names != ["old"]:
+                assert is_populated(path), f"{root.name}: half-made content"
+        outcomes.add(names[0])
+    assert outcomes == {"old", "a.txt"}, "the crashes never hit both sides of the swap"

@@ -1,0 +1,472 @@
+"""The ``image`` backend: each volume is an ext4 filesystem in a sparse image file, so its
+size limit is enforced by the kernel (a write past it fails with ENOSPC).
+
+Layout under ``<root>/images``: ``NAME`` is the image (no suffix: names may use all of
+NAME_MAX), ``.mnt/NAME`` is where it is mounted while in use.  Create and replace build a
+new image in ``.creating/NAME/`` or ``.replacing/NAME/`` and rename it into place; remove
+renames it into a ``.removing/.<random>/`` bin that :meth:`ImageBackend.purge` empties.  A
+rename is atomic, so after a crash an image is complete or absent, and
+:meth:`ImageBackend.recover` unmounts and clears what a crash left staged.
+
+Mounts are counted per volume: :meth:`mount` and :meth:`view` take a reference, and the
+filesystem is unmounted when the last one is dropped (its autoclear loop device then frees
+itself).  An image is never bound to two loop devices (``backends.loop``), and a mount at
+``.mnt/NAME`` left by an earlier process is adopted, not mounted over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+from backends import ext4, loop
+from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resized
+from backends.errors import BackendError
+from backends.fs import confined, fsync_dir, is_mountpoint, make_private, remove_tree, syncfs
+from backends.sizes import MIN_SIZE, format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+SIZE_HELP = ("size limit of the volume, such as 512M, 10G or 1.5T (binary units; at least "
+             "32M); writes past it fail with 'No space left on device'")
+
+
+class VolumeInUse(BackendError):
+    """The volume is mounted; the operation needs it idle."""
+
+
+class SizeShrink(BackendError):
+    """A resize asked for a smaller size; ext4 cannot shrink while mounted."""
+
+
+class MissingImage(BackendError):
+    """A volume's image file is gone."""
+
+
+class ImageBackend:
+    name: ClassVar[str] = "image"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        size_limit=True, online_resize=True, plain_directory=False, snapshot_methods=("copy",))
+    options: ClassVar[tuple[BackendOption, ...]] = (
+        BackendOption("size", parse_size, SIZE_HELP, show=format_size),)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "images"
+        self._mnt = self.root / ".mnt"
+        self._creating = self.root / ".creating"
+        self._replacing = self.root / ".replacing"
+        self._removing = self.root / ".removing"
+        for d in (root, self.root, self._mnt, self._creating, self._replacing, self._removing):
+            make_private(d)
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._refs: dict[str, int] = {}
+        self._busy: dict[str, str] = {}
+        """Volumes an offline operation holds; they cannot be mounted meanwhile."""
+
+    # where things are
+
+    def image(self, volume: str) -> Path:
+        """The volume's image file."""
+        return confined(self.root, volume)
+
+    def path(self, volume: str) -> Path:
+        return confined(self._mnt, volume)
+
+    def exists(self, volume: str) -> bool:
+        return _is_file(self.image(volume))
+
+    def names(self) -> set[str]:
+        return {entry.name for entry in os.scandir(self.root)
+                if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)}
+
+    def _lock(self, volume: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(volume, threading.Lock())
+
+    def _existing(self, volume: str) -> Path:
+        self.path(volume)  # confines the mountpoint too
+        image = self.image(volume)
+        if not _is_file(image):
+            raise MissingImage(
+                f"the image {image} of volume {volume!r} is missing: restore it from a backup "
+                "or remove the volume with `docker volume rm`")
+        return image
+
+    # mounts, counted
+
+    def mount(self, volume: str) -> Path:
+        return self._acquire(volume)
+
+    def unmount(self, volume: str) -> None:
+        self._release(volume)
+
+    @contextmanager
+    def view(self, volume: str) -> Iterator[Path]:
+        path = self._acquire(volume)
+        try:
+            yield path
+        finally:
+            self._release(volume)
+
+    def _acquire(self, volume: str) -> Path:
+        image = self._existing(volume)
+        target = self.path(volume)
+        with self._lock(volume):
+            if volume in self._busy:
+                raise VolumeInUse(f"volume {volume!r} is being {self._busy[volume]}; try "
+                                  "again in a moment")
+            refs = self._refs.get(volume, 0)
+            if refs == 0 and not self._adopt(image, target):
+                target.mkdir(mode=0o700, exist_ok=True)
+                try:
+                    _mount_image(image, target)
+                except (OSError, ext4.ToolError) as exc:
+                    with contextlib.suppress(OSError):
+                        target.rmdir()
+                    raise BackendError(f"cannot mount volume {volume!r}: {exc}") from exc
+            self._refs[volume] = refs + 1
+        return target
+
+    def _adopt(self, image: Path, target: Path) -> bool:
+        """Whether ``target`` already holds ``image``'s filesystem (mounted by an earlier
+        process); a stale mount of something else there is detached."""
+        if not is_mountpoint(target):
+            return False
+        found = loop.find(image)
+        if found is not None and os.stat(target).st_dev == os.makedev(loop.LOOP_MAJOR,
+                                                                       found.number):
+            log.info("adopting the existing mount of %s on %s", image, target)
+            return True
+        log.warning("%s holds a mount that is not %s: detaching it", target, image)
+        ext4.unmount(target)
+        return False
+
+    def _release(self, volume: str) -> None:
+        target = self.path(volume)
+        with self._lock(volume):
+            refs = self._refs.pop(volume, 0)
+            if refs > 1:
+                self._refs[volume] = refs - 1
+                return
+            try:
+                _unmount_dir(target)
+            except OSError as exc:
+                raise BackendError(f"cannot unmount volume {volume!r}: {exc}") from exc
+
+    def _idle(self, volume: str, verb: str) -> None:
+        """Refuse ``verb`` while the volume is referenced; detach a mount left unreferenced
+        by an earlier process.  Call with the volume's lock held."""
+        if volume in self._busy:
+            raise VolumeInUse(f"volume {volume!r} is being {self._busy[volume]}; try again "
+                              "in a moment")
+        if self._refs.get(volume, 0):
+            raise VolumeInUse(f"volume {volume!r} is in use (mounted or being read); "
+                              f"stop the containers using it, then {verb} it")
+        _unmount_dir(self.path(volume))
+
+    # create, replace, remove
+
+    def create(self, volume: str, spec: DirSpec, populate: Populate | None = None) -> None:
+        self.path(volume)
+        final = self.image(volume)
+        size = spec.params.get("size")
+        if not isinstance(size, int):
+            raise BackendError(f"volume {volume!r} needs a size on backend image: create it "
+                               "with -o size=SIZE, such as -o size=10G")
+        if size < MIN_SIZE:
+            raise BackendError(f"volume {volume!r}: a size of {format_size(size)} is too "
+                               f"small; ext4 needs at least {format_size(MIN_SIZE)}")
+        if os.path.lexists(final):
+            raise BackendError(f"volume {volume!r} already exists ({final}); remove it or "
+                               "pick another name")
+        work = confined(self._creating, volume)
+        _discard(work)
+        work.mkdir(mode=0o700)
+        try:
+            self._build(volume, work, size, spec, populate)
+            os.rename(work / "image", final)
+            fsync_dir(self.root)
+            _discard(work)
+        except BaseException as exc:
+            _discard(work)
+            if isinstance(exc, OSError | ext4.ToolError):
+                raise BackendError(f"cannot create volume {volume!r}: {exc}") from exc
+            raise
+
+    def _build(self, volume: str, work: Path, size: int, spec: DirSpec | None,
+               populate: Populate | None) -> None:
+        """Make ``work/image`` (the filesystem, filled) using ``work/mnt`` to mount it."""
+        image, mnt = work / "image", work / "mnt"
+        fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                if exc.errno == errno.EFBIG:
+                    raise BackendError(
+                        f"the host filesystem of {self.root} cannot hold an image of "
+                        f"{format_size(size)} for volume {volume!r}: choose a smaller size"
+                    ) from exc
+                raise
+        finally:
+            os.close(fd)
+        ext4.make(image)
+        mnt.mkdir(mode=0o700)
+        _mount_image(image, mnt)
+        try:
+            os.rmdir(mnt / "lost+found")  # initdb and others refuse a non-empty directory
+            if populate is not None:
+                populate(mnt)
+            if spec is not None:
+                if spec.uid is not None or spec.gid is not None:
+                    os.chown(mnt, -1 if spec.uid is None else spec.uid,
+                             -1 if spec.gid is None else spec.gid)
+                if populate is None or spec.mode != DirSpec.mode:
+                    os.chmod(mnt, spec.mode)
+            syncfs(mnt)
+        finally:
+            ext4.unmount(mnt)
+        fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def replace(self, volume: str, populate: Populate) -> None:
+        """Build a new image of the same size in ``.replacing/NAME/partial``, rename it to
+        ``ready``, then over the volume's.  Raises :class:`VolumeInUse` if the volume is
+        mounted or viewed when the swap comes.  After a crash, :meth:`recover` drops a
+        partial build and completes a ready one."""
+        size = os.stat(self._existing(volume)).st_size
+        work = confined(self._replacing, volume)
+        _discard(work)
+        work.mkdir(mode=0o700)
+        try:
+            with self._lock(volume):
+                self._idle(volume, "restore")
+            self._build(volume, work, size, None, populate)
+            os.rename(work / "image", work / "ready")
+            fsync_dir(work)
+            with self._lock(volume):
+                self._idle(volume, "restore")
+                self._swap_in(volume, work)
+        except BaseException as exc:
+            _discard(work)
+            if isinstance(exc, OSError | ext4.ToolError):
+                raise BackendError(f"cannot replace the content of volume {volume!r}: "
+                                   f"{exc}") from exc
+            raise
+
+    def _swap_in(self, volume: str, work: Path) -> None:
+        os.rename(work / "ready", self.image(volume))
+        fsync_dir(self.root)
+        _discard(work)
+
+    def remove(self, volume: str) -> None:
+        """Move the image into a bin of its own at once; :meth:`purge` deletes it.  Raises
+        :class:`VolumeInUse` while it is mounted or viewed."""
+        self.path(volume)
+        final = self.image(volume)
+        if not os.path.lexists(final):
+            return
+        with self._lock(volume):
+            self._idle(volume, "remove")
+            bin_ = self._removing / f".{secrets.token_hex(8)}"
+            try:
+                bin_.mkdir(mode=0o700)
+                os.rename(final, confined(bin_, volume))
+                fsync_dir(bin_)
+                fsync_dir(self.root)
+            except OSError as exc:
+                if os.path.lexists(final):
+                    remove_tree(bin_)
+                raise BackendError(f"cannot remove volume {volume!r}: {exc}") from exc
+
+    def purge(self) -> None:
+        for entry in os.scandir(self._removing):
+            if entry.name.startswith("."):
+                remove_tree(Path(entry.path))
+
+    def recover(self) -> set[str]:
+        for entry in os.scandir(self._replacing):
+            work = Path(entry.path)
+            _unmount_staging(work)
+            if (work / "ready").is_file() and self.exists(entry.name):
+                log.info("completing the interrupted content swap of volume %s", entry.name)
+                self._swap_in(entry.name, work)
+            else:
+                log.info("discarding %s: its build did not complete", work)
+                _discard(work)
+        for entry in os.scandir(self._creating):
+            log.info("discarding %s: its create did not complete", entry.path)
+            _discard(Path(entry.path))
+        interrupted: set[str] = set()
+        for entry in os.scandir(self._removing):
+            if entry.name.startswith("."):
+                interrupted.update(e.name for e in os.scandir(entry.path))
+            else:
+                remove_tree(Path(entry.path))
+                interrupted.add(entry.name)
+        return interrupted
+
+    # sizes
+
+    def size(self, volume: str) -> int | None:
+        return os.stat(self._existing(volume)).st_size
+
+    def resize(self, volume: str, size: int) -> Resized:
+        """Grow the image, then the filesystem in it.  Online (through a view, so while
+        containers use it) if this process has CAP_SYS_RESOURCE; otherwise offline, which
+        needs the volume idle (else :class:`VolumeInUse`) and keeps it from being mounted
+        meanwhile.  Raises :class:`SizeShrink` for a smaller size.  Equal: nothing to do,
+        unless a crash cut an earlier grow short (the filesystem is smaller than its image)."""
+        image = self._existing(volume)
+        current = os.stat(image).st_size
+        if size < current:
+            raise SizeShrink(
+                f"volume {volume!r} is {format_size(current)}; it cannot shrink to "
+                f"{format_size(size)} (ext4 cannot shrink while mounted): create a smaller "
+                f"volume with -o size={format_size(size).replace(' ', '')} and "
+                f"-o from={volume} to copy it, then remove this one")
+        if size == current and not _grow_unfinished(image):
+            return "online"
+        try:
+            if ext4.can_grow_online():
+                with self.view(volume):
+                    _truncate(image, size)
+                    found = loop.find(image)
+                    if found is None:
+                        raise BackendError(f"volume {volume!r} is mounted but its loop device "
+                                           "is gone")
+                    lfd = os.open(found.device, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        loop.set_capacity(lfd)
+                        ext4.grow(found.device)
+                    finally:
+                        os.close(lfd)
+                return "online"
+            with self._lock(volume):
+                if self._refs.get(volume) or is_mountpoint(self.path(volume)):
+                    raise VolumeInUse(
+                        f"volume {volume!r} is in use, and growing a mounted volume needs "
+                        "CAP_SYS_RESOURCE, which the plugin lacks: stop the containers using "
+                        "it and resize again (it then grows offline)")
+                self._busy[volume] = "resized"
+            try:
+                if not loop.wait_unbound(image):
+                    raise VolumeInUse(f"volume {volume!r} is still held by a loop device; "
+                                      "stop what uses it and resize again")
+                _truncate(image, size)
+                ext4.grow_offline(image)
+            finally:
+                with self._lock(volume):
+                    self._busy.pop(volume, None)
+            return "offline"
+        except (OSError, ext4.ToolError) as exc:
+            raise BackendError(f"cannot grow volume {volume!r} to {format_size(size)}: "
+                               f"{exc}") from exc
+
+    def status(self, volume: str) -> dict[str, Any]:
+        """``size_limit`` (text), ``size_limit_bytes``, ``used_bytes`` (the limit minus
+        ``free_bytes``), ``free_bytes`` (statvfs while mounted, else the superblock) and
+        ``host_bytes`` (what the sparse image really takes on the host)."""
+        image = self.image(volume)
+        try:
+            st = os.lstat(image)
+        except OSError:
+            return {"state": "missing", "path": str(image)}
+        if not stat.S_ISREG(st.st_mode):
+            return {"state": "missing", "path": str(image)}
+        free = None
+        try:
+            target = self.path(volume)
+            if self._refs.get(volume) or is_mountpoint(target):
+                vfs = os.statvfs(target)
+                free = vfs.f_bfree * vfs.f_frsize
+            else:
+                fs = ext4.usage(image)
+                free = None if fs is None else fs[1]
+        except OSError as exc:
+            log.warning("cannot read the usage of volume %s: %s", volume, exc)
+        return {
+            "size_limit": format_size(st.st_size),
+            "size_limit_bytes": st.st_size,
+            # What the limit leaves unwritable: data and ext4's own metadata (the journal
+            # and inode tables, about 2.5% of the size).
+            "used_bytes": None if free is None else st.st_size - free,
+            "free_bytes": free,
+            "host_bytes": st.st_blocks * 512,
+        }
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _grow_unfinished(image: Path) -> bool:
+    with contextlib.suppress(OSError):
+        fs = ext4.usage(image)
+        return fs is not None and fs[0] + 4096 <= os.stat(image).st_size
+    return False
+
+
+def _truncate(image: Path, size: int) -> None:
+    fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _mount_image(image: Path, target: Path) -> None:
+    """Mount the ext4 in ``image`` on ``target`` through the image's one loop device."""
+    fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{image} is not a regular file")
+        fcntl.flock(fd, fcntl.LOCK_EX)  # one attach at a time per image, across processes
+        info, lfd = loop.attach(image, fd)
+        try:
+            ext4.mount(info.device, target)
+        finally:
+            os.close(lfd)
+    finally:
+        os.close(fd)
+
+
+def _unmount_dir(target: Path) -> None:
+    """Unmount ``target`` if mounted and remove the empty mountpoint; absent is fine."""
+    if is_mountpoint(target):
+        ext4.unmount(target)
+    with contextlib.suppress(FileNotFoundError):
+        target.rmdir()
+
+
+def _unmount_staging(work: Path) -> None:
+    mnt = work / "mnt"
+    if is_mountpoint(mnt):
+        ext4.unmount(mnt)
+        if is_mountpoint(mnt):
+            raise BackendError(f"cannot clear {work}: {mnt} is still mounted")
+
+
+def _discard(work: Path) -> None:
+    """Remove a staging directory, unmounting its ``mnt`` first: deleting through a live
+    mount would empty the filesystem instead."""
+    _unmount_staging(work)
+    remove_tree(work)
