@@ -162,7 +162,7 @@ class Driver:
     def options_of(self, record: VolumeRecord) -> VolumeOptions:
         """Parse a stored record's raw options again, exactly as Create parsed them."""
         return parse_options(record.options, default_backend=record.backend,
-                             backends=self.backends.keys(), volume=record.name)
+                             backends=self.backends, volume=record.name)
 
     def _content(self, record: VolumeRecord) -> VolumeContent:
         """What features read (in a view) and replace (staged) of the volume."""
@@ -207,7 +207,7 @@ class Driver:
             self._inherit_size(raw_options), default_backend=self.settings.default_backend,
             backends=self.backends, default_size=self.settings.default_size)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
-                                backends=self.backends.keys(), volume=name,
+                                backends=self.backends, volume=name,
                                 default_bucket=self.settings.s3_bucket)
         stored = {k: str(v) for k, v in (raw_options or {}).items()}
         if options.s3 is not None:
