@@ -180,8 +180,7 @@ def _mounts_reset(args: argparse.Namespace) -> int:
 
 def _resize(args: argparse.Namespace) -> int:
     done = _call(args, "pyvol/resize", {"Volume": args.volume, "Size": args.size})
-    how = "online, while in use" if done["How"] == "online" else "while unmounted"
-    print(f"{args.volume}: resized to {done['Size']} ({how})")
+    print(f"{args.volume}: resized to {done['Size']} ({done['How']})")
     return 0
 
 

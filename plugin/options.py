@@ -308,7 +308,7 @@ def parse_options(
                         if any(o.name == key for o in b.options))
         if others:
             how = ("omit -o backend" if opts.get("backend") else
-                   f"or add -o backend={others[0]}")
+                   f"add -o backend={others[0]}")
             raise InvalidOption(
                 f"option {key!r} is not supported by backend {backend} (it cannot "
                 f"{_ABILITY.get(key, 'take it')}); backend {', '.join(others)} takes it: "

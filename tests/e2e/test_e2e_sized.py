@@ -19,7 +19,7 @@ def _df_kib(scenario: Scenario, vol: str) -> int:
 def test_a_container_writing_past_the_limit_gets_enospc_and_keeps_earlier_data(
         scenario: Scenario) -> None:
     vol = scenario.create("limit", "-o", "size=64M")
-    assert 56 * 1024 <= _df_kib(scenario, vol) <= 64 * 1024
+    assert 54 * 1024 <= _df_kib(scenario, vol) <= 64 * 1024
     ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c",
                     "dd if=/dev/urandom of=/data/keep bs=1M count=2 2>/dev/null && "
                     "md5sum /data/keep > /data/keep.md5 && ls -A /data"))
@@ -43,19 +43,21 @@ def test_a_container_writing_past_the_limit_gets_enospc_and_keeps_earlier_data(
 
 
 def test_resize_grows_a_volume_a_running_container_uses(scenario: Scenario) -> None:
-    vol = scenario.create("grow", "-o", "size=64M")
+    vol = scenario.create("grow", "-o", "size=320M", "-o", "fs=xfs")
     running = scenario.start("-v", f"{vol}:/data")
     before = int(ok(scenario.sh(running, "df -k /data")).splitlines()[-1].split()[1])
-    out = ok(pyvol("resize", vol, "256M"))
-    assert out == f"{vol}: resized to 256 MiB (online, while in use)\n"
+    out = ok(pyvol("resize", vol, "1G"))
+    assert out == f"{vol}: resized to 1 GiB (online)\n"
     after = int(ok(scenario.sh(running, "df -k /data")).splitlines()[-1].split()[1])
-    assert after > before + 150 * 1024
-    ok(scenario.sh(running, "dd if=/dev/zero of=/data/big bs=1M count=100 && sync"))
-    err = fails(pyvol("resize", vol, "128M"))
+    assert after > before + 600 * 1024
+    ok(scenario.sh(running, "dd if=/dev/zero of=/data/big bs=1M count=400 && sync"))
+    err = fails(pyvol("resize", vol, "512M"))
     assert "shrink" in err
     ok(docker("rm", "-f", running))
-    assert inspect_volume(vol)["Status"]["size_limit"] == "256 MiB"
-    assert inspect_volume(vol)["Options"] == {"size": "64M"}  # what the user asked at create
+    status = inspect_volume(vol)["Status"]
+    assert (status["size_limit"], status["filesystem"]) == ("1 GiB", "xfs")
+    # What the user asked at create stays in Options; Status shows the size now.
+    assert inspect_volume(vol)["Options"] == {"size": "320M", "fs": "xfs"}
 
 
 def test_snapshot_restore_and_clone_of_a_sized_volume(scenario: Scenario) -> None:
