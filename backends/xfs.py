@@ -10,8 +10,9 @@ also comes out of the volume's size: statvfs shows a 1 GiB volume as 960 MiB.
 
 ``-m reflink=1`` (mkfs.xfs's default since 5.1, spelled out): copies within a volume can
 share blocks.  Mounted with ``discard``: blocks freed in the volume are punched out of the
-image once the log commits, so the host gets them back.  XFS has no lost+found.  It cannot
-shrink, mounted or not.
+image once the log commits them (a sync, or the log worker within 30 s; a deleted file's
+blocks are freed by a background worker first), so the host gets them back.  XFS has no
+lost+found.  It cannot shrink, mounted or not.
 """
 
 from __future__ import annotations
