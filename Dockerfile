@@ -22,6 +22,16 @@ RUN for t in mkfs.ext4 resize2fs e2fsck; do command -v $t >/dev/null || missing=
     fi \
     && command -v mkfs.ext4 && command -v resize2fs && command -v e2fsck
 
+# Volumes made with -o fs=xfs need mkfs.xfs and xfs_growfs (xfsprogs), which no slim or minbase
+# image has. Best effort: a build without a reachable mirror still succeeds, and such volumes
+# then fail to create with "mkfs.xfs is missing: install xfsprogs".
+RUN for t in mkfs.xfs xfs_growfs; do command -v $t >/dev/null || missing=1; done; \
+    if [ -n "${missing:-}" ]; then \
+      { apt-get update && apt-get install -y --no-install-recommends xfsprogs; } \
+        || echo "warning: xfsprogs not installed: -o fs=xfs volumes cannot be created" >&2; \
+      rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # dockerd requires /run/docker/plugins in a plugin's rootfs; /data and /mnt/pyvol are the
 # mount points of config.json.
 RUN mkdir -p /run/docker/plugins /data /mnt/pyvol && python3 -m venv /opt/pyvol

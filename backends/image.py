@@ -1,5 +1,8 @@
-"""The ``image`` backend: each volume is an ext4 filesystem in a sparse image file, so its
-size limit is enforced by the kernel (a write past it fails with ENOSPC).
+"""The ``image`` backend: each volume is a filesystem in a sparse image file, so its size
+limit is enforced by the kernel (a write past it fails with ENOSPC).  ``-o fs=`` picks the
+filesystem: ext4 (the default, :mod:`backends.ext4`) or XFS (:mod:`backends.xfs`, which
+grows while mounted without CAP_SYS_RESOURCE).  Which one an image holds is read from its
+superblock, so a restart, a replace or a restore needs no record of it.
 
 Layout under ``<root>/images``: ``NAME`` is the image (no suffix: names may use all of
 NAME_MAX), ``.mnt/NAME`` is where it is mounted while in use.  Create and replace build a
@@ -29,16 +32,43 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backends import ext4, loop
+from backends import ext4, loop, xfs
 from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resized
 from backends.errors import BackendError
+from backends.filesystems import Filesystem, ToolError, unmount
+from backends.filesystems import mount as mount_fs
 from backends.fs import confined, fsync_dir, is_mountpoint, make_private, remove_tree, syncfs
-from backends.sizes import MIN_SIZE, format_size, parse_size
+from backends.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
 SIZE_HELP = ("size limit of the volume, such as 512M, 10G or 1.5T (binary units; at least "
-             "32M); writes past it fail with 'No space left on device'")
+             "32M, 300M with -o fs=xfs); writes past it fail with 'No space left on device'")
+FS_HELP = ("filesystem of the volume: ext4 (default; at least 32M, about 4M on the host when "
+           "empty, grows while in use only if the plugin has CAP_SYS_RESOURCE) or xfs (at "
+           "least 300M, about 64M on the host when empty, always grows while in use)")
+FILESYSTEMS: dict[str, Filesystem] = {"ext4": ext4, "xfs": xfs}
+DEFAULT_FS = "ext4"
+
+
+def parse_fs(text: str) -> str:
+    name = text.strip().lower()
+    if name not in FILESYSTEMS:
+        raise ValueError(f"{text!r} must be ext4 or xfs")
+    return name
+
+
+def filesystem_of(image: Path) -> Filesystem | None:
+    """The filesystem ``image`` holds, read from its superblock; None if none we know."""
+    for fs in FILESYSTEMS.values():
+        if fs.holds(image):
+            return fs
+    return None
+
+
+def _short(size: int) -> str:
+    """A size as -o size= takes it: ``300M``."""
+    return format_size(size).replace(" ", "").removesuffix("iB")
 
 
 class VolumeInUse(BackendError):
@@ -46,7 +76,7 @@ class VolumeInUse(BackendError):
 
 
 class SizeShrink(BackendError):
-    """A resize asked for a smaller size; ext4 cannot shrink while mounted."""
+    """A resize asked for a smaller size; neither ext4 (mounted) nor XFS can shrink."""
 
 
 class MissingImage(BackendError):
@@ -58,7 +88,8 @@ class ImageBackend:
     capabilities: ClassVar[Capabilities] = Capabilities(
         size_limit=True, online_resize=True, plain_directory=False, snapshot_methods=("copy",))
     options: ClassVar[tuple[BackendOption, ...]] = (
-        BackendOption("size", parse_size, SIZE_HELP, show=format_size),)
+        BackendOption("size", parse_size, SIZE_HELP, show=format_size),
+        BackendOption("fs", parse_fs, FS_HELP))
 
     def __init__(self, root: Path) -> None:
         self.root = root / "images"
@@ -103,6 +134,13 @@ class ImageBackend:
                 "or remove the volume with `docker volume rm`")
         return image
 
+    def _filesystem(self, volume: str, image: Path) -> Filesystem:
+        fs = filesystem_of(image)
+        if fs is None:
+            raise BackendError(f"the image {image} of volume {volume!r} holds no ext4 or XFS "
+                               "filesystem: restore it from a backup or remove the volume")
+        return fs
+
     # mounts, counted
 
     def mount(self, volume: str) -> Path:
@@ -131,7 +169,7 @@ class ImageBackend:
                 target.mkdir(mode=0o700, exist_ok=True)
                 try:
                     _mount_image(image, target)
-                except (OSError, ext4.ToolError) as exc:
+                except (OSError, ToolError) as exc:
                     with contextlib.suppress(OSError):
                         target.rmdir()
                     raise BackendError(f"cannot mount volume {volume!r}: {exc}") from exc
@@ -149,7 +187,7 @@ class ImageBackend:
             log.info("adopting the existing mount of %s on %s", image, target)
             return True
         log.warning("%s holds a mount that is not %s: detaching it", target, image)
-        ext4.unmount(target)
+        unmount(target)
         return False
 
     def _release(self, volume: str) -> None:
@@ -184,9 +222,17 @@ class ImageBackend:
         if not isinstance(size, int):
             raise BackendError(f"volume {volume!r} needs a size on backend image: create it "
                                "with -o size=SIZE, such as -o size=10G")
-        if size < MIN_SIZE:
+        try:
+            fs = FILESYSTEMS[parse_fs(str(spec.params.get("fs", DEFAULT_FS)))]
+        except ValueError as exc:
+            raise BackendError(f"volume {volume!r}: -o fs={exc}") from None
+        if size < fs.MIN_SIZE and fs is ext4:
             raise BackendError(f"volume {volume!r}: a size of {format_size(size)} is too "
-                               f"small; ext4 needs at least {format_size(MIN_SIZE)}")
+                               f"small; ext4 needs at least {format_size(fs.MIN_SIZE)}")
+        if size < fs.MIN_SIZE:
+            raise BackendError(f"volume {volume!r}: -o fs={fs.NAME} needs -o size of at least "
+                               f"{_short(fs.MIN_SIZE)} (not {_short(size)}); use -o "
+                               f"fs={DEFAULT_FS} for a smaller volume")
         if os.path.lexists(final):
             raise BackendError(f"volume {volume!r} already exists ({final}); remove it or "
                                "pick another name")
@@ -194,19 +240,19 @@ class ImageBackend:
         _discard(work)
         work.mkdir(mode=0o700)
         try:
-            self._build(volume, work, size, spec, populate)
+            self._build(volume, work, size, fs, spec, populate)
             os.rename(work / "image", final)
             fsync_dir(self.root)
             _discard(work)
         except BaseException as exc:
             _discard(work)
-            if isinstance(exc, OSError | ext4.ToolError):
+            if isinstance(exc, OSError | ToolError):
                 raise BackendError(f"cannot create volume {volume!r}: {exc}") from exc
             raise
 
-    def _build(self, volume: str, work: Path, size: int, spec: DirSpec | None,
-               populate: Populate | None) -> None:
-        """Make ``work/image`` (the filesystem, filled) using ``work/mnt`` to mount it."""
+    def _build(self, volume: str, work: Path, size: int, fs: Filesystem,
+               spec: DirSpec | None, populate: Populate | None) -> None:
+        """Make ``work/image`` (``fs``, filled) using ``work/mnt`` to mount it."""
         image, mnt = work / "image", work / "mnt"
         fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -222,11 +268,12 @@ class ImageBackend:
                 raise
         finally:
             os.close(fd)
-        ext4.make(image)
+        fs.make(image)
         mnt.mkdir(mode=0o700)
-        _mount_image(image, mnt)
+        _mount_image(image, mnt, fs)
         try:
-            os.rmdir(mnt / "lost+found")  # initdb and others refuse a non-empty directory
+            with contextlib.suppress(FileNotFoundError):  # ext4's; XFS has none
+                os.rmdir(mnt / "lost+found")  # initdb and others refuse a non-empty directory
             if populate is not None:
                 populate(mnt)
             if spec is not None:
@@ -237,7 +284,7 @@ class ImageBackend:
                     os.chmod(mnt, spec.mode)
             syncfs(mnt)
         finally:
-            ext4.unmount(mnt)
+            unmount(mnt)
         fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -245,18 +292,20 @@ class ImageBackend:
             os.close(fd)
 
     def replace(self, volume: str, populate: Populate) -> None:
-        """Build a new image of the same size in ``.replacing/NAME/partial``, rename it to
-        ``ready``, then over the volume's.  Raises :class:`VolumeInUse` if the volume is
-        mounted or viewed when the swap comes.  After a crash, :meth:`recover` drops a
-        partial build and completes a ready one."""
-        size = os.stat(self._existing(volume)).st_size
+        """Build a new image of the same size and filesystem in ``.replacing/NAME/partial``,
+        rename it to ``ready``, then over the volume's.  Raises :class:`VolumeInUse` if the
+        volume is mounted or viewed when the swap comes.  After a crash, :meth:`recover`
+        drops a partial build and completes a ready one."""
+        image = self._existing(volume)
+        size = os.stat(image).st_size
+        fs = self._filesystem(volume, image)
         work = confined(self._replacing, volume)
         _discard(work)
         work.mkdir(mode=0o700)
         try:
             with self._lock(volume):
                 self._idle(volume, "restore")
-            self._build(volume, work, size, None, populate)
+            self._build(volume, work, size, fs, None, populate)
             os.rename(work / "image", work / "ready")
             fsync_dir(work)
             with self._lock(volume):
@@ -264,7 +313,7 @@ class ImageBackend:
                 self._swap_in(volume, work)
         except BaseException as exc:
             _discard(work)
-            if isinstance(exc, OSError | ext4.ToolError):
+            if isinstance(exc, OSError | ToolError):
                 raise BackendError(f"cannot replace the content of volume {volume!r}: "
                                    f"{exc}") from exc
             raise
@@ -328,23 +377,27 @@ class ImageBackend:
 
     def resize(self, volume: str, size: int) -> Resized:
         """Grow the image, then the filesystem in it.  Online (through a view, so while
-        containers use it) if this process has CAP_SYS_RESOURCE; otherwise offline, which
-        needs the volume idle (else :class:`VolumeInUse`) and keeps it from being mounted
-        meanwhile.  Raises :class:`SizeShrink` for a smaller size.  Equal: nothing to do,
-        unless a crash cut an earlier grow short (the filesystem is smaller than its image)."""
+        containers use it) if the filesystem can grow mounted here (XFS always; ext4 only
+        with CAP_SYS_RESOURCE); otherwise offline, which needs the volume idle (else
+        :class:`VolumeInUse`) and keeps it from being mounted meanwhile.  Raises
+        :class:`SizeShrink` for a smaller size.  Equal: nothing to do, unless a crash cut an
+        earlier grow short (the filesystem is smaller than its image)."""
         image = self._existing(volume)
+        fs = self._filesystem(volume, image)
         current = os.stat(image).st_size
         if size < current:
+            why = ("XFS cannot shrink" if fs is xfs else
+                   "ext4 cannot shrink while mounted")
             raise SizeShrink(
                 f"volume {volume!r} is {format_size(current)}; it cannot shrink to "
-                f"{format_size(size)} (ext4 cannot shrink while mounted): create a smaller "
-                f"volume with -o size={format_size(size).replace(' ', '')} and "
-                f"-o from={volume} to copy it, then remove this one")
-        if size == current and not _grow_unfinished(image):
+                f"{format_size(size)} ({why}): create a smaller volume with "
+                f"-o size={format_size(size).replace(' ', '')} and -o from={volume} to copy "
+                "it, then remove this one")
+        if size == current and not _grow_unfinished(image, fs):
             return "online"
         try:
-            if ext4.can_grow_online():
-                with self.view(volume):
+            if fs.can_grow_online():
+                with self.view(volume) as mountpoint:
                     _truncate(image, size)
                     found = loop.find(image)
                     if found is None:
@@ -353,35 +406,37 @@ class ImageBackend:
                     lfd = os.open(found.device, os.O_RDONLY | os.O_CLOEXEC)
                     try:
                         loop.set_capacity(lfd)
-                        ext4.grow(found.device)
+                        fs.grow_online(found.device, mountpoint)
                     finally:
                         os.close(lfd)
                 return "online"
             with self._lock(volume):
                 if self._refs.get(volume) or is_mountpoint(self.path(volume)):
                     raise VolumeInUse(
-                        f"volume {volume!r} is in use, and growing a mounted volume needs "
-                        "CAP_SYS_RESOURCE, which the plugin lacks: stop the containers using "
-                        "it and resize again (it then grows offline)")
+                        f"volume {volume!r} is in use, and growing a mounted {fs.NAME} volume "
+                        "needs CAP_SYS_RESOURCE, which the plugin lacks: stop the containers "
+                        "using it and resize again (it then grows offline); volumes created "
+                        "with -o fs=xfs grow online")
                 self._busy[volume] = "resized"
             try:
                 if not loop.wait_unbound(image):
                     raise VolumeInUse(f"volume {volume!r} is still held by a loop device; "
                                       "stop what uses it and resize again")
                 _truncate(image, size)
-                ext4.grow_offline(image)
+                fs.grow_offline(image)
             finally:
                 with self._lock(volume):
                     self._busy.pop(volume, None)
             return "offline"
-        except (OSError, ext4.ToolError) as exc:
+        except (OSError, ToolError) as exc:
             raise BackendError(f"cannot grow volume {volume!r} to {format_size(size)}: "
                                f"{exc}") from exc
 
     def status(self, volume: str) -> dict[str, Any]:
         """``size_limit`` (text), ``size_limit_bytes``, ``used_bytes`` (the limit minus
         ``free_bytes``), ``free_bytes`` (statvfs while mounted, else the superblock) and
-        ``host_bytes`` (what the sparse image really takes on the host)."""
+        ``host_bytes`` (what the sparse image really takes on the host) and ``filesystem``
+        (``ext4`` or ``xfs``; None if the image holds neither)."""
         image = self.image(volume)
         try:
             st = os.lstat(image)
@@ -390,24 +445,28 @@ class ImageBackend:
         if not stat.S_ISREG(st.st_mode):
             return {"state": "missing", "path": str(image)}
         free = None
+        fs = None
         try:
+            fs = filesystem_of(image)
             target = self.path(volume)
             if self._refs.get(volume) or is_mountpoint(target):
                 vfs = os.statvfs(target)
                 free = vfs.f_bfree * vfs.f_frsize
             else:
-                fs = ext4.usage(image)
-                free = None if fs is None else fs[1]
+                found = None if fs is None else fs.usage(image)
+                free = None if found is None else found[1]
         except OSError as exc:
             log.warning("cannot read the usage of volume %s: %s", volume, exc)
         return {
             "size_limit": format_size(st.st_size),
             "size_limit_bytes": st.st_size,
-            # What the limit leaves unwritable: data and ext4's own metadata (the journal
-            # and inode tables, about 2.5% of the size).
+            # What the limit leaves unwritable: data and the filesystem's own metadata (ext4:
+            # the journal and inode tables, about 2.5% of the size; XFS: its 64 MiB log and
+            # reserves).
             "used_bytes": None if free is None else st.st_size - free,
             "free_bytes": free,
             "host_bytes": st.st_blocks * 512,
+            "filesystem": None if fs is None else fs.NAME,
         }
 
 
@@ -418,10 +477,10 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _grow_unfinished(image: Path) -> bool:
+def _grow_unfinished(image: Path, fs: Filesystem) -> bool:
     with contextlib.suppress(OSError):
-        fs = ext4.usage(image)
-        return fs is not None and fs[0] + 4096 <= os.stat(image).st_size
+        found = fs.usage(image)
+        return found is not None and found[0] + 4096 <= os.stat(image).st_size
     return False
 
 
@@ -433,16 +492,21 @@ def _truncate(image: Path, size: int) -> None:
         os.close(fd)
 
 
-def _mount_image(image: Path, target: Path) -> None:
-    """Mount the ext4 in ``image`` on ``target`` through the image's one loop device."""
+def _mount_image(image: Path, target: Path, fs: Filesystem | None = None) -> None:
+    """Mount the filesystem in ``image`` (``fs``, else read from its superblock) on
+    ``target`` through the image's one loop device."""
     fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"{image} is not a regular file")
         fcntl.flock(fd, fcntl.LOCK_EX)  # one attach at a time per image, across processes
+        if fs is None:
+            fs = filesystem_of(image)
+            if fs is None:
+                raise OSError(errno.EINVAL, f"{image} holds no ext4 or XFS filesystem")
         info, lfd = loop.attach(image, fd)
         try:
-            ext4.mount(info.device, target)
+            mount_fs(fs, info.device, target)
         finally:
             os.close(lfd)
     finally:
@@ -452,7 +516,7 @@ def _mount_image(image: Path, target: Path) -> None:
 def _unmount_dir(target: Path) -> None:
     """Unmount ``target`` if mounted and remove the empty mountpoint; absent is fine."""
     if is_mountpoint(target):
-        ext4.unmount(target)
+        unmount(target)
     with contextlib.suppress(FileNotFoundError):
         target.rmdir()
 
@@ -460,7 +524,7 @@ def _unmount_dir(target: Path) -> None:
 def _unmount_staging(work: Path) -> None:
     mnt = work / "mnt"
     if is_mountpoint(mnt):
-        ext4.unmount(mnt)
+        unmount(mnt)
         if is_mountpoint(mnt):
             raise BackendError(f"cannot clear {work}: {mnt} is still mounted")
 

@@ -6,6 +6,11 @@ devices the kernel thinks are unrelated, and two ext4 mounts of them corrupt it;
 returns that one.  Devices are bound with ``LO_FLAGS_AUTOCLEAR``: the kernel frees one when
 its last user (a mount, an open descriptor) lets go, so an unmount leaks nothing.
 
+And with ``LO_FLAGS_DIRECT_IO``: a buffered loop device caches every page twice (once for
+the filesystem on it, once for the image file), which measured 2.1x slower on sequential
+writes and 2.7x on cold reads than a plain directory; with direct I/O, 1.06x and 0.57x.  A
+kernel or host filesystem that refuses it (EINVAL) gets a buffered device instead.
+
 Inside a managed plugin ``/dev`` is a small tmpfs without loop nodes: missing ones are made
 with mknod (the kernel's devices exist; only the nodes are absent).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -31,6 +37,7 @@ LOOP_SET_CAPACITY = 0x4C07
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
 LOOP_MAJOR = 7
 CONTROL = Path("/dev/loop-control")
 CONTROL_DEV = (10, 237)
@@ -46,6 +53,9 @@ ATTEMPTS = 8
 """Free devices tried when others grab them between LOOP_CTL_GET_FREE and binding."""
 
 _lock = threading.Lock()
+_direct_io = True
+"""False once the kernel refused direct I/O: later binds do not ask again."""
+log = logging.getLogger(__name__)
 
 
 class LoopError(OSError):
@@ -140,8 +150,27 @@ def wait_unbound(image: Path, timeout: float = 5.0) -> bool:
     return True
 
 
+def _info(number: int, flags: int) -> bytes:
+    return INFO64.pack(0, 0, 0, 0, 0, number, 0, 0, flags, b"", b"", b"", 0, 0)
+
+
 def _bind(loop_fd: int, image_fd: int, number: int) -> None:
-    info = INFO64.pack(0, 0, 0, 0, 0, number, 0, 0, LO_FLAGS_AUTOCLEAR, b"", b"", b"", 0, 0)
+    global _direct_io
+    if _direct_io:
+        try:
+            fcntl.ioctl(loop_fd, LOOP_CONFIGURE, CONFIG.pack(
+                image_fd, 0, _info(number, LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO)))
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOTTY:  # no LOOP_CONFIGURE: before Linux 5.8
+                _direct_io = False
+            elif exc.errno != errno.EINVAL:
+                raise
+            else:  # direct I/O refused (or, before 5.8, LOOP_CONFIGURE unknown)
+                _direct_io = False
+                log.info("the kernel refuses direct I/O on loop devices (%s): binding them "
+                         "buffered, which caches their pages twice", exc)
+    info = _info(number, LO_FLAGS_AUTOCLEAR)
     try:
         fcntl.ioctl(loop_fd, LOOP_CONFIGURE, CONFIG.pack(image_fd, 0, info))
         return

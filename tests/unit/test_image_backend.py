@@ -1,10 +1,12 @@
 """The ``image`` backend on real loop devices: limits, host disk use, one device per image,
-no leaks, resize, replace and recovery after a real kill -9.  The contract suite
-(test_backend_contract.py) covers what every backend shares."""
+no leaks, resize, replace and recovery after a real kill -9, over both filesystems where
+they differ (ext4 and XFS; XFS images are at least 300 MiB, sparse, so cheap).  The
+contract suite (test_backend_contract.py) covers what every backend shares, on ext4."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -18,14 +20,28 @@ import pytest
 from loop_support import clear_under, loops_under, needs_loop, wait_for
 from unit_support import mounts_at, mounts_under
 
-from backends import ext4, loop
+from backends import REGISTRY, ext4, loop
 from backends.base import DirSpec
 from backends.errors import BackendError
 from backends.image import ImageBackend, SizeShrink, VolumeInUse
-from backends.sizes import GiB, MiB
+from backends.sizes import GiB, MiB, format_size
+from plugin.errors import InvalidOption
+from plugin.options import parse_options
 
 pytestmark = needs_loop
 REPO = Path(__file__).resolve().parents[2]
+FILESYSTEMS = ("ext4", "xfs")
+SMALL = {"ext4": 64 * MiB, "xfs": 320 * MiB}
+"""A small volume of each filesystem (XFS: mkfs.xfs refuses under 300 MiB)."""
+
+
+def has_cap_sys_resource() -> bool:
+    """CAP_SYS_RESOURCE (bit 24) in this process's effective set: what growing a mounted
+    ext4 needs."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    raise AssertionError("no CapEff in /proc/self/status")
 
 
 @pytest.fixture
@@ -40,8 +56,21 @@ def backend(root: Path) -> ImageBackend:
     return ImageBackend(root)
 
 
-def sized(size: int, **kwargs: int) -> DirSpec:
-    return DirSpec(params={"size": size}, **kwargs)
+@pytest.fixture(params=FILESYSTEMS)
+def fs(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def sized(size: int, fs: str = "ext4", **kwargs: int) -> DirSpec:
+    params: dict[str, object] = {"size": size}
+    if fs != "ext4":  # ext4 is the default: leave it implicit
+        params["fs"] = fs
+    return DirSpec(params=params, **kwargs)
+
+
+def statvfs_total(path: Path) -> int:
+    vfs = os.statvfs(path)
+    return vfs.f_blocks * vfs.f_frsize
 
 
 def host_bytes(path: Path) -> int:
@@ -64,30 +93,56 @@ def test_create_needs_a_size(backend: ImageBackend) -> None:
     assert backend.names() == set()
 
 
-def test_a_new_volume_is_empty_with_the_spec_applied(backend: ImageBackend) -> None:
-    backend.create("v", sized(64 * MiB, uid=1234, gid=5678, mode=0o2770))
+def test_xfs_needs_300_mib(backend: ImageBackend) -> None:
+    for size in (MiB, 64 * MiB, 300 * MiB - 4096):
+        with pytest.raises(BackendError, match=r"^volume 'v': -o fs=xfs needs -o size of at "
+                                               r"least 300M \(not .*\); use -o fs=ext4"):
+            backend.create("v", sized(size, "xfs"))
+    with pytest.raises(BackendError, match=r"'v': -o fs='btrfs' must be ext4 or xfs"):
+        backend.create("v", sized(GiB, "btrfs"))
+    assert backend.names() == set()
+    assert os.listdir(backend.root / ".creating") == []
+    backend.create("v", sized(300 * MiB, "xfs"))  # exactly the minimum is fine
+    assert backend.status("v")["filesystem"] == "xfs"
+
+
+def test_the_fs_option_is_parsed_and_picks_the_image_backend() -> None:
+    options = parse_options({"fs": " XFS ", "size": "1G"}, default_backend="local",
+                            backends=REGISTRY)
+    assert options.backend == "image"
+    assert options.dir_spec().params == {"fs": "xfs", "size": GiB}
+    with pytest.raises(InvalidOption, match=r"option fs='btrfs': 'btrfs' must be ext4 or xfs"):
+        parse_options({"fs": "btrfs", "size": "1G"}, default_backend="image",
+                      backends=REGISTRY)
+
+
+def test_a_new_volume_is_empty_with_the_spec_applied(backend: ImageBackend, fs: str) -> None:
+    backend.create("v", sized(SMALL[fs], fs, uid=1234, gid=5678, mode=0o2770))
     assert stat.S_IMODE(os.stat(backend.image("v")).st_mode) == 0o600
     with backend.view("v") as path:
         assert os.listdir(path) == []  # no lost+found: initdb refuses a non-empty directory
         st = path.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o2770)
+    assert backend.status("v")["filesystem"] == fs
 
 
 def test_writing_past_the_limit_fails_with_enospc_and_keeps_earlier_data(
-        backend: ImageBackend) -> None:
-    backend.create("v", sized(64 * MiB))
+        backend: ImageBackend, fs: str) -> None:
+    size_mib = SMALL[fs] // MiB
+    backend.create("v", sized(SMALL[fs], fs))
     with backend.view("v") as path:
         (path / "kept").write_text("before")
         block = b"x" * MiB
         written = 0
         with pytest.raises(OSError) as excinfo, open(path / "big", "wb") as f:
-            for _ in range(128):
+            for _ in range(2 * size_mib):
                 f.write(block)
                 f.flush()
                 written += 1
             os.fsync(f.fileno())
         assert excinfo.value.errno == errno.ENOSPC
-        assert 40 <= written < 64
+        # ext4 keeps about 2.5% for itself, XFS its 64 MiB log and reserves.
+        assert size_mib - (24 if fs == "ext4" else 100) <= written < size_mib
         assert (path / "kept").read_text() == "before"
         (path / "big").unlink()
         (path / "after").write_text("room again")
@@ -95,54 +150,119 @@ def test_writing_past_the_limit_fails_with_enospc_and_keeps_earlier_data(
         assert (path / "kept").read_text() == "before"
 
 
-def test_statvfs_shows_the_size(backend: ImageBackend) -> None:
-    backend.create("v", sized(1 * GiB))
+def test_statvfs_shows_the_size(backend: ImageBackend, fs: str) -> None:
+    backend.create("v", sized(1 * GiB, fs))
     with backend.view("v") as path:
         vfs = os.statvfs(path)
         total = vfs.f_blocks * vfs.f_frsize
-        assert 0.95 * GiB < total <= GiB  # ext4's metadata takes the rest
-        # No blocks reserved for root (-m 0); ext4 keeps only its own small reserve for
-        # metadata (2%, at most 4096 blocks).
-        assert vfs.f_bfree - vfs.f_bavail <= 4096
+        if fs == "ext4":
+            assert 0.95 * GiB < total <= GiB  # ext4's metadata takes the rest
+            # No blocks reserved for root (-m 0); ext4 keeps only its own small reserve for
+            # metadata (2%, at most 4096 blocks).
+            assert vfs.f_bfree - vfs.f_bavail <= 4096
+        else:
+            assert total == GiB - 64 * MiB  # the internal log
+            assert vfs.f_bfree == vfs.f_bavail  # XFS reserves nothing for root
+            assert vfs.f_bfree * vfs.f_frsize > 0.9 * total
 
 
-def test_status_mounted_and_at_rest(backend: ImageBackend) -> None:
-    backend.create("v", sized(256 * MiB))
+def test_status_mounted_and_at_rest(backend: ImageBackend, fs: str) -> None:
+    size = 256 * MiB if fs == "ext4" else 320 * MiB
+    backend.create("v", sized(size, fs))
     fresh = backend.status("v")
     with backend.view("v") as path:
         fill(path / "data", 20)
         mounted = backend.status("v")
     rest = backend.status("v")
     assert set(rest) == {"size_limit", "size_limit_bytes", "used_bytes", "free_bytes",
-                         "host_bytes"}
-    assert rest["size_limit"] == "256 MiB" and rest["size_limit_bytes"] == 256 * MiB
-    assert rest["free_bytes"] == mounted["free_bytes"]  # superblock agrees with statvfs
-    assert rest["used_bytes"] == 256 * MiB - rest["free_bytes"]
+                         "host_bytes", "filesystem"}
+    assert rest["filesystem"] == mounted["filesystem"] == fs
+    assert rest["size_limit"] == format_size(size) and rest["size_limit_bytes"] == size
+    if fs == "ext4":
+        assert rest["free_bytes"] == mounted["free_bytes"]  # superblock agrees with statvfs
+    else:  # the superblock counts no per-group reservations: within 1% of statvfs
+        assert 0 <= rest["free_bytes"] - mounted["free_bytes"] < size // 100
+    assert rest["used_bytes"] == size - rest["free_bytes"]
     assert 20 * MiB <= rest["used_bytes"] - fresh["used_bytes"] < 21 * MiB
-    assert 20 * MiB <= rest["host_bytes"] < 30 * MiB
+    baseline = 0 if fs == "ext4" else 64 * MiB  # XFS's log is written out
+    assert 20 * MiB <= rest["host_bytes"] - baseline < 30 * MiB
     backend.image("v").write_bytes(b"garbage")  # never raises for an existing volume
     assert backend.status("v")["used_bytes"] is None
+    assert backend.status("v")["filesystem"] is None
 
 
-def test_host_disk_use_follows_the_data(backend: ImageBackend) -> None:
-    backend.create("v", sized(10 * GiB))
+def test_host_disk_use_follows_the_data(backend: ImageBackend, fs: str) -> None:
+    backend.create("v", sized(10 * GiB, fs))
     image = backend.image("v")
     fresh = host_bytes(image)
-    assert fresh < 8 * MiB, f"a fresh 10 GiB volume takes {fresh} bytes on the host"
+    baseline = 0 if fs == "ext4" else 64 * MiB  # XFS's log is written out
+    assert fresh - baseline < 8 * MiB, f"a fresh 10 GiB volume takes {fresh} bytes on the host"
     with backend.view("v") as path:
         time.sleep(2)  # the kernel's lazy inode-table init would write now
         os.sync()
-        assert host_bytes(image) < 8 * MiB
+        assert host_bytes(image) - baseline < 8 * MiB
         fill(path / "data", 100)
-        assert host_bytes(image) >= 100 * MiB
+        assert host_bytes(image) >= baseline + 100 * MiB
         (path / "data").unlink()
-        ext4_sync = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(ext4_sync)
-        finally:
-            os.close(ext4_sync)
-        os.sync()  # the journal commit issues the discards: the image gets holes back
-        assert wait_for(lambda: host_bytes(image) < 10 * MiB), host_bytes(image)
+
+        def returned() -> bool:
+            # The journal or log commit that frees the blocks issues the discards, which
+            # punch holes in the image.  XFS frees an unlinked file's blocks in a background
+            # worker after the unlink: statfs hurries it, and a sync then commits what it
+            # freed (left alone, XFS commits within 30 s).
+            os.statvfs(path)
+            os.sync()
+            return host_bytes(image) - baseline < 10 * MiB
+
+        assert wait_for(returned), host_bytes(image)
+
+
+def test_the_filesystem_is_known_after_a_restart_and_kept_by_replace(
+        backend: ImageBackend, root: Path, fs: str) -> None:
+    backend.create("v", sized(SMALL[fs], fs))
+    restarted = ImageBackend(root)  # no record but the image itself
+    assert restarted.status("v")["filesystem"] == fs
+    with restarted.view("v") as path:
+        (path / "old").write_text("old")
+    restarted.replace("v", lambda p: (p / "new").write_text("new"))
+    assert restarted.status("v")["filesystem"] == fs
+    assert restarted.size("v") == SMALL[fs]
+    with ImageBackend(root).view("v") as path:
+        assert os.listdir(path) == ["new"]
+
+
+def test_loop_devices_use_direct_io(backend: ImageBackend, root: Path) -> None:
+    backend.create("v", sized(64 * MiB))
+    with backend.view("v"):
+        [number] = loops_under(root)
+        dio = Path(f"/sys/block/loop{number}/loop/dio").read_text().strip()
+        assert dio == "1", "the loop device caches pages twice (buffered, not direct I/O)"
+        found = loop.find(backend.image("v"))
+        assert found is not None and found.flags & loop.LO_FLAGS_AUTOCLEAR
+
+
+def test_a_kernel_refusing_direct_io_gets_a_buffered_device(
+        backend: ImageBackend, root: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    real = fcntl.ioctl
+
+    def refuse_dio(fd: int, request: int, arg: object = 0, *rest: object) -> object:
+        if request == loop.LOOP_CONFIGURE and isinstance(arg, bytes):
+            info = arg[8:8 + loop.INFO64.size]
+            if loop.INFO64.unpack(info)[8] & loop.LO_FLAGS_DIRECT_IO:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, request, arg, *rest)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(fcntl, "ioctl", refuse_dio)
+    monkeypatch.setattr(loop, "_direct_io", True)
+    with caplog.at_level(logging.INFO, logger="backends.loop"):
+        backend.create("v", sized(64 * MiB))
+        backend.create("w", sized(64 * MiB))
+        with backend.view("v"), backend.view("w"):
+            assert len(loops_under(root)) == 2
+            for number in loops_under(root):
+                assert Path(f"/sys/block/loop{number}/loop/dio").read_text().strip() == "0"
+    assert caplog.text.count("refuses direct I/O") == 1  # logged once, not per device
 
 
 def test_one_loop_device_per_image_however_often_it_is_used(
@@ -208,30 +328,52 @@ def test_a_busy_unmount_detaches_and_frees_the_device_when_let_go(
     assert wait_for(lambda: loops_under(root) == [])
 
 
-def test_shrink_is_refused_with_what_to_do(backend: ImageBackend) -> None:
-    backend.create("v", sized(128 * MiB))
-    with pytest.raises(SizeShrink, match=r"'v' is 128 MiB; it cannot shrink to 64 MiB.*"
-                                         r"-o size=64MiB and -o from=v"):
-        backend.resize("v", 64 * MiB)
-    assert backend.size("v") == 128 * MiB
+def test_shrink_is_refused_with_what_to_do(backend: ImageBackend, fs: str) -> None:
+    size = SMALL[fs]
+    backend.create("v", sized(size, fs))
+    why = "ext4 cannot shrink while mounted" if fs == "ext4" else "XFS cannot shrink"
+    with pytest.raises(SizeShrink, match=rf"'v' is {format_size(size)}; it cannot shrink to "
+                                         rf"{format_size(size // 2)} \({why}\).*"
+                                         rf"-o size={size // 2 // MiB}MiB and -o from=v"):
+        backend.resize("v", size // 2)
+    assert backend.size("v") == size
 
 
-@pytest.mark.skipif(not ext4.can_grow_online(),
-                    reason="growing a mounted ext4 needs CAP_SYS_RESOURCE, which this "
-                           "process lacks")
-def test_online_resize_while_a_file_is_open(backend: ImageBackend) -> None:
-    backend.create("v", sized(64 * MiB))
+def test_online_resize_while_a_file_is_open(backend: ImageBackend, fs: str) -> None:
+    """XFS always grows online; ext4 only where this process holds CAP_SYS_RESOURCE, and
+    otherwise says so and points at -o fs=xfs."""
+    online = fs == "xfs" or has_cap_sys_resource()
+    backend.create("v", sized(SMALL[fs], fs))
     path = backend.mount("v")
+    before = statvfs_total(path)
     try:
         with open(path / "open", "wb") as f:
             f.write(b"x" * MiB)
-            assert backend.resize("v", 256 * MiB) == "online"
-            for _ in range(150):  # more than the old size
+            if not online:
+                with pytest.raises(VolumeInUse, match=r"'v' is in use, and growing a mounted "
+                                                      r"ext4 volume needs CAP_SYS_RESOURCE.*"
+                                                      r"-o fs=xfs grow online"):
+                    backend.resize("v", 4 * SMALL[fs])
+                assert backend.size("v") == SMALL[fs] and statvfs_total(path) == before
+                return
+            assert backend.resize("v", 4 * SMALL[fs]) == "online"
+            for _ in range(SMALL[fs] // MiB + 50):  # more than the old size
                 f.write(b"y" * MiB)
             os.fsync(f.fileno())
-        assert os.statvfs(path).f_blocks * 4096 > 230 * MiB
+        assert backend.size("v") == 4 * SMALL[fs]
+        assert statvfs_total(path) > before + 2 * SMALL[fs]
     finally:
         backend.unmount("v")
+
+
+def test_xfs_grows_online_when_idle_too(backend: ImageBackend) -> None:
+    backend.create("v", sized(320 * MiB, "xfs"))
+    with backend.view("v") as path:
+        (path / "f").write_text("kept")
+    assert backend.resize("v", GiB) == "online"  # mounted for the grow, then let go
+    with backend.view("v") as path:
+        assert (path / "f").read_text() == "kept"
+        assert statvfs_total(path) == GiB - 64 * MiB
 
 
 def test_without_cap_sys_resource_an_idle_volume_grows_offline(
@@ -250,17 +392,21 @@ def test_without_cap_sys_resource_an_idle_volume_grows_offline(
         assert os.statvfs(path).f_blocks * 4096 > 110 * MiB
 
 
-def test_a_grow_cut_short_is_finished_by_the_next_resize(backend: ImageBackend) -> None:
-    backend.create("v", sized(64 * MiB))
+def test_a_grow_cut_short_is_finished_by_the_next_resize(backend: ImageBackend,
+                                                         fs: str) -> None:
+    size = SMALL[fs]
+    backend.create("v", sized(size, fs))
     with open(backend.image("v"), "r+b") as f:  # the image grew, then the process died
-        f.truncate(128 * MiB)
-    assert backend.resize("v", 128 * MiB) in ("online", "offline")
+        f.truncate(2 * size)
+    assert backend.resize("v", 2 * size) in ("online", "offline")
     with backend.view("v") as path:
-        assert os.statvfs(path).f_blocks * 4096 > 110 * MiB
+        assert statvfs_total(path) > 1.8 * size - (0 if fs == "ext4" else 64 * MiB)
 
 
-def test_replace_keeps_the_size_and_refuses_a_volume_in_use(backend: ImageBackend) -> None:
-    backend.create("v", sized(96 * MiB))
+def test_replace_keeps_the_size_and_refuses_a_volume_in_use(backend: ImageBackend,
+                                                            fs: str) -> None:
+    size = SMALL[fs] + 32 * MiB
+    backend.create("v", sized(size, fs))
     path = backend.mount("v")
     (path / "old").write_text("old")
     with pytest.raises(VolumeInUse, match=r"'v' is in use"):
@@ -270,7 +416,8 @@ def test_replace_keeps_the_size_and_refuses_a_volume_in_use(backend: ImageBacken
     assert (path / "old").read_text() == "old"
     backend.unmount("v")
     backend.replace("v", lambda p: (p / "new").write_text("new"))
-    assert backend.size("v") == 96 * MiB
+    assert backend.size("v") == size
+    assert backend.status("v")["filesystem"] == fs
     with backend.view("v") as seen:
         assert os.listdir(seen) == ["new"]
 
