@@ -17,7 +17,7 @@ from plugin.errors import InvalidOption
 from plugin.names import VOLUME_NAME
 
 MAX_ID = 2**32 - 2
-_ABILITY = {"size": "enforce a size limit"}
+_ABILITY = {"size": "enforce a size limit", "fs": "choose a filesystem"}
 CREDENTIAL_HINTS = ("secret", "password", "passwd", "token", "access_key", "credential")
 
 
