@@ -15,7 +15,7 @@ on the first mount and the last unmount.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +44,7 @@ from plugin.options import S3Policy, VolumeOptions, parse_options
 from plugin.settings import Settings
 from plugin.snapshotting import Snapshotter
 from plugin.state import StateStore, SyncRecord, VolumeRecord
-from plugin.syncing import Syncer
+from plugin.sync import Syncer
 from plugin.testhooks import crash_point, hold_point
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class Driver:
         content = VolumeContent(backend, name)
         if options.s3 is not None and restore is not None:
             self.sync.on_create(name, restore, content)
-            self.sync.track(name, options.s3, self._mounted_content_fn(content))
+            self.sync.track(name, options.s3, content)
         self.snapshots.track(name, options.snapshot, content)
         log.info("created volume %s with %s", name, options.describe())
 
@@ -309,7 +309,6 @@ class Driver:
             self.snapshots.before_remove(name, deadline)
             if options.s3 is not None:
                 self.sync.before_remove(name, self.content(record), deadline)
-                self.sync.untrack(name)
             self.snapshots.on_remove(name, options.snapshot)
             backend.remove(name)
             self.state.delete_volume(name)
@@ -440,14 +439,11 @@ class Driver:
             self.snapshots.track(record.name, options.snapshot, content)
             if options.s3 is not None:
                 self.sync.resume(record.name, options.s3, content)
-                self.sync.track(record.name, options.s3, self._mounted_content_fn(content))
+                self.sync.track(record.name, options.s3, content)
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
         self._purge_later(after_remove=False)  # what a restart interrupted
         self.snapshots.start()
         self.sync.start()
-
-    def _mounted_content_fn(self, content: VolumeContent) -> Callable[[], VolumeContent | None]:
-        return lambda: content if self.state.mount_count(content.volume) else None
 
     def recover(self) -> None:
         """Reconcile state and disk after a restart or crash; never deletes user data."""
