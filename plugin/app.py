@@ -1,6 +1,7 @@
 """The HTTP layer: the only module that knows Flask and the wire format.
 
-One route table maps each endpoint to a driver call; one error handler turns exceptions into
+One route table maps each endpoint to a driver call (``pyvol/*``: to its management API,
+``Driver.management``); one error handler turns exceptions into
 ``{"Err": message}``.  dockerd sends no Content-Type and sometimes no body, so the body is
 parsed by hand and anything that is not a JSON object counts as ``{}``.
 """
@@ -75,7 +76,7 @@ def _volume_arg(body: Body) -> str:
 
 
 def _snapshot_create(d: Driver, b: Body) -> Body:
-    info = d.snapshot_create(_volume_arg(b), _field(b, "Name", required=False))
+    info = d.management.snapshot_create(_volume_arg(b), _field(b, "Name", required=False))
     return {"Snapshot": info.to_json()}
 
 
@@ -83,17 +84,17 @@ def _snapshot_remove(d: Driver, b: Body) -> Body:
     name = _field(b, "Name", required=False)
     if name is None and b.get("All") is not True:
         raise InvalidRequest("name a snapshot, or pass All: true to remove every snapshot")
-    return {"Kept": d.snapshot_remove(_volume_arg(b), name)}
+    return {"Kept": d.management.snapshot_remove(_volume_arg(b), name)}
 
 
 def _snapshot_restore(d: Driver, b: Body) -> Body:
     name = _field(b, "Name")
     assert name is not None  # noqa: S101 -- required
-    return {"Safety": d.snapshot_restore(_volume_arg(b), name).to_json()}
+    return {"Safety": d.management.snapshot_restore(_volume_arg(b), name).to_json()}
 
 
 def _sync_push(d: Driver, b: Body) -> Body:
-    d.sync_push(_volume_arg(b))
+    d.management.sync_push(_volume_arg(b))
     return {}
 
 
@@ -105,7 +106,7 @@ def _sync_status(d: Driver, b: Body) -> Body:
 def _sync_restore(d: Driver, b: Body) -> Body:
     snapshot = _field(b, "Snapshot")
     assert snapshot is not None  # noqa: S101 -- required
-    safety = d.sync_restore(_volume_arg(b), snapshot)
+    safety = d.management.sync_restore(_volume_arg(b), snapshot)
     return {"Safety": safety.to_json() if safety else None}
 
 
@@ -113,7 +114,7 @@ def _sync_delete_remote(d: Driver, b: Body) -> Body:
     volume = _volume_arg(b)
     if b.get("Confirm") != volume:
         raise InvalidRequest(f"deleting the remote copy needs Confirm: {volume!r}")
-    d.sync_delete_remote(volume)
+    d.management.sync_delete_remote(volume)
     return {}
 
 
@@ -149,18 +150,18 @@ ROUTES: dict[str, Handler] = {
     # pyvol's management API, used by the `pyvol` CLI (documented in README.md)
     "pyvol/snapshot/create": _snapshot_create,
     "pyvol/snapshot/list": lambda d, b: {
-        "Snapshots": [s.to_json() for s in d.snapshot_list(_volume_arg(b))]},
+        "Snapshots": [s.to_json() for s in d.management.snapshot_list(_volume_arg(b))]},
     "pyvol/snapshot/remove": _snapshot_remove,
     "pyvol/snapshot/restore": _snapshot_restore,
-    "pyvol/resize": lambda d, b: d.resize(_volume_arg(b), str(_field(b, "Size"))),
-    "pyvol/mounts/reset": lambda d, b: {"Cleared": d.reset_mounts(_volume_arg(b))},
+    "pyvol/resize": lambda d, b: d.management.resize(_volume_arg(b), str(_field(b, "Size"))),
+    "pyvol/mounts/reset": lambda d, b: {"Cleared": d.management.reset_mounts(_volume_arg(b))},
     "pyvol/sync/push": _sync_push,
     "pyvol/sync/status": _sync_status,
     "pyvol/sync/list": lambda d, b: {
-        "Snapshots": [s.to_json() for s in d.sync_list(_volume_arg(b))]},
+        "Snapshots": [s.to_json() for s in d.management.sync_list(_volume_arg(b))]},
     "pyvol/sync/restore": _sync_restore,
     "pyvol/sync/delete-remote": _sync_delete_remote,
-    "pyvol/sync/check": lambda d, b: {"Check": d.sync_check(
+    "pyvol/sync/check": lambda d, b: {"Check": d.management.sync_check(
         _volume_arg(b), b.get("ReadData") is True).to_json()},
 }
 

@@ -1,9 +1,11 @@
 """The volume driver: one method per VolumeDriver verb, no HTTP in sight.
 
-Concurrency: each volume has its own lock, so an operation on one volume never delays another,
-and nothing slow runs under it: a long management operation (a restore, a manual snapshot)
-marks the volume busy for a moment under the lock and runs outside it, and the Docker verbs
-that conflict with it fail at once saying what runs and how far it is.  Every Docker verb
+The management API lives in ``plugin.management`` (``Driver.management``), the S3 sync in
+``plugin.sync``.  Concurrency: each volume has its own lock (``plugin.operations``), so an
+operation on one volume never delays another, and nothing slow runs under it: a long
+management operation (a restore, a manual snapshot) marks the volume busy for a moment under
+the lock and runs outside it, and the Docker verbs that conflict with it fail at once saying
+what runs and how far it is.  Every Docker verb
 answers within one deadline (``plugin.locks.CALL_BUDGET``) shared by all its waits.  Mount
 references are counted per (volume, Docker mount ID) in the state store; the
 backend (and, for a managed plugin, the bind mount under the propagated mount) is touched only
@@ -13,49 +15,41 @@ on the first mount and the last unmount.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from backends import REGISTRY, Backend
 from backends.base import Populate, VolumeContent
 from backends.errors import BackendError
 from backends.fs import bind_mount, confined, is_mountpoint, make_private, unmount
-from backends.snapshots import SnapshotInfo, SnapshotStore, default_name
+from backends.snapshots import SnapshotStore
 from backends.tree import copy_tree
 from plugin.errors import (
     CreateFailed,
     InvalidOption,
-    SnapshotFailed,
-    SnapshotNeeded,
     VolumeBusy,
     VolumeExists,
     VolumeInUse,
     VolumeNotFound,
 )
 from plugin.jobs import Jobs
-from plugin.locks import Deadline, VolumeLocks
+from plugin.locks import Deadline
+from plugin.management import Management
 from plugin.names import validate_volume_name
+from plugin.operations import VolumeGuard
 from plugin.options import S3Policy, VolumeOptions, parse_options, with_default_size
 from plugin.settings import Settings
-from plugin.snapshotting import Capture, Snapshotter, validate_snapshot_name
+from plugin.snapshotting import Snapshotter
 from plugin.state import StateStore, SyncRecord, VolumeRecord
-from plugin.syncing import Syncer
+from plugin.sync import Syncer
 from plugin.testhooks import crash_point, hold_point
-
-if TYPE_CHECKING:
-    from backends.s3 import CheckReport, RemoteSnapshot
 
 log = logging.getLogger(__name__)
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-MANAGEMENT_WAIT = 600.0
-"""How long a management call (restore) waits for the volume's background jobs."""
 
 
 @dataclass(frozen=True)
@@ -64,23 +58,6 @@ class VolumeInfo:
     mountpoint: Path
     created_at: datetime
     status: Mapping[str, Any] | None = None
-
-
-@dataclass(eq=False)
-class Operation:
-    """A long management operation on a volume, run outside its lock."""
-
-    what: str
-    exclusive: bool
-    """Exclusive (a restore): no Mount meanwhile.  Otherwise (a manual snapshot) only Remove
-    and other operations are refused."""
-    progress: Callable[[], str | None] = lambda: None
-    started: float = field(default_factory=time.monotonic)
-
-    def describe(self) -> str:
-        progress = self.progress()
-        return (f"{self.what} is in progress ({progress or 'running'} for "
-                f"{time.monotonic() - self.started:.0f} s)")
 
 
 class Driver:
@@ -99,9 +76,6 @@ class Driver:
         self.backends: Mapping[str, Backend] = backends or {
             name: factory(settings.root) for name, factory in REGISTRY.items()
         }
-        self._locks = VolumeLocks()
-        self._operations: dict[str, list[Operation]] = {}
-        self._operations_guard = threading.Lock()
         self.clones = Jobs(name="copy-jobs")
         """Copies of ``from=`` volumes and snapshots into new volumes."""
         self.jobs = Jobs(name="snapshot-jobs")
@@ -112,63 +86,24 @@ class Driver:
         self.snapshots = Snapshotter(store, self.jobs)
         self.sync = Syncer(settings.root, self.state, store, Jobs(name="s3-jobs"),
                            dict(settings.s3_env))
+        self.guard = VolumeGuard([self.jobs, self.sync.jobs])
+        """Each volume's lock and the management operations running on it."""
+        self.management = Management(self)
+        """The management API (``pyvol/*``), on the same volumes."""
 
-    # helpers
-
-    @contextmanager
-    def _locked(self, name: str, deadline: Deadline | None = None) -> Iterator[None]:
-        """Hold the volume's lock (the name is validated first: no lock for junk names)."""
-        validate_volume_name(name)
-        with self._locks.hold(name, deadline or Deadline(), lambda: self._busy_text(name)):
-            yield
-
-    def _busy_text(self, name: str) -> str:
-        with self._operations_guard:
-            ops = list(self._operations.get(name, []))
-        running = [op.describe() for op in ops]
-        for jobs in (self.jobs, self.sync.jobs):
-            if (job := jobs.describe(name)) is not None:
-                running.append(f"{job} is running")
-        return (f"volume {name!r} is busy ({'; '.join(running) or 'another call holds it'}); "
-                "try again shortly")
-
-    def _refuse_if_busy(self, name: str, verb: str, *, exclusive_only: bool = False) -> None:
-        """Raise VolumeBusy if a management operation runs on the volume (under its lock)."""
-        with self._operations_guard:
-            ops = list(self._operations.get(name, []))
-        for op in ops:
-            if op.exclusive or not exclusive_only:
-                raise VolumeBusy(f"volume {name!r} cannot be {verb} now: {op.describe()}; try "
-                                 "again when it is done")
-
-    @contextmanager
-    def _operation(self, name: str, op: Operation) -> Iterator[None]:
-        """Run a long operation outside the lock; the caller registered it under the lock."""
-        try:
-            yield
-        finally:
-            with self._operations_guard:
-                ops = self._operations.get(name, [])
-                if op in ops:
-                    ops.remove(op)
-                if not ops:
-                    self._operations.pop(name, None)
-
-    def _begin(self, name: str, op: Operation) -> None:
-        """Register ``op`` (call under the volume's lock, after _refuse_if_busy)."""
-        with self._operations_guard:
-            self._operations.setdefault(name, []).append(op)
+    # helpers (also the management API's view of the volumes)
 
     def options_of(self, record: VolumeRecord) -> VolumeOptions:
         """Parse a stored record's raw options again, exactly as Create parsed them."""
         return parse_options(record.options, default_backend=record.backend,
                              backends=self.backends, volume=record.name)
 
-    def _content(self, record: VolumeRecord) -> VolumeContent:
+    def content(self, record: VolumeRecord) -> VolumeContent:
         """What features read (in a view) and replace (staged) of the volume."""
         return VolumeContent(self.backends[record.backend], record.name)
 
-    def _record(self, name: str) -> VolumeRecord:
+    def record(self, name: str) -> VolumeRecord:
+        """The volume's record; InvalidName or VolumeNotFound."""
         record = self.state.get_volume(validate_volume_name(name))
         if record is None:
             raise VolumeNotFound(name)
@@ -215,7 +150,7 @@ class Driver:
             stored = {k: v for k, v in stored.items() if k.strip().lower() != "s3_bucket"}
             stored["s3_bucket"] = options.s3.bucket
         deadline = Deadline()
-        with self._locked(name, deadline):
+        with self.guard.locked(name, deadline):
             existing = self.state.get_volume(name)
             if existing is not None:
                 if self.options_of(existing) == options:
@@ -268,7 +203,7 @@ class Driver:
         content = VolumeContent(backend, name)
         if options.s3 is not None and restore is not None:
             self.sync.on_create(name, restore, content)
-            self.sync.track(name, options.s3, self._mounted_content_fn(content))
+            self.sync.track(name, options.s3, content)
         self.snapshots.track(name, options.snapshot, content)
         log.info("created volume %s with %s", name, options.describe())
 
@@ -348,7 +283,7 @@ class Driver:
                 f"option from={volume}: no pyvol volume {volume!r} (a volume of another driver "
                 "cannot be cloned); see `docker volume ls -f driver=pyvol:latest`"
             )
-        content = self._content(source)
+        content = self.content(source)
 
         def populate(dst: Path) -> None:
             with content.view() as data:
@@ -365,18 +300,17 @@ class Driver:
         (retry).  Also raises VolumeNotFound or VolumeInUse.
         """
         deadline = Deadline()
-        with self._locked(name, deadline):
-            record = self._record(name)
+        with self.guard.locked(name, deadline):
+            record = self.record(name)
             mounts = self.state.mount_count(name)
             if mounts:
                 raise VolumeInUse(name, mounts)
-            self._refuse_if_busy(name, "removed")
+            self.guard.refuse_if_busy(name, "removed")
             options = self.options_of(record)
             backend = self.backends[record.backend]
             self.snapshots.before_remove(name, deadline)
             if options.s3 is not None:
-                self.sync.before_remove(name, self._content(record), deadline)
-                self.sync.untrack(name)
+                self.sync.before_remove(name, self.content(record), deadline)
             self.snapshots.on_remove(name, options.snapshot)
             backend.remove(name)
             self.state.delete_volume(name)
@@ -402,12 +336,12 @@ class Driver:
         past it, or while a restore runs, it fails saying what runs and how far it is.
         """
         deadline = Deadline()
-        record = self._record(name)
+        record = self.record(name)
         if self.state.mount_count(name) == 0:
             self._settle(record, deadline)
-        with self._locked(name, deadline):
-            record = self._record(name)
-            self._refuse_if_busy(name, "mounted", exclusive_only=True)
+        with self.guard.locked(name, deadline):
+            record = self.record(name)
+            self.guard.refuse_if_busy(name, "mounted", exclusive_only=True)
             backend = self.backends[record.backend]
             first = self.state.mount_count(name) == 0
             if first:
@@ -417,12 +351,12 @@ class Driver:
                 self.state.add_mount(name, mount_id)
             except BaseException:
                 if first:
-                    self._unexpose(name, backend)
+                    self.unexpose(name, backend)
                 raise
             return self._mountpoint(record)
 
     def _settle(self, record: VolumeRecord, deadline: Deadline) -> None:
-        self._refuse_if_busy(record.name, "mounted", exclusive_only=True)
+        self.guard.refuse_if_busy(record.name, "mounted", exclusive_only=True)
         s3 = self.options_of(record).s3
         if s3 is not None:  # first: its bounded wait and precise refusal govern
             self.sync.before_mount(record.name, s3, deadline)
@@ -430,7 +364,7 @@ class Driver:
 
     def unmount(self, name: str, mount_id: str) -> None:
         """Count one use less.  An unknown ID or volume is logged and succeeds."""
-        with self._locked(name):
+        with self.guard.locked(name):
             if self.state.get_volume(validate_volume_name(name)) is None:
                 log.warning("unmount of unknown volume %s (mount %.80r) ignored", name, mount_id)
                 return
@@ -439,32 +373,22 @@ class Driver:
                 log.warning("unmount of %s with unknown mount ID %.80r ignored", name, mount_id)
                 return
             if remaining == 0:
-                record = self._record(name)
+                record = self.record(name)
                 backend = self.backends[record.backend]
-                self._unexpose(name, backend)
+                self.unexpose(name, backend)
                 options = self.options_of(record)
                 # Each feature's job reads the data in a view of its own: the backend keeps
                 # it available until the job is done, whatever the unmount released.
-                content = self._content(record)
+                content = self.content(record)
                 self.snapshots.after_last_unmount(name, options.snapshot, content)
                 if options.s3 is not None:
                     self.sync.after_last_unmount(name, options.s3, content)
 
-    def reset_mounts(self, name: str) -> int:
-        """Forget all mount references of a volume (stale after a daemon crash)."""
-        with self._locked(name):
-            record = self._record(name)
-            dropped = self.state.clear_mounts(name)
-            if dropped:
-                self._unexpose(name, self.backends[record.backend])
-                log.warning("volume %s: %d mount reference(s) cleared by request", name, dropped)
-            return dropped
-
     def path(self, name: str) -> Path:
-        return self._mountpoint(self._record(name))
+        return self._mountpoint(self.record(name))
 
     def get(self, name: str) -> VolumeInfo:
-        record = self._record(name)
+        record = self.record(name)
         return VolumeInfo(name=record.name, mountpoint=self._mountpoint(record),
                           created_at=record.created_at, status=self._status(record))
 
@@ -500,181 +424,12 @@ class Driver:
         if not is_mountpoint(target):
             bind_mount(data, target)
 
-    def _unexpose(self, name: str, backend: Backend) -> None:
+    def unexpose(self, name: str, backend: Backend) -> None:
         try:
             if self.settings.mount_root is not None:
                 unmount(confined(self.settings.mount_root, name))
         finally:
             backend.unmount(name)
-
-    # size (the management API)
-
-    def resize(self, name: str, size_text: str) -> dict[str, Any]:
-        """Grow a sized volume to ``size_text`` (``pyvol resize``); a shrink is refused.
-
-        Returns how it was done (``online`` while mounted) and the new size."""
-        with self._locked(name):
-            record = self._record(name)
-            backend = self.backends[record.backend]
-            option = next((o for o in backend.options if o.name == "size"), None)
-            if option is None or not backend.capabilities.size_limit:
-                raise InvalidOption(
-                    f"volume {name!r} (backend {record.backend}) has no size limit to change: "
-                    f"create a sized copy with `docker volume create -d pyvol -o size=SIZE "
-                    f"-o from={name} NEW`")
-            self._refuse_if_busy(name, "resized")
-            try:
-                size = option.parse(size_text.strip())
-            except ValueError as exc:
-                raise InvalidOption(f"size {size_text!r}: {exc}") from None
-            how = backend.resize(name, size)
-            stored = {k: v for k, v in record.options.items() if k.strip().lower() != "size"}
-            stored["size"] = size_text.strip()
-            self.state.set_options(name, stored)
-            log.info("volume %s resized to %s (%s)", name, option.show(size), how)
-            return {"Size": option.show(size), "SizeBytes": size, "How": how}
-
-    # snapshots (the management API)
-
-    def snapshot_create(self, volume: str, name: str | None) -> SnapshotInfo:
-        """A manual snapshot, taken outside the volume's lock; Remove meanwhile is refused."""
-        if name is not None:
-            validate_snapshot_name(name)
-        capture = Capture()
-        op = Operation(f"a manual snapshot of volume {volume!r}", exclusive=False,
-                       progress=capture.text)
-        with self._locked(volume):
-            record = self._record(volume)
-            self._refuse_if_busy(volume, "snapshotted", exclusive_only=True)
-            content = self._content(record)
-            self._begin(volume, op)
-        with self._operation(volume, op):
-            hold_point("snapshot:manual")
-            try:
-                with content.view() as data:
-                    return self.snapshots.store.create(volume, data, name, kind="manual",
-                                                       progress=capture.update)
-            except OSError as exc:
-                raise SnapshotFailed(f"the snapshot of volume {volume!r} failed: {exc}; check "
-                                     "the volume and try again") from exc
-
-    def snapshot_list(self, volume: str) -> list[SnapshotInfo]:
-        validate_volume_name(volume)
-        snaps = [s for s in self.snapshots.store.list_snapshots(volume) if s.kind != "sync"]
-        if not snaps and self.state.get_volume(volume) is None:
-            raise VolumeNotFound(volume)
-        return snaps
-
-    def snapshot_remove(self, volume: str, name: str | None) -> list[str]:
-        """Remove one snapshot, or all of the volume's snapshots when ``name`` is None.
-
-        Never removes a sync snapshot that S3 still needs (a pending push's, or the base of
-        the volume's next one): naming one raises SnapshotNeeded; ``all`` skips them and
-        returns their names.
-        """
-        validate_volume_name(volume)
-        store = self.snapshots.store
-        needed = self.sync.needed_snapshots(volume)
-        if name is not None:
-            validate_snapshot_name(name)
-            if name in needed:
-                raise SnapshotNeeded(
-                    f"snapshot {volume}@{name} is kept for S3: "
-                    f"{self.sync.why_needed(volume, name)}; it goes by itself once that push "
-                    "is done")
-            store.remove(volume, name)
-            return []
-        if not store.list_snapshots(volume) and self.state.get_volume(volume) is None:
-            raise VolumeNotFound(volume)
-        if not needed and self.state.get_sync(volume) is None:
-            store.remove_all(volume)
-            return []
-        store.remove_all(volume, keep_kinds=frozenset({"sync"}))
-        kept = []
-        for snap in store.list_snapshots(volume):
-            if snap.name in needed or snap.kind != "sync":
-                kept.append(snap.name)
-            else:
-                store.remove(volume, snap.name)
-        return kept
-
-    def snapshot_restore(self, volume: str, name: str) -> SnapshotInfo:
-        """Replace the volume's content with ``volume@name``; returns the safety snapshot.
-
-        Only while unmounted: a safety snapshot of the current content is taken first.
-        """
-        validate_snapshot_name(name)
-        store = self.snapshots.store
-        op = Operation(f"a restore of volume {volume!r} from snapshot {name}", exclusive=True)
-        with self._locked(volume):
-            record = self._record(volume)
-            mounts = self.state.mount_count(volume)
-            if mounts:
-                raise VolumeInUse(volume, mounts)
-            self._refuse_if_busy(volume, "restored")
-            store.get(volume, name)
-            self._begin(volume, op)
-        with self._operation(volume, op):
-            self._wait_jobs(volume)
-            hold_point("restore:snapshot")
-            content = self._content(record)
-            with content.view() as data:
-                safety = store.create(volume, data, f"pre-restore-{default_name()}",
-                                      kind="safety")
-            content.replace(store.populate_from(volume, name))
-            log.info("volume %s restored from snapshot %s (safety snapshot %s)", volume, name,
-                     safety.name)
-            return safety
-
-    # S3 sync (the management API)
-
-    def _s3(self, volume: str) -> tuple[VolumeRecord, S3Policy]:
-        record = self._record(volume)
-        s3 = self.options_of(record).s3
-        if s3 is None:
-            raise InvalidOption(
-                f"volume {volume!r} has no S3 sync: create it with -o s3_bucket=NAME")
-        return record, s3
-
-    def sync_push(self, volume: str) -> None:
-        """Queue a push now; returns at once (poll Get's Status.s3 to follow it)."""
-        record, s3 = self._s3(volume)
-        self.sync.request_push(volume, s3, self._content(record))
-
-    def sync_list(self, volume: str) -> list[RemoteSnapshot]:
-        return self.sync.remote_list(self._s3(volume)[1])
-
-    def sync_restore(self, volume: str, snapshot_id: str) -> SnapshotInfo | None:
-        """Restore a remote snapshot in place, while unmounted; returns the safety snapshot.
-
-        Runs outside the volume's lock: meanwhile Mount and Remove fail at once saying how far
-        the restore is."""
-        with self._locked(volume):
-            record, s3 = self._s3(volume)
-            mounts = self.state.mount_count(volume)
-            if mounts:
-                raise VolumeInUse(volume, mounts)
-            self._refuse_if_busy(volume, "restored")
-            op = Operation(f"the restore of volume {volume!r} from s3://{s3.bucket}/{s3.prefix}",
-                           exclusive=True, progress=lambda: self.sync.progress_text(volume))
-            self._begin(volume, op)
-        with self._operation(volume, op):
-            self._wait_jobs(volume)
-            content = self._content(record)
-            with content.view() as data:
-                safety = self.snapshots.store.create(
-                    volume, data, f"pre-restore-{default_name()}", kind="safety")
-            self.sync.restore_in_place(volume, s3, snapshot_id, content)
-            return safety
-
-    def _wait_jobs(self, volume: str) -> None:
-        for jobs in (self.jobs, self.sync.jobs):
-            if not jobs.wait(volume, MANAGEMENT_WAIT):
-                raise VolumeBusy(f"volume {volume!r}: its {jobs.describe(volume)} did not finish "
-                                 f"within {MANAGEMENT_WAIT:.0f} s; try again later")
-
-    def sync_delete_remote(self, volume: str) -> None:
-        self.sync.delete_remote(volume, self._s3(volume)[1])
 
     # start-up
 
@@ -682,18 +437,15 @@ class Driver:
         """Start background work: recovery, schedules, and pushes a restart interrupted."""
         for record in self.state.list_volumes():
             options = self.options_of(record)
-            content = self._content(record)
+            content = self.content(record)
             self.snapshots.track(record.name, options.snapshot, content)
             if options.s3 is not None:
                 self.sync.resume(record.name, options.s3, content)
-                self.sync.track(record.name, options.s3, self._mounted_content_fn(content))
+                self.sync.track(record.name, options.s3, content)
         self.jobs.submit("", "snapshot recovery", self.snapshots.store.recover)
         self._purge_later(after_remove=False)  # what a restart interrupted
         self.snapshots.start()
         self.sync.start()
-
-    def _mounted_content_fn(self, content: VolumeContent) -> Callable[[], VolumeContent | None]:
-        return lambda: content if self.state.mount_count(content.volume) else None
 
     def recover(self) -> None:
         """Reconcile state and disk after a restart or crash; never deletes user data."""
@@ -765,7 +517,3 @@ class Driver:
                 log.info("volume %s: %d mount(s) restored", name, mounted[name])
             except Exception as exc:
                 log.error("volume %s: could not restore its mount: %s", name, exc)
-
-    def sync_check(self, volume: str, read_data: bool = False) -> CheckReport:
-        """Check that the volume's remote snapshots are restorable (``pyvol sync check``)."""
-        return self.sync.check(volume, self._s3(volume)[1], read_data)

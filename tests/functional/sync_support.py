@@ -29,14 +29,15 @@ from functional_support import LISTEN_DEADLINE, REPO, Plugin, PluginProcess
 LAUNCHER = """\
 import functools, os, sys
 import backends.s3.store as store
-import plugin.syncing as syncing
+import plugin.sync.scheduler as scheduler
+import plugin.sync.syncer as syncer
 from backends.s3.config import RetryPolicy
 store.RetryPolicy = functools.partial(
     RetryPolicy, attempts=3, base_delay=0.05, max_delay=0.2, deadline=3.0,
     connect_timeout=1.0, read_timeout=20.0, botocore_attempts=1)
-syncing.RETRY_MIN, syncing.RETRY_MAX = 1.0, 8.0
+scheduler.RETRY_MIN, scheduler.RETRY_MAX = 1.0, 8.0
 if os.environ.get("PYVOL_TEST_MOUNT_WAIT"):
-    syncing.MOUNT_WAIT = float(os.environ["PYVOL_TEST_MOUNT_WAIT"])
+    syncer.MOUNT_WAIT = float(os.environ["PYVOL_TEST_MOUNT_WAIT"])
 from plugin.cli import main
 sys.exit(main())
 """

@@ -138,7 +138,7 @@ def test_snapshot_change_restore_in_place_and_into_a_new_volume(
     data = driver.path("vol")
     fill(data)
     original = tree_state(data)
-    s1 = driver.snapshot_create("vol", "s1")
+    s1 = driver.management.snapshot_create("vol", "s1")
     assert s1.method == expected_method(fstype)
     change(data)
     changed = tree_state(data)
@@ -146,12 +146,12 @@ def test_snapshot_change_restore_in_place_and_into_a_new_volume(
 
     driver.create("copy", {"from": "vol@s1"})
     assert tree_state(driver.path("copy")) == original
-    safety = driver.snapshot_restore("vol", "s1")
+    safety = driver.management.snapshot_restore("vol", "s1")
     assert tree_state(data) == original
     assert inodes(data).isdisjoint(inodes(driver.path("copy")))
-    driver.snapshot_restore("vol", safety.name)
+    driver.management.snapshot_restore("vol", safety.name)
     assert tree_state(data) == changed
-    methods = {s.name: s.method for s in driver.snapshot_list("vol")}
+    methods = {s.name: s.method for s in driver.management.snapshot_list("vol")}
     assert methods[safety.name] == expected_method(fstype)
 
 
@@ -160,7 +160,7 @@ def test_clones_are_independent_of_their_source(fs: tuple[str, Path], driver: Dr
     source = driver.path("src")
     fill(source)
     original = tree_state(source)
-    driver.snapshot_create("src", "s1")
+    driver.management.snapshot_create("src", "s1")
     driver.create("live-clone", {"from": "src"})
     driver.create("snap-clone", {"from": "src@s1"})
     clones = [driver.path("live-clone"), driver.path("snap-clone")]
@@ -185,7 +185,7 @@ def test_snapshots_on_unmount_keep_the_newest_n(fs: tuple[str, Path], driver: Dr
     driver.create("auto", {"snapshot_on_unmount": "true", "snapshot_keep": "2"})
     data = driver.path("auto")
     fill(data)
-    driver.snapshot_create("auto", "by-hand")
+    driver.management.snapshot_create("auto", "by-hand")
     states = []
     for i in range(4):
         driver.mount("auto", f"container-{i}")
@@ -193,7 +193,7 @@ def test_snapshots_on_unmount_keep_the_newest_n(fs: tuple[str, Path], driver: Dr
         states.append(tree_state(data))
         driver.unmount("auto", f"container-{i}")
         assert driver.jobs.wait("auto", 60), "the on-unmount snapshot did not finish"
-    snaps = driver.snapshot_list("auto")
+    snaps = driver.management.snapshot_list("auto")
     assert [s.kind for s in snaps] == ["manual", "automatic", "automatic"]
     assert {s.method for s in snaps[1:]} <= {expected_method(fstype), "none"}
     for snap, expected in zip(snaps[1:], states[2:], strict=True):
@@ -215,7 +215,7 @@ def test_reflink_filesystems_share_extents_copying_ones_do_not(
         for i in range(size // MiB):
             f.write(i.to_bytes(8, "little") + block[8:])
     before = used_bytes(mountpoint)
-    snap = driver.snapshot_create("big", "s1")
+    snap = driver.management.snapshot_create("big", "s1")
     after_snapshot = used_bytes(mountpoint)
     driver.create("restored", {"from": "big@s1"})
     after_restore = used_bytes(mountpoint)

@@ -543,7 +543,7 @@ def test_no_lock_is_kept_for_junk_names_or_removed_volumes(driver: Driver) -> No
             driver.remove(junk)
     with pytest.raises(VolumeNotFound):
         driver.mount("gone", "id")
-    assert len(driver._locks) == 0
+    assert len(driver.guard.locks) == 0
 
 
 def test_jobs_cancel_only_queued_cancellable_work_and_say_what_runs() -> None:

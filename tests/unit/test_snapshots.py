@@ -589,7 +589,7 @@ def vol(driver: Driver) -> Path:
 def test_clones_from_a_volume_and_from_a_snapshot_are_independent(driver: Driver,
                                                                   vol: Path) -> None:
     expected = state(vol)
-    driver.snapshot_create(VOL, "s1")
+    driver.management.snapshot_create(VOL, "s1")
     driver.create("from-vol", {"from": VOL})
     driver.create("from-snap", {"from": f"{VOL}@s1"})
     for clone in ("from-vol", "from-snap"):
@@ -607,42 +607,42 @@ def test_clones_from_a_volume_and_from_a_snapshot_are_independent(driver: Driver
 
 def test_restore_takes_a_safety_snapshot_first(driver: Driver, vol: Path) -> None:
     expected = state(vol)
-    driver.snapshot_create(VOL, "s1")
+    driver.management.snapshot_create(VOL, "s1")
     change(vol)
     changed = state(vol)
-    safety = driver.snapshot_restore(VOL, "s1")
+    safety = driver.management.snapshot_restore(VOL, "s1")
     assert safety.kind == "safety"
     assert state(vol) == expected
-    driver.snapshot_restore(VOL, safety.name)
+    driver.management.snapshot_restore(VOL, safety.name)
     assert state(vol) == changed
-    assert [s.kind for s in driver.snapshot_list(VOL)] == ["manual", "safety", "safety"]
+    assert [s.kind for s in driver.management.snapshot_list(VOL)] == ["manual", "safety", "safety"]
 
 
 def test_bad_requests_are_refused_and_change_nothing(driver: Driver, vol: Path,
                                                      settings: Any) -> None:
-    driver.snapshot_create(VOL, "s1")
+    driver.management.snapshot_create(VOL, "s1")
     driver.create("plain", None)
     driver.mount("plain", "m1")
     root = settings.root
     before = (tree_of(root), [v.name for v in driver.list_volumes()],
-              driver.snapshot_list(VOL))
+              driver.management.snapshot_list(VOL))
     refused: list[tuple[Callable[[], object], type[Exception], str]] = [
-        (lambda: driver.snapshot_create("nosuch", None), VolumeNotFound, "nosuch"),
-        (lambda: driver.snapshot_create(VOL, "s1"), SnapshotExists, "already exists"),
-        (lambda: driver.snapshot_list("nosuch"), VolumeNotFound, "nosuch"),
-        (lambda: driver.snapshot_remove(VOL, "nope"), SnapshotNotFound, "vol@nope"),
-        (lambda: driver.snapshot_remove("nosuch", None), VolumeNotFound, "nosuch"),
-        (lambda: driver.snapshot_restore(VOL, "nope"), SnapshotNotFound, "vol@nope"),
-        (lambda: driver.snapshot_restore("nosuch", "s1"), VolumeNotFound, "nosuch"),
-        (lambda: driver.snapshot_restore("plain", "s1"), VolumeInUse, "in use"),
+        (lambda: driver.management.snapshot_create("nosuch", None), VolumeNotFound, "nosuch"),
+        (lambda: driver.management.snapshot_create(VOL, "s1"), SnapshotExists, "already exists"),
+        (lambda: driver.management.snapshot_list("nosuch"), VolumeNotFound, "nosuch"),
+        (lambda: driver.management.snapshot_remove(VOL, "nope"), SnapshotNotFound, "vol@nope"),
+        (lambda: driver.management.snapshot_remove("nosuch", None), VolumeNotFound, "nosuch"),
+        (lambda: driver.management.snapshot_restore(VOL, "nope"), SnapshotNotFound, "vol@nope"),
+        (lambda: driver.management.snapshot_restore("nosuch", "s1"), VolumeNotFound, "nosuch"),
+        (lambda: driver.management.snapshot_restore("plain", "s1"), VolumeInUse, "in use"),
         (lambda: driver.create("c", {"from": "nosuch"}), InvalidOption, "no pyvol volume"),
         (lambda: driver.create("c", {"from": f"{VOL}@nope"}), SnapshotNotFound, "vol@nope"),
         (lambda: driver.create("c", {"from": "c"}), InvalidOption, "being created"),
     ]
     for bad in ["-x", "a/b", "a b", "", "x" * 256, "é", "a@b", "..", ".hidden"]:
-        refused.append((lambda bad=bad: driver.snapshot_create(VOL, bad),  # type: ignore[misc]
+        refused.append((lambda bad=bad: driver.management.snapshot_create(VOL, bad),  # type: ignore[misc]
                         InvalidName, "invalid snapshot name"))
-        refused.append((lambda bad=bad: driver.snapshot_restore(VOL, bad),  # type: ignore[misc]
+        refused.append((lambda bad=bad: driver.management.snapshot_restore(VOL, bad),  # type: ignore[misc]
                         InvalidName, "invalid snapshot name"))
     for key, value in [("snapshot_keep", "0"), ("snapshot_keep", "-1"), ("snapshot_keep", "x"),
                        ("snapshot_keep", "1.5"), ("snapshot_keep", ""),
@@ -658,14 +658,14 @@ def test_bad_requests_are_refused_and_change_nothing(driver: Driver, vol: Path,
         assert message in str(raised.value)
         assert isinstance(raised.value, PyvolError | BackendError)
         assert (tree_of(root), [v.name for v in driver.list_volumes()],
-                driver.snapshot_list(VOL)) == before, f"{call} changed something"
+                driver.management.snapshot_list(VOL)) == before, f"{call} changed something"
 
 
 def test_on_unmount_snapshots_keep_the_newest_n(driver: Driver, vol: Path,
                                                 tmp_path: Path) -> None:
     driver.create("auto", {"snapshot_on_unmount": "true", "snapshot_keep": "2"})
     data = driver.path("auto")
-    driver.snapshot_create("auto", "manual-0")
+    driver.management.snapshot_create("auto", "manual-0")
     states = []
     for i in range(4):
         driver.mount("auto", f"m{i}")
@@ -673,7 +673,7 @@ def test_on_unmount_snapshots_keep_the_newest_n(driver: Driver, vol: Path,
         states.append(state(data))
         driver.unmount("auto", f"m{i}")
         assert driver.jobs.wait("auto", 30)
-    snaps = driver.snapshot_list("auto")
+    snaps = driver.management.snapshot_list("auto")
     assert [s.kind for s in snaps] == ["manual", "automatic", "automatic"]
     for snap, expected in zip(snaps[1:], states[2:], strict=True):
         dst = tmp_path / snap.name
@@ -691,11 +691,11 @@ def test_periodic_snapshots_run_on_their_own(driver: Driver) -> None:
     driver.start()
     try:
         deadline = time.monotonic() + 20
-        while len(driver.snapshot_list("timed")) < 2:
+        while len(driver.management.snapshot_list("timed")) < 2:
             assert time.monotonic() < deadline, "no periodic snapshots within 20 s"
             time.sleep(0.1)
         time.sleep(2.5)
-        snaps = driver.snapshot_list("timed")
+        snaps = driver.management.snapshot_list("timed")
         assert {s.kind for s in snaps} == {"automatic"}
         assert 1 <= len(snaps) <= 2
     finally:
@@ -706,17 +706,17 @@ def test_periodic_snapshots_run_on_their_own(driver: Driver) -> None:
 def test_removing_a_volume_keeps_its_snapshots_unless_asked(driver: Driver, vol: Path,
                                                             tmp_path: Path) -> None:
     expected = state(vol)
-    driver.snapshot_create(VOL, "s1")
+    driver.management.snapshot_create(VOL, "s1")
     driver.remove(VOL)
-    assert [s.name for s in driver.snapshot_list(VOL)] == ["s1"]
+    assert [s.name for s in driver.management.snapshot_list(VOL)] == ["s1"]
     driver.create("reborn", {"from": f"{VOL}@s1"})
     assert state(driver.path("reborn")) == expected
 
     driver.create("doomed", {"snapshot_on_remove": "delete"})
-    driver.snapshot_create("doomed", "s1")
+    driver.management.snapshot_create("doomed", "s1")
     driver.remove("doomed")
     with pytest.raises(VolumeNotFound):
-        driver.snapshot_list("doomed")
+        driver.management.snapshot_list("doomed")
     assert "doomed" not in driver.snapshots.store.volumes()
 
 
@@ -738,7 +738,7 @@ def test_a_running_snapshot_delays_no_call_on_other_volumes(
     monkeypatch.setattr(snapshots_module, "clone_or_copy", slow)
     driver.mount("busy", "m")
     driver.unmount("busy", "m")  # the on-unmount snapshot starts in the background
-    manual = threading.Thread(target=lambda: driver.snapshot_create("busy", "manual"))
+    manual = threading.Thread(target=lambda: driver.management.snapshot_create("busy", "manual"))
     try:
         assert entered.wait(10)
         manual.start()
@@ -748,13 +748,13 @@ def test_a_running_snapshot_delays_no_call_on_other_volumes(
         driver.get(VOL)
         driver.mount(VOL, "m2")
         driver.unmount(VOL, "m2")
-        driver.snapshot_create(VOL, "meanwhile")
+        driver.management.snapshot_create(VOL, "meanwhile")
         assert time.monotonic() - started < 2.0
     finally:
         release.set()
         manual.join(30)
     assert driver.jobs.wait("busy", 30)
-    assert [s.kind for s in driver.snapshot_list("busy")] == ["automatic", "manual"]
+    assert [s.kind for s in driver.management.snapshot_list("busy")] == ["automatic", "manual"]
 
 
 def test_snapshot_catalog_json_is_what_ls_shows(store: SnapshotStore, data: Path) -> None:
@@ -795,7 +795,7 @@ def test_long_snapshots_of_other_volumes_never_hold_up_a_mount(
         mounter.start()
         try:
             assert mounted.wait(5), "Mount of 'quick' waited for other volumes' snapshots"
-            assert [s.kind for s in driver.snapshot_list("quick")] == ["automatic"]
+            assert [s.kind for s in driver.management.snapshot_list("quick")] == ["automatic"]
         finally:
             release.set()
             mounter.join(60)

@@ -1,0 +1,168 @@
+"""Pushes: the two jobs that move a requested push through its states (``plugin.sync.queue``).
+
+First a local snapshot (kind ``sync``) captures a consistent view of the volume; it runs as
+the volume's S3 job, so a Mount of that volume waits for it (briefly: it is incremental, and
+never past the Mount's deadline) and no other call does.  Then the upload runs from that
+snapshot on the upload pool, which nothing waits on.  Local data is never touched by a
+failing push; a failure of either step is recorded in the queue (Status.s3.last_error) and
+retried with backoff (``plugin.sync.scheduler``).  A local sync snapshot that a pending push
+needs is never removed by a snapshot clean-up (:meth:`Pusher.needed_snapshots`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from backends.base import VolumeContent
+from backends.snapshots import SnapshotStore, default_name
+from plugin.jobs import Jobs
+from plugin.options import S3Policy
+from plugin.snapshotting import Capture
+from plugin.state import StateStore
+from plugin.sync.queue import PushQueue, push_state
+from plugin.sync.remotes import Remotes, Transfers
+from plugin.sync.scheduler import Backoff
+from plugin.testhooks import fail_point
+
+log = logging.getLogger(__name__)
+
+
+class Pusher:
+    def __init__(self, state: StateStore, queue: PushQueue, snapshots: SnapshotStore,
+                 jobs: Jobs, uploads: Jobs, remotes: Remotes, transfers: Transfers,
+                 backoff: Backoff) -> None:
+        self.state = state
+        self.queue = queue
+        self.snapshots = snapshots
+        self.jobs = jobs
+        """The volume's S3 jobs (captures, restores): a Mount waits for them."""
+        self.uploads = uploads
+        self.remotes = remotes
+        self.transfers = transfers
+        self.backoff = backoff
+        self.captures: dict[str, Capture] = {}
+        """The running sync snapshot of each volume, for its progress."""
+
+    def request(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
+        """Queue a push durably: snapshot now-ish, upload in the background."""
+        self.queue.request(volume, policy)
+        self.submit_capture(volume, content)
+
+    def retry(self, volume: str, content: VolumeContent | None) -> None:
+        """Run again what the push's state says is left (after a failure, or a restart)."""
+        state = push_state(self.queue.get(volume))
+        if state == "captured":
+            self.submit_upload(volume)
+        elif state == "requested" and content is not None:
+            self.submit_capture(volume, content)
+
+    def submit_capture(self, volume: str, content: VolumeContent) -> None:
+        self.jobs.submit(volume, "S3 sync snapshot", lambda: self._capture(volume, content))
+
+    def submit_upload(self, volume: str) -> None:
+        self.uploads.submit(volume, "S3 push", lambda: self._upload(volume))
+
+    def _capture(self, volume: str, content: VolumeContent) -> None:
+        """requested -> captured, then queue the upload; a failure is retried like an
+        upload's."""
+        state = push_state(self.queue.get(volume))
+        if state == "idle":
+            return
+        if state == "requested":
+            capture = Capture(hold="s3:capture")
+            self.captures[volume] = capture
+            self.jobs.progress[volume] = capture.text
+            try:
+                fail_point("s3:capture")
+                with content.view() as path:  # held until read, whatever unmounts meanwhile
+                    info = self.snapshots.create(volume, path, f"sync-{default_name()}",
+                                                 kind="sync", progress=capture.update)
+            except Exception as exc:
+                self._failed(volume, f"the snapshot for the push failed: {exc}", content)
+                return
+            finally:
+                self.captures.pop(volume, None)
+            self.queue.captured(volume, info.name)
+        self.submit_upload(volume)
+
+    def _failed(self, volume: str, message: str, content: VolumeContent | None) -> None:
+        """Record a failed step of a push in Status and schedule its retry with backoff."""
+        record = self.queue.failed(volume, message)
+        delay = self.backoff.failed(volume, content)
+        log.error("volume %s: push to s3://%s/%s failed (retry in %.0f s): %s", volume,
+                  record.bucket, record.prefix, delay, message)
+
+    def _upload(self, volume: str) -> None:
+        """captured -> idle (or lost); a failure is retried."""
+        record = self.queue.get(volume)
+        if record is None or push_state(record) != "captured" or record.snapshot is None:
+            return
+        snapshot = record.snapshot
+        if not any(s.name == snapshot for s in self.snapshots.list_snapshots(volume)):
+            # Nothing can bring it back: say so once instead of retrying for ever.
+            message = (f"the local snapshot {volume}@{snapshot} this push needed is gone "
+                       "(deleted outside pyvol?), so nothing was uploaded; push again with "
+                       f"`pyvol sync {volume}` if the volume still exists")
+            self.queue.lost(volume, message)
+            self.backoff.reset(volume)
+            log.error("volume %s: %s", volume, message)
+            return
+        self.transfers.start(volume, "syncing")
+        try:
+            remote = self.remotes.get(record.bucket, record.prefix)
+            pushed = remote.push(self.snapshots.view(volume, snapshot),
+                                 self.transfers.reporter(volume, "syncing"))
+        except Exception as exc:
+            self._failed(volume, str(exc), None)
+            return
+        finally:
+            self.transfers.end(volume)
+        self.backoff.succeeded(volume)
+        current = self.queue.pushed(volume, snapshot, pushed.id)
+        if current is None:  # `pyvol sync delete-remote` ran meanwhile
+            return
+        log.info("volume %s: pushed remote snapshot %s (%d bytes uploaded)", volume, pushed.id,
+                 pushed.uploaded_bytes)
+        # A push requested while this one ran has its own snapshot (or is about to take it):
+        # it stays pending, and its snapshot stays.
+        newer = current.snapshot != snapshot
+        if self.state.get_volume(volume) is None and not newer:
+            # The volume was removed while this push was pending: its last data is now safe.
+            self._drop_sync_snapshots(volume, keep=set())
+            self.queue.forget(volume)
+            return
+        self._drop_sync_snapshots(volume, keep={snapshot, current.snapshot})
+        try:
+            remote.prune(record.keep)
+        except Exception as exc:
+            log.warning("volume %s: pruning remote snapshots failed: %s", volume, exc)
+
+    def _drop_sync_snapshots(self, volume: str, keep: set[str | None]) -> None:
+        for snap in self.snapshots.list_snapshots(volume):
+            if snap.kind == "sync" and snap.name not in keep:
+                self.snapshots.remove(volume, snap.name)
+
+    def resume_removed(self) -> None:
+        """Upload the captured pushes of removed volumes (after a restart)."""
+        for record in self.state.list_sync():
+            if push_state(record) == "captured" and self.state.get_volume(record.volume) is None:
+                log.info("volume %s (removed): resuming its pending S3 push", record.volume)
+                self.submit_upload(record.volume)
+
+    def needed_snapshots(self, volume: str) -> set[str]:
+        """Local sync snapshots that must stay: the one a pending push uploads, and, while the
+        volume syncs, the last pushed one (the base its next snapshot is taken against)."""
+        record = self.queue.get(volume)
+        if record is None:
+            return set()
+        needed = {record.snapshot} if record.pending and record.snapshot else set()
+        if self.state.get_volume(volume) is not None:
+            needed |= {s.name for s in self.snapshots.list_snapshots(volume) if s.kind == "sync"}
+        return needed
+
+    def why_needed(self, volume: str, name: str) -> str:
+        record = self.queue.get(volume)
+        if record is not None and record.pending and record.snapshot == name:
+            return (f"the pending push to s3://{record.bucket}/{record.prefix} uploads it "
+                    f"({record.last_error or 'not uploaded yet'})")
+        return "the S3 sync of the volume takes its next snapshot against it"

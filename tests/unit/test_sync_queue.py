@@ -1,0 +1,81 @@
+"""The durable push queue: its states, its transitions, and the ones it refuses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plugin.options import S3Policy
+from plugin.state import StateStore
+from plugin.sync.queue import IllegalTransition, PushQueue, push_state
+
+POLICY = S3Policy(bucket="b", prefix="v", keep=3)
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[PushQueue]:
+    state = StateStore(tmp_path / "state.db")
+    yield PushQueue(state)
+    state.close()
+
+
+def test_a_push_goes_idle_requested_captured_idle(queue: PushQueue) -> None:
+    assert push_state(queue.get("v")) == "idle"
+    queue.request("v", POLICY)
+    assert push_state(queue.get("v")) == "requested"
+    queue.captured("v", "sync-1")
+    assert push_state(queue.get("v")) == "captured"
+    done = queue.pushed("v", "sync-1", "r1")
+    assert done is not None and push_state(done) == "idle"
+    assert (done.last_id, done.snapshot, done.keep) == ("r1", "sync-1", 3)
+
+
+def test_a_failure_keeps_the_state_and_says_why(queue: PushQueue) -> None:
+    queue.request("v", POLICY)
+    failed = queue.failed("v", "bucket unreachable")
+    assert push_state(failed) == "requested" and failed.last_error == "bucket unreachable"
+    queue.captured("v", "sync-1")
+    assert push_state(queue.failed("v", "again")) == "captured"
+    pushed = queue.pushed("v", "sync-1", "r1")
+    assert pushed is not None and pushed.last_error is None
+
+
+def test_a_request_during_an_upload_stays_pending_after_it(queue: PushQueue) -> None:
+    queue.request("v", POLICY)
+    queue.captured("v", "sync-1")
+    queue.request("v", POLICY)  # while sync-1 uploads
+    after = queue.pushed("v", "sync-1", "r1")
+    assert after is not None and push_state(after) == "requested"
+
+
+def test_a_lost_snapshot_ends_the_push_with_an_error(queue: PushQueue) -> None:
+    queue.request("v", POLICY)
+    queue.captured("v", "sync-1")
+    lost = queue.lost("v", "snapshot gone")
+    assert push_state(lost) == "idle" and lost.last_error == "snapshot gone"
+
+
+def test_illegal_transitions_raise(queue: PushQueue) -> None:
+    with pytest.raises(IllegalTransition, match="no record"):
+        queue.captured("v", "sync-1")
+    queue.attach("v", POLICY)
+    for transition in (lambda: queue.captured("v", "s"), lambda: queue.failed("v", "x"),
+                       lambda: queue.lost("v", "x")):
+        with pytest.raises(IllegalTransition, match="from idle"):
+            transition()
+    queue.request("v", POLICY)
+    with pytest.raises(IllegalTransition, match="lost from requested"):
+        queue.lost("v", "x")
+    queue.captured("v", "sync-1")
+    with pytest.raises(IllegalTransition, match="captured from captured"):
+        queue.captured("v", "sync-2")
+
+
+def test_a_forgotten_record_makes_a_finished_upload_a_no_op(queue: PushQueue) -> None:
+    queue.request("v", POLICY)
+    queue.captured("v", "sync-1")
+    queue.forget("v")
+    assert queue.pushed("v", "sync-1", "r1") is None
+    assert queue.get("v") is None
