@@ -483,7 +483,9 @@ class Driver:
         except Exception:
             log.warning("directory %s is not a valid volume name; left alone", path)
             return
-        if not any(path.iterdir()):
+        if backend.capabilities.plain_directory and not any(path.iterdir()):
+            # (Only a plain directory can be a create cut short: other backends build a
+            # volume aside and rename it into place complete.)
             log.info("removing empty directory %s: its create did not complete", path)
             backend.remove(name)
             return

@@ -311,3 +311,21 @@ def test_a_sized_volume_synced_to_s3_restores_by_name_on_another_host(
     assert digest(restored / "big") == expected
     assert status(second, "web")["size_limit"] == "64 MiB"
     unmount(second.client, "web", "m1")
+
+
+def test_a_sized_volume_whose_record_was_lost_is_adopted_with_its_size(
+        start: Start, tmp_path: Path) -> None:
+    server = start(tmp_path / "root", {})
+    create(server, "orphan", size="64M")
+    data = mount(server.client, "orphan", "m1")
+    (data / "f").write_text("mine")
+    unmount(server.client, "orphan", "m1")
+    create(server, "empty", size="64M")
+    server.stop()
+    for state in (tmp_path / "root").glob("state.db*"):
+        state.unlink()
+    again = start(tmp_path / "root", {})
+    assert status(again, "orphan")["size_limit"] == "64 MiB"
+    assert status(again, "empty")["backend"] == "image"  # empty, but complete: kept
+    assert (mount(again.client, "orphan", "m2") / "f").read_text() == "mine"
+    unmount(again.client, "orphan", "m2")
