@@ -1,0 +1,34 @@
+"""Processes seen through /proc, and kill -9 as an OOM killer or a power cut delivers it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Collection
+from pathlib import Path
+
+from tests.support.waiting import wait_for
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs; a zombie (exited, not reaped yet) counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill9(master: subprocess.Popen[bytes], workers: Collection[int],
+          timeout: float = 10) -> None:
+    """SIGKILL ``master``, then its ``workers`` by PID: nothing runs its cleanup.  The master
+    goes first, else it would start a new worker.  Returns once none of them is alive."""
+    master.kill()
+    master.wait(timeout)
+    for pid in sorted(workers):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout,
+             "the killed workers to exit")
