@@ -43,6 +43,7 @@ M1, M2 = "a" * 64, "b" * 64
 FAST_CALL = 1.5  # the relay holds every request 2 s: a call under this never waited on S3
 """Unmount and Remove must return within this, whatever the store does."""
 
+
 @pytest.fixture
 def relay(moto: MotoServer) -> Iterator[Relay]:
     """The relay of ``s3_fixtures``, except that a client going away mid-request (these tests

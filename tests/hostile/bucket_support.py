@@ -109,15 +109,3 @@ def privileged(root: Path) -> list[str]:
                     if attr.startswith(("security.capability", "trusted.")):
                         found.append(f"xattr {attr} on {path}")
     return found
-
-
-def peak_rss(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of ``pid`` in bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if ":" in line)
-    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
-
-
-def reset_peak(pid: int) -> None:
-    """Make VmHWM start again from the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")

@@ -21,10 +21,8 @@ import pytest
 from bucket_support import (
     PackBuilder,
     forge,
-    peak_rss,
     privileged,
     put_manifest,
-    reset_peak,
     restore_outcome,
 )
 from sync_support import (
@@ -37,6 +35,8 @@ from sync_support import (
     unmount,
 )
 
+from tests.support.processes import peak_rss, reset_peak
+
 if TYPE_CHECKING:
     from s3_fixtures import MakeStore, MotoServer
 
@@ -46,6 +46,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="restores chown and mk
 
 M1 = "c" * 64
 MiB = 1 << 20
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

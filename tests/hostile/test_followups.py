@@ -15,8 +15,8 @@ import pytest
 from functional_support import Plugin, PluginProcess, StartServer
 from orch_support import DEADLINE, Gate, timed
 from sync_support import mount, s3_settings, s3_status, sync_servers, unmount
-from test_api_fuzz import rss
 
+from tests.support.processes import rss
 from tests.support.waiting import wait_for
 
 if TYPE_CHECKING:

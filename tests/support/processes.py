@@ -1,4 +1,5 @@
-"""Processes seen through /proc, and kill -9 as an OOM killer or a power cut delivers it."""
+"""Processes seen through /proc (alive or not, memory), and kill -9 as an OOM killer or a power
+cut delivers it."""
 
 from __future__ import annotations
 
@@ -32,3 +33,20 @@ def kill9(master: subprocess.Popen[bytes], workers: Collection[int],
             os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not any(alive(pid) for pid in workers), timeout,
              "the killed workers to exit")
+
+
+def peak_rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of ``pid`` in bytes: its resident memory now, and the peak of it."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
+
+
+def rss(pid: int) -> int:
+    """The resident memory of ``pid`` in bytes (VmRSS)."""
+    return peak_rss(pid)[0]
+
+
+def reset_peak(pid: int) -> None:
+    """Make VmHWM start again from the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
