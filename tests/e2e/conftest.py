@@ -46,6 +46,8 @@ from e2e_support import (
     run,
 )
 
+from tests.support.mounts import mounts_under
+
 _tags = itertools.count(1)
 LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else "/tmp") / "pyvol-e2e.lock"
 LOCK_WAIT = 300.0
@@ -106,12 +108,6 @@ def _build_and_push() -> None:
     registry_retag(REF, REF2)
 
 
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if (line.split()[4] + "/").startswith(prefix)]
-
-
 @contextlib.contextmanager
 def _one_session_at_a_time() -> Iterator[None]:
     """The engine has one alias ``pyvol``: sessions on the same host take turns."""
@@ -166,7 +162,7 @@ def _installed_plugin() -> Iterator[Installed]:
                 docker("plugin", "set", ALIAS, f"data.source={plugin.data}")
                 docker("plugin", "enable", ALIAS, timeout=120)
             _remove_everything_of_the_plugin()
-        if not _mounts_under(tmp):
+        if not mounts_under(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -14,17 +14,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.processes import alive
+from tests.support.waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
+POLL = 0.2
+"""How often a test asks Docker again while it waits (``wait_for(..., pause=POLL)``)."""
 REGISTRY = "127.0.0.1:5000"
 REF = f"{REGISTRY}/pyvol:e2e"
 REF2 = f"{REGISTRY}/pyvol:e2e2"
@@ -65,14 +69,6 @@ def fails(result: Result) -> str:
     """Assert the command failed; return its stderr."""
     assert result.returncode != 0, describe(result)
     return result.stderr
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str, pause: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(pause)
 
 
 def inspect_volume(name: str) -> dict[str, Any]:
@@ -186,15 +182,6 @@ def foreign_running_containers() -> list[str]:
     return [row.split()[0] for row in rows if len(row.split()) == 1]
 
 
-def _proc_state(pid: int) -> str | None:
-    """The process's state letter, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
 def dockerd_pid() -> int:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -240,9 +227,8 @@ def restart_dockerd() -> None:
     log_path = Path(log) if log.startswith("/") and not log.startswith("/dev/") \
         and Path(log).is_file() else DEFAULT_DOCKERD_LOG
     os.kill(pid, signal.SIGTERM)
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    wait_for(lambda: _proc_state(pid) in (None, "Z"), 90, f"dockerd (pid {pid}) to exit",
-             pause=0.2)
+    # A zombie (exited, not yet reaped by its parent) counts as gone (see alive).
+    wait_for(lambda: not alive(pid), 90, f"dockerd (pid {pid}) to exit", pause=POLL)
     with contextlib.suppress(OSError, ValueError):
         pidfile = Path("/var/run/docker.pid")
         if int(pidfile.read_text().strip()) == pid:

@@ -15,14 +15,16 @@ from e2e_support import (
     BUSYBOX,
     DRIVER,
     LABEL,
+    POLL,
     Installed,
     cannot_run,
     inspect_volume,
     ok,
     pyvol,
     run,
-    wait_for,
 )
+
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -123,7 +125,7 @@ def test_compose_volume_gets_the_driver_opts_and_keeps_its_data(
 
     # One automatic snapshot per last unmount: the `up`, then the two runs.
     wait_for(lambda: "snapshot_state" not in inspect_volume(vol)["Status"], 30,
-             "the snapshots to finish")
+             "the snapshots to finish", pause=POLL)
     snaps = json.loads(ok(pyvol("snapshot", "ls", "--json", vol)))
     assert [s["kind"] for s in snaps] == ["automatic"] * 3
     assert all(s["size"] == len("written-by-compose\n") for s in snaps)

@@ -7,7 +7,9 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from e2e_support import BUSYBOX, Scenario, docker, fails, inspect_volume, ok, pyvol, wait_for
+from e2e_support import BUSYBOX, POLL, Scenario, docker, fails, inspect_volume, ok, pyvol
+
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +25,7 @@ def _read(scenario: Scenario, vol: str) -> str:
 def _idle(vol: str) -> dict[str, Any]:
     """The volume's Status once no snapshot job of it is queued or running."""
     wait_for(lambda: "snapshot_state" not in inspect_volume(vol)["Status"], 30,
-             f"the snapshot jobs of {vol} to finish")
+             f"the snapshot jobs of {vol} to finish", pause=POLL)
     status: dict[str, Any] = inspect_volume(vol)["Status"]
     assert "snapshot_error" not in status, status
     return status

@@ -17,6 +17,7 @@ from e2e_support import (
     ALIAS,
     BUSYBOX,
     DRIVER,
+    POLL,
     Installed,
     Scenario,
     docker,
@@ -26,10 +27,12 @@ from e2e_support import (
     ok,
     plugin_field,
     pyvol,
-    wait_for,
 )
 
-# The moto server and the tree helpers of the functional tier.
+from tests.support.trees import files_containing, picture
+from tests.support.waiting import wait_for
+
+# The moto server of the functional tier.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "functional"))
 
 if TYPE_CHECKING:
@@ -122,12 +125,6 @@ def _remote_ids(vol: str) -> list[str]:
     return [row.split("\t")[0] for row in ok(pyvol("sync", "ls", vol)).splitlines()]
 
 
-def _picture(root: Path) -> list[tuple[Any, ...]]:
-    from sync_support import picture
-
-    return picture(root)
-
-
 def test_push_on_unmount_then_remove_and_create_again_restores_the_data(
         scenario: Scenario, s3: S3Setup) -> None:
     # -o s3_sync alone: the bucket is the plugin's S3_BUCKET setting.
@@ -144,7 +141,7 @@ def test_push_on_unmount_then_remove_and_create_again_restores_the_data(
     assert [row[0] for row in rows] == [pushed]
     assert int(rows[0][2]) >= 3_000_000 and int(rows[0][3]) == 3  # size, files
     data = scenario.plugin.volume_dir(vol)
-    expected = _picture(data)
+    expected = picture(data)
     sums = ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", CHECKSUMS))
 
     assert ok(docker("volume", "rm", vol)).strip() == vol
@@ -153,7 +150,7 @@ def test_push_on_unmount_then_remove_and_create_again_restores_the_data(
     assert ok(docker("volume", "create", "-d", ALIAS, "-o", "s3_sync=on-unmount", vol)).strip() \
         == vol
     assert ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", CHECKSUMS)) == sums
-    assert _picture(data) == expected
+    assert picture(data) == expected
     assert _s3(vol)["state"] in ("idle", "pending", "syncing")
 
 
@@ -184,7 +181,8 @@ def test_restore_an_older_remote_snapshot_in_place(scenario: Scenario, s3: S3Set
 def test_errors_reach_the_user_and_secrets_stay_hidden(scenario: Scenario, s3: S3Setup) -> None:
     missing = f"{s3.bucket}-missing"
     vol = scenario.create("nobucket", "-o", f"s3_bucket={missing}")
-    wait_for(lambda: _s3(vol)["state"] == "error", 30, "the restore from a missing bucket to fail")
+    wait_for(lambda: _s3(vol)["state"] == "error", 30,
+             "the restore from a missing bucket to fail", pause=POLL)
     status = _s3(vol)
     assert f"bucket '{missing}' does not exist" in status["last_error"]["message"]
     assert status["last_error"]["at"]
@@ -214,6 +212,4 @@ def test_errors_reach_the_user_and_secrets_stay_hidden(scenario: Scenario, s3: S
     assert any("pushed remote snapshot" in line for line in lines), \
         "no plugin log lines found: the check would prove nothing"
     assert not [line for line in lines if s3.secret in line]
-    from sync_support import files_containing
-
     assert files_containing(scenario.plugin.data, s3.secret.encode()) == []

@@ -11,6 +11,7 @@ from e2e_support import (
     ALIAS,
     BUSYBOX,
     DRIVER,
+    POLL,
     Scenario,
     docker,
     fails,
@@ -18,8 +19,9 @@ from e2e_support import (
     ok,
     run,
     volume_rows,
-    wait_for,
 )
+
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -94,7 +96,7 @@ def test_owner_and_mode_options(scenario: Scenario) -> None:
     assert before - timedelta(seconds=5) <= created <= datetime.now(UTC) + timedelta(seconds=5)
     # The size is measured in the background: it catches up with the 64 KiB just written.
     wait_for(lambda: (inspect_volume(vol)["Status"].get("size_bytes") or 0) >= 64 * 1024, 10,
-             "Status.size_bytes to count the 64 KiB file")
+             "Status.size_bytes to count the 64 KiB file", pause=POLL)
 
 
 @pytest.mark.parametrize(

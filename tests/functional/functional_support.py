@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +15,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # bench/hardening_bench.py loads this module by its path alone
+    sys.path.insert(0, str(REPO))
+
+from tests.support import processes  # noqa: E402
+from tests.support.unix_http import UnixHTTPConnection, listening  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
+
 LISTEN_DEADLINE = 5.0  # dockerd gives up after about 9.5 s; 5 s leaves room for a busy machine
 STOP_DEADLINE = 10.0  # dockerd SIGKILLs a plugin 10 s after SIGTERM
 MIME = "application/vnd.docker.plugins.v1.2+json"
 API_LOG = re.compile(r" pyvol\.api: ")
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        super().__init__("plugin.moby.localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self.unix_path))
-        self.sock = sock
 
 
 @dataclass
@@ -112,6 +105,8 @@ class Plugin:
 class PluginProcess:
     """``python -m plugin.cli serve`` on a unix socket, its stderr kept in a file."""
 
+    listen_deadline = LISTEN_DEADLINE
+
     def __init__(self, socket_dir: Path, root: Path, log: Path) -> None:
         self.socket = socket_dir / "pyvol.sock"  # short: sun_path holds 108 bytes
         self.root = root
@@ -120,31 +115,33 @@ class PluginProcess:
         self.client = Plugin(self.socket)
         self.workers: set[int] = set()
 
+    def command(self) -> list[str]:
+        """The server's argv, up to ``serve`` (the socket and root options follow)."""
+        return [sys.executable, "-m", "plugin.cli", "serve"]
+
+    def environment(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items()
+                if k not in ("LOG_LEVEL", "DEFAULT_BACKEND", "S3_BUCKET")}
+
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("LOG_LEVEL", "DEFAULT_BACKEND", "S3_BUCKET")}
         started = time.monotonic()
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "plugin.cli", "serve", "--socket", str(self.socket),
-                 "--root", str(self.root)],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                [*self.command(), "--socket", str(self.socket), "--root", str(self.root)],
+                cwd=REPO, env=self.environment(), stdin=subprocess.DEVNULL, stdout=err,
+                stderr=err,
             )
         while not self._listening():
             assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()}"
-            assert time.monotonic() - started < LISTEN_DEADLINE, (
-                f"socket not listening within {LISTEN_DEADLINE} s:\n{self.log.read_text()}")
+            assert time.monotonic() - started < self.listen_deadline, (
+                f"socket not listening within {self.listen_deadline} s:\n"
+                f"{self.log.read_text()}")
             time.sleep(0.01)
         self.client.ok("VolumeDriver.Capabilities", {})  # the worker has booted
         self.workers = self.worker_pids()
 
     def _listening(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(self.socket))
-            except OSError:
-                return False
-            return True
+        return listening(self.socket)
 
     def worker_pids(self) -> set[int]:
         assert self.proc is not None
@@ -165,6 +162,14 @@ class PluginProcess:
         took = time.monotonic() - started
         assert code == 0, f"server exited with {code}:\n{self.log.read_text()}"
         return took
+
+    def kill9(self) -> None:
+        """SIGKILL the master and its worker, as an OOM killer or a power cut would: nothing
+        runs its cleanup.  Returns once the worker is gone and nothing answers on the socket
+        (the main thread turns zombie while other threads still exit and hold the socket)."""
+        assert self.proc is not None
+        processes.kill9(self.proc, self.workers | self.worker_pids())
+        wait_for(lambda: not self._listening(), 10, "the killed server to release its socket")
 
     def api_log_lines(self) -> list[str]:
         return [line for line in self.log.read_text(errors="replace").splitlines()

@@ -24,19 +24,14 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import pytest
 
+from tests.support.net import free_port
+
 if TYPE_CHECKING:
     from backends.s3 import RemoteStore, RetryPolicy
 
 HOST = "127.0.0.1"
 ACCESS_KEY = "AKIAPYVOLTESTKEY0000"
 SECRET_KEY = "pyvol-test-secret-do-not-log-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class MotoServer:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from functional_support import Plugin, PluginProcess, StartServer
+from sync_support import StartSync, sync_servers
 
 
 @contextlib.contextmanager
@@ -70,3 +71,10 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginPr
 @pytest.fixture
 def shared(shared_server: PluginProcess) -> Plugin:
     return shared_server.client
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[StartSync]:
+    """``start(root, settings)``: S3-syncing servers of this test's own, killed at its end."""
+    with sync_servers(tmp_path) as start:
+        yield start

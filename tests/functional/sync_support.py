@@ -1,6 +1,6 @@
-"""Helpers of the S3 sync integration tests: ``pyvol serve`` with S3 settings, the ``pyvol``
-CLI, and trees whose every observable property (content, links, modes, owners, mtimes) can be
-compared between hosts.
+"""Helpers of the S3 sync integration tests (shared with tests/hostile): ``pyvol serve`` with
+S3 settings, the ``pyvol`` CLI, dockerd's calls, and a tree with every observable property
+(content, links, modes, owners, mtimes) set.
 
 The server runs exactly as ``python -m plugin.cli serve`` does, with one test-only change
 made in the launcher before the app loads: shorter retry budgets (``FAST_RETRIES``), so a
@@ -11,11 +11,8 @@ code paths are the product's; only the numbers differ.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from functional_support import LISTEN_DEADLINE, REPO, Plugin, PluginProcess
+
+from tests.support.waiting import wait_for
 
 LAUNCHER = """\
 import functools, os, sys
@@ -47,45 +46,22 @@ FAST_RETRIES = "one S3 operation: 3 tries within 3 s; a failed push: retried aft
 class SyncServer(PluginProcess):
     """``pyvol serve`` on its own socket directory, with ``env`` as its plugin settings."""
 
+    listen_deadline = LISTEN_DEADLINE * 3
+
     def __init__(self, root: Path, log: Path, env: dict[str, str]) -> None:
         self.socket_dir = Path(tempfile.mkdtemp(prefix="pyvol-", dir="/tmp"))
         super().__init__(self.socket_dir, root, log)
         self.env = env
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", LAUNCHER, "serve"]
+
+    def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("S3_", "AWS_", "PYVOL_")) and k not in (
                    "LOG_LEVEL", "DEFAULT_BACKEND")}
         env.update(self.env)
-        started = time.monotonic()
-        with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", LAUNCHER, "serve", "--socket", str(self.socket),
-                 "--root", str(self.root)],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-            )
-        while not self._listening():
-            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()}"
-            assert time.monotonic() - started < LISTEN_DEADLINE * 3, (
-                f"socket not listening in time:\n{self.log.read_text()}")
-            time.sleep(0.01)
-        self.client.ok("VolumeDriver.Capabilities", {})
-        self.workers = self.worker_pids()
-
-    def kill9(self) -> None:
-        """SIGKILL the worker and the master (by PID): a crash, nothing runs its cleanup."""
-        assert self.proc is not None
-        for pid in sorted(self.worker_pids()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.kill()
-        self.proc.wait()
-        deadline = time.monotonic() + 10
-        # The main thread turns zombie while other threads are still exiting and holding the
-        # socket: wait until nothing answers on it either.
-        while any(_alive(pid) for pid in self.workers) or self._listening():
-            assert time.monotonic() < deadline, "the worker outlived SIGKILL"
-            time.sleep(0.05)
+        return env
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """The ``pyvol`` CLI against this server, as a user runs it."""
@@ -100,16 +76,11 @@ class SyncServer(PluginProcess):
         return self.log.read_text(errors="replace")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+StartSync = Callable[..., SyncServer]
 
 
 @contextlib.contextmanager
-def sync_servers(base: Path) -> Iterator[Callable[..., SyncServer]]:
+def sync_servers(base: Path) -> Iterator[StartSync]:
     """Start servers (each on its own socket); kill what is still running at the end."""
     running: list[SyncServer] = []
 
@@ -128,7 +99,19 @@ def sync_servers(base: Path) -> Iterator[Callable[..., SyncServer]]:
             shutil.rmtree(server.socket_dir, ignore_errors=True)
 
 
+def s3_settings(url: str, **extra: str) -> dict[str, str]:
+    """Plugin settings for a server that syncs to the test S3 endpoint ``url``."""
+    from s3_fixtures import ACCESS_KEY, SECRET_KEY
+
+    return {"S3_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **extra}
+
+
 # dockerd's side of a volume's life
+
+def create(server: SyncServer, name: str, **opts: str) -> None:
+    server.client.ok("VolumeDriver.Create", {"Name": name, "Opts": opts})
+
 
 def mount(plugin: Plugin, name: str, mount_id: str) -> Path:
     return Path(plugin.ok("VolumeDriver.Mount", {"Name": name, "ID": mount_id})["Mountpoint"])
@@ -146,17 +129,6 @@ def s3_status(plugin: Plugin, name: str) -> dict[str, Any]:
     assert "s3" in status, f"volume {name} shows no S3 sync: {status}"
     s3: dict[str, Any] = status["s3"]
     return s3
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, pause: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(pause)
 
 
 def wait_pushed(plugin: Plugin, name: str, previous: str | None = None,
@@ -194,48 +166,3 @@ def build_tree(root: Path, tag: str, big: int = 0) -> None:
     os.chmod(root / "docs" / "note.txt", 0o2640)
     for i, path in enumerate(sorted(root.rglob("*"))):
         os.utime(path, ns=(1_600_000_000_000_000_000 + i * 1001,) * 2, follow_symlinks=False)
-
-
-def picture(root: Path) -> list[tuple[Any, ...]]:
-    """What a user can observe of every entry below ``root``: kind, mode, owner, mtime, size,
-    content hash or link text, and which entries share an inode."""
-    out: list[tuple[Any, ...]] = []
-    inodes: dict[int, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = os.lstat(path)
-            if os.path.islink(path):
-                what = "link:" + os.readlink(path)
-            elif path.is_dir():
-                what = "dir"
-            else:
-                what = hashlib.sha256(path.read_bytes()).hexdigest()
-                if st.st_nlink > 1:
-                    what += " same-inode-as:" + inodes.setdefault(st.st_ino, rel)
-            out.append((rel, what, oct(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
-                        st.st_size))
-    return out
-
-
-def files_containing(root: Path, needle: bytes) -> list[Path]:
-    """Every regular file under ``root`` whose bytes contain ``needle``."""
-    found = []
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink() or not path.is_file():
-                continue
-            with contextlib.suppress(OSError):
-                if needle in path.read_bytes():
-                    found.append(path)
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

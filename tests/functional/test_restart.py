@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from functional_support import MIME, STOP_DEADLINE, StartServer, UnixHTTPConnection
+from functional_support import MIME, STOP_DEADLINE, StartServer
+
+from tests.support.unix_http import UnixHTTPConnection
 
 MOUNT_ID = "9" * 64
 

@@ -13,15 +13,12 @@ import pytest
 
 from backends.s3.manifest import decode_manifest, encode_manifest
 from backends.tree import DirectoryView
+from tests.support.trees import contents
 
 if TYPE_CHECKING:
     from s3_fixtures import MakeStore, MotoServer
 
 pytest_plugins = ["s3_fixtures"]
-
-
-def content(root: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in root.iterdir()}
 
 
 def packs(client: Any, bucket: str) -> list[str]:
@@ -38,11 +35,11 @@ def src(tmp_path: Path) -> Path:
     return root
 
 
-def restored(store: Any, tmp_path: Path, name: str) -> dict[str, bytes]:
+def restored(store: Any, tmp_path: Path, name: str) -> dict[str, str]:
     dst = tmp_path / name
     dst.mkdir()
     store.restore("latest", dst)
-    return content(dst)
+    return contents(dst)
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
@@ -70,7 +67,7 @@ def test_a_damaged_pack_is_reported_and_the_next_push_uploads_it_again(
     assert not report.ok and key in report.problems[0]
 
     store.push(DirectoryView(src))  # nothing changed locally
-    assert restored(store, tmp_path, "dst") == content(src)
+    assert restored(store, tmp_path, "dst") == contents(src)
 
 
 def test_a_newer_manifest_pointing_a_hash_at_garbage_is_not_deduplicated_against(
@@ -94,4 +91,4 @@ def test_a_newer_manifest_pointing_a_hash_at_garbage_is_not_deduplicated_against
     assert not report.ok and "corrupt" in report.problems[0]
     (src / "new").write_bytes(b"a change, so a new snapshot is written")
     other.push(DirectoryView(src))
-    assert restored(other, tmp_path, "dst") == content(src)
+    assert restored(other, tmp_path, "dst") == contents(src)

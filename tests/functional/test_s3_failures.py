@@ -22,6 +22,7 @@ from backends.s3 import (
 )
 from backends.s3.blobs import CHUNK_MAX
 from backends.tree import DirectoryView, scan
+from tests.support.net import free_port
 
 if TYPE_CHECKING:
     from s3_fixtures import MakeStore, MotoServer, Relay
@@ -147,7 +148,7 @@ def test_endpoint_down_is_a_clear_error_and_touches_nothing(make_store: MakeStor
     src = tmp_path / "src"
     make_tree(src, files=3)
     before = fingerprint(src)
-    url = f"http://127.0.0.1:{s3_fixtures.free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     remote = make_store(url, "any-bucket", tmp_path / "cache", retry=FAST)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(EndpointUnreachable, match=f"cannot reach the S3 endpoint {url}") as info:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -13,16 +12,13 @@ import pytest
 
 from backends.s3 import RemoteStore
 from backends.tree import DirectoryView
+from tests.support.trees import contents
 
 if TYPE_CHECKING:
     from s3_fixtures import MakeStore, MotoServer
 
 pytest_plugins = ["s3_fixtures"]
 
-
-
-def contents(root: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()}
 
 
 def data_keys(moto: MotoServer, bucket: str) -> set[str]:

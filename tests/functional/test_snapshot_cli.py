@@ -7,7 +7,6 @@ line on stderr and change nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +18,8 @@ from typing import Any
 
 import pytest
 from functional_support import REPO, Plugin, PluginProcess
+
+from tests.support.trees import contents
 
 
 def run(server: PluginProcess, *args: str, via_env: bool = False,
@@ -48,11 +49,6 @@ def fails(server: PluginProcess, *args: str, socket: Path | None = None) -> str:
     assert len(lines) == 1 and lines[0].strip(), f"stderr is not one line: {done.stderr!r}"
     assert done.stdout == ""
     return lines[0]
-
-
-def contents(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def data_dir(plugin: Plugin, name: str) -> Path:

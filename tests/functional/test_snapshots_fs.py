@@ -10,18 +10,14 @@ Loop mounts need root; without them these tests skip, except under CI=true, wher
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import signal
-import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import pytest
 from functional_support import REPO, PluginProcess
@@ -29,6 +25,7 @@ from loopfs import FSTYPES, REFLINK, LoopUnavailable, loop_filesystem, used_byte
 
 from plugin.driver import Driver
 from plugin.settings import Settings
+from tests.support.trees import describe, inodes
 
 MiB = 1 << 20
 StartServer = Callable[[Path], PluginProcess]
@@ -62,36 +59,6 @@ def driver(fs: tuple[str, Path]) -> Iterator[Driver]:
 
 
 # what a user sees of a tree
-
-
-def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Per path: type, mode, owner, mtime (directories too), content digest, link text,
-    user xattrs, and the paths sharing its inode."""
-    paths = [root, *sorted(root.rglob("*"))]
-    groups: dict[int, list[str]] = {}
-    for p in paths:
-        st = p.lstat()
-        if stat.S_ISREG(st.st_mode):
-            groups.setdefault(st.st_ino, []).append(str(p.relative_to(root)))
-    out: dict[str, tuple[Any, ...]] = {}
-    for p in paths:
-        st = p.lstat()
-        regular, link = stat.S_ISREG(st.st_mode), stat.S_ISLNK(st.st_mode)
-        xattrs = {} if link else {n: os.getxattr(p, n, follow_symlinks=False)
-                                  for n in os.listxattr(p, follow_symlinks=False)
-                                  if n.startswith("user.")}
-        out[str(p.relative_to(root))] = (
-            stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-            st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest() if regular else None,
-            os.readlink(p) if link else None, xattrs,
-            tuple(sorted(groups[st.st_ino])) if regular else ())
-    return out
-
-
-def inodes(root: Path) -> set[tuple[int, int]]:
-    """(device, inode) pairs: on btrfs each subvolume numbers its inodes from 256 again."""
-    return {(st.st_dev, st.st_ino) for st in (p.lstat() for p in root.rglob("*"))
-            if not stat.S_ISLNK(st.st_mode)}
 
 
 def fill(data: Path) -> None:
@@ -137,20 +104,20 @@ def test_snapshot_change_restore_in_place_and_into_a_new_volume(
     driver.create("vol", None)
     data = driver.path("vol")
     fill(data)
-    original = tree_state(data)
+    original = describe(data)
     s1 = driver.management.snapshot_create("vol", "s1")
     assert s1.method == expected_method(fstype)
     change(data)
-    changed = tree_state(data)
+    changed = describe(data)
     assert changed != original
 
     driver.create("copy", {"from": "vol@s1"})
-    assert tree_state(driver.path("copy")) == original
+    assert describe(driver.path("copy")) == original
     safety = driver.management.snapshot_restore("vol", "s1")
-    assert tree_state(data) == original
+    assert describe(data) == original
     assert inodes(data).isdisjoint(inodes(driver.path("copy")))
     driver.management.snapshot_restore("vol", safety.name)
-    assert tree_state(data) == changed
+    assert describe(data) == changed
     methods = {s.name: s.method for s in driver.management.snapshot_list("vol")}
     assert methods[safety.name] == expected_method(fstype)
 
@@ -159,23 +126,23 @@ def test_clones_are_independent_of_their_source(fs: tuple[str, Path], driver: Dr
     driver.create("src", None)
     source = driver.path("src")
     fill(source)
-    original = tree_state(source)
+    original = describe(source)
     driver.management.snapshot_create("src", "s1")
     driver.create("live-clone", {"from": "src"})
     driver.create("snap-clone", {"from": "src@s1"})
     clones = [driver.path("live-clone"), driver.path("snap-clone")]
     for clone in clones:
-        assert tree_state(clone) == original
+        assert describe(clone) == original
         assert inodes(clone).isdisjoint(inodes(source))
     change(source)  # writes in place into the shared blocks of a reflinked file
     for clone in clones:
-        assert tree_state(clone) == original
-    changed = tree_state(source)
+        assert describe(clone) == original
+    changed = describe(source)
     for clone in clones:
         with open(clone / "hardlink.bin", "r+b") as f:
             f.write(b"written in the clone")
         (clone / "only-in-clone").write_text("x")
-    assert tree_state(source) == changed
+    assert describe(source) == changed
     for clone in clones:  # the clone's own hard-link group saw the write
         assert (clone / "docs" / "deep" / "b.bin").read_bytes().startswith(b"written in the")
 
@@ -190,7 +157,7 @@ def test_snapshots_on_unmount_keep_the_newest_n(fs: tuple[str, Path], driver: Dr
     for i in range(4):
         driver.mount("auto", f"container-{i}")
         (data / "round").write_text(str(i))
-        states.append(tree_state(data))
+        states.append(describe(data))
         driver.unmount("auto", f"container-{i}")
         assert driver.jobs.wait("auto", 60), "the on-unmount snapshot did not finish"
     snaps = driver.management.snapshot_list("auto")
@@ -198,7 +165,7 @@ def test_snapshots_on_unmount_keep_the_newest_n(fs: tuple[str, Path], driver: Dr
     assert {s.method for s in snaps[1:]} <= {expected_method(fstype), "none"}
     for snap, expected in zip(snaps[1:], states[2:], strict=True):
         driver.create(f"check-{snap.name.replace(':', '-')}", {"from": f"auto@{snap.name}"})
-        assert tree_state(driver.path(f"check-{snap.name.replace(':', '-')}")) == expected
+        assert describe(driver.path(f"check-{snap.name.replace(':', '-')}")) == expected
     status = driver.get("auto").status or {}
     assert [s["name"] for s in status["snapshots"]] == [s.name for s in reversed(snaps)]
     assert status["snapshot_policy"] == {"on_unmount": True, "every_seconds": None, "keep": 2,
@@ -244,26 +211,6 @@ def refs_of(root: Path, volume: str, name: str) -> set[str]:
     return {e["ref"] for e in entries if e.get("ref")}
 
 
-def kill_server(server: PluginProcess) -> None:
-    """SIGKILL the gunicorn master and its worker, as an OOM killer or a power cut would."""
-    assert server.proc is not None
-    workers = server.worker_pids()
-    os.kill(server.proc.pid, signal.SIGKILL)
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    server.proc.wait(10)
-    deadline = time.monotonic() + 10
-    for pid in workers:
-        while Path(f"/proc/{pid}").exists():
-            status = Path(f"/proc/{pid}/status").read_text(errors="replace") \
-                if Path(f"/proc/{pid}/status").exists() else ""
-            if "State:\tZ" in status:
-                break
-            assert time.monotonic() < deadline, f"worker {pid} survived SIGKILL"
-            time.sleep(0.05)
-
-
 def test_native_btrfs_snapshot_cut_short_by_a_crash_never_lists(
         fs: tuple[str, Path], start_server: StartServer) -> None:
     """A native snapshot is one ioctl, too quick to kill mid-way: build what a crash between
@@ -282,7 +229,7 @@ def test_native_btrfs_snapshot_cut_short_by_a_crash_never_lists(
     fill(data)
     assert api.ok("pyvol/snapshot/create", {"Volume": "vol", "Name": "old"})[
         "Snapshot"]["method"] == "btrfs-snapshot"
-    kill_server(server)
+    server.kill9()
     subvols = root / "snapshots" / "vol" / "subvols"
     btrfs.snapshot(data, subvols / "doomed", readonly=True)
     (root / "snapshots" / "vol" / "entries" / "doomed.json").write_text("[]")
@@ -309,7 +256,7 @@ def test_kill_9_in_the_middle_of_a_snapshot(fs: tuple[str, Path],
     api.ok("VolumeDriver.Create", {"Name": "vol", "Opts": {}})
     data = Path(api.ok("VolumeDriver.Path", {"Name": "vol"})["Mountpoint"])
     fill(data)
-    old_state = tree_state(data)
+    old_state = describe(data)
     api.ok("pyvol/snapshot/create", {"Volume": "vol", "Name": "old"})
     old_objects = objects_on_disk(root, "vol")
 
@@ -332,7 +279,7 @@ def test_kill_9_in_the_middle_of_a_snapshot(fs: tuple[str, Path],
                                        f"{cli.communicate()}"
             assert time.monotonic() < deadline, "the snapshot never started storing objects"
             time.sleep(0.005)
-        kill_server(server)
+        server.kill9()
         _, err = cli.communicate(timeout=30)
     finally:
         if cli.poll() is None:
@@ -360,7 +307,7 @@ def test_kill_9_in_the_middle_of_a_snapshot(fs: tuple[str, Path],
     assert "vol@doomed not found" in reply.err
 
     api.ok("pyvol/snapshot/restore", {"Volume": "vol", "Name": "old"})
-    assert tree_state(data) == old_state
+    assert describe(data) == old_state
     kinds = [s["kind"] for s in api.ok("pyvol/snapshot/list", {"Volume": "vol"})["Snapshots"]]
     assert kinds == ["manual", "safety"]
     # the name of the killed snapshot is free again

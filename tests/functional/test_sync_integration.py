@@ -18,17 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from sync_support import (
+    StartSync,
     SyncServer,
     build_tree,
-    files_containing,
+    create,
     mount,
-    picture,
+    s3_settings,
     s3_status,
-    sync_servers,
     unmount,
-    wait_for,
     wait_pushed,
 )
+
+from tests.support.trees import files_containing, picture
+from tests.support.waiting import wait_for
 
 if TYPE_CHECKING:
     from s3_fixtures import MotoServer, Relay
@@ -40,8 +42,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown of test trees n
 M1, M2 = "a" * 64, "b" * 64
 FAST_CALL = 1.5  # the relay holds every request 2 s: a call under this never waited on S3
 """Unmount and Remove must return within this, whatever the store does."""
-
-Start = Callable[..., SyncServer]
 
 
 @pytest.fixture
@@ -64,27 +64,15 @@ def relay(moto: MotoServer) -> Iterator[Relay]:
         r.close()
 
 
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    with sync_servers(tmp_path) as start:
-        yield start
-
-
 def settings(url: str, bucket: str = "", **extra: str) -> dict[str, str]:
-    from s3_fixtures import ACCESS_KEY, SECRET_KEY
-
-    return {"S3_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "S3_BUCKET": bucket, **extra}
-
-
-def create(server: SyncServer, name: str, **opts: str) -> None:
-    server.client.ok("VolumeDriver.Create", {"Name": name, "Opts": opts})
+    """The plugin settings, with ``S3_BUCKET`` always set (empty: no default bucket)."""
+    return s3_settings(url, S3_BUCKET=bucket, **extra)
 
 
 _hosts = iter(range(1_000_000))
 
 
-def elsewhere(start: Start, url: str, tmp_path: Path, bucket: str, prefix: str,
+def elsewhere(start: StartSync, url: str, tmp_path: Path, bucket: str, prefix: str,
               **opts: str) -> Path:
     """Mount the remote copy at ``prefix`` as a new volume of another host (a server on a root
     of its own): two volumes of one host never share a prefix."""
@@ -144,7 +132,7 @@ def write_and_unmount(server: SyncServer, name: str, fill: Callable[[Path], None
 
 
 def test_push_on_unmount_and_restore_at_create_on_another_host(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     first = start(tmp_path / "host-a", settings(moto.url))
     create(first, "photos", s3_bucket=bucket)
     # The restore at create finds an empty prefix: nothing to restore.
@@ -181,7 +169,7 @@ def test_push_on_unmount_and_restore_at_create_on_another_host(
 
 
 def test_options_pick_bucket_prefix_mode_restore_and_keep(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     other = f"{bucket}-other"
     moto.client().create_bucket(Bucket=other)  # type: ignore[attr-defined]
     server = start(tmp_path / "root", settings(moto.url, bucket=bucket))
@@ -228,7 +216,7 @@ def test_options_pick_bucket_prefix_mode_restore_and_keep(
 
 
 def test_credential_options_are_refused_saying_where_credentials_go(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(moto.url))
     value = "not-a-real-secret-but-treat-it-as-one-42"
     for key in ("aws_secret_access_key", "AWS_ACCESS_KEY_ID", "s3_secret", "s3-password",
@@ -245,7 +233,7 @@ def test_credential_options_are_refused_saying_where_credentials_go(
 
 
 def test_secrets_never_reach_inspect_logs_or_state(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     from s3_fixtures import ACCESS_KEY, SECRET_KEY
 
     root = tmp_path / "root"
@@ -276,7 +264,7 @@ def test_secrets_never_reach_inspect_logs_or_state(
 
 
 def test_view_is_taken_after_the_last_container_detached(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(moto.url))
     plugin = server.client
     create(server, "shared", s3_bucket=bucket)
@@ -302,7 +290,7 @@ def test_view_is_taken_after_the_last_container_detached(
 
 
 def test_periodic_sync_pushes_while_mounted_and_on_unmount(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(moto.url))
     plugin = server.client
     create(server, "live", s3_bucket=bucket, s3_sync="1s")
@@ -325,7 +313,7 @@ def test_periodic_sync_pushes_while_mounted_and_on_unmount(
 
 
 def test_manual_push_with_wait_and_keep_prunes_old_remote_snapshots(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(moto.url))
     create(server, "kept", s3_bucket=bucket, s3_sync="manual", s3_keep="2")
     pushed = []
@@ -351,7 +339,7 @@ def test_manual_push_with_wait_and_keep_prunes_old_remote_snapshots(
 
 @pytest.mark.parametrize("fault", ["endpoint down", "HTTP 503 on writes"])
 def test_store_faults_retry_with_backoff_and_touch_nothing(
-        start: Start, moto: MotoServer, relay: Relay, bucket: str, tmp_path: Path,
+        start: StartSync, moto: MotoServer, relay: Relay, bucket: str, tmp_path: Path,
         fault: str) -> None:
     server = start(tmp_path / "root", settings(relay.url))
     plugin = server.client
@@ -407,7 +395,7 @@ def test_store_faults_retry_with_backoff_and_touch_nothing(
 
 
 def test_missing_bucket_is_reported_and_recovers_once_created(
-        start: Start, moto: MotoServer, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(moto.url))
     plugin = server.client
     missing = f"pyvol-missing-{os.getpid()}-{time.monotonic_ns()}"
@@ -452,7 +440,7 @@ def test_missing_bucket_is_reported_and_recovers_once_created(
 
 
 def test_unmount_and_remove_never_wait_on_the_store_and_pending_pushes_complete(
-        start: Start, relay: Relay, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(relay.url))
     plugin = server.client
     expected = {}
@@ -485,7 +473,7 @@ def test_unmount_and_remove_never_wait_on_the_store_and_pending_pushes_complete(
 
 
 def test_pending_push_survives_kill_9_and_restart(
-        start: Start, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
     root = tmp_path / "root"
     server = start(root, settings(relay.url))
     create(server, "durable", s3_bucket=bucket)
@@ -530,7 +518,7 @@ def test_pending_push_survives_kill_9_and_restart(
 
 
 def test_mount_waits_for_the_restore_at_create_which_survives_kill_9(
-        start: Start, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
     source = start(tmp_path / "host-a", settings(relay.url))
     create(source, "big", s3_bucket=bucket)
     data = mount(source.client, "big", M1)
@@ -575,7 +563,7 @@ def test_mount_waits_for_the_restore_at_create_which_survives_kill_9(
 
 
 def test_mount_during_a_long_restore_fails_saying_how_far_it_is(
-        start: Start, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
     source = start(tmp_path / "host-a", settings(relay.url))
     create(source, "slow", s3_bucket=bucket)
     write_and_unmount(source, "slow", lambda d: build_tree(d, "slow", big=9_000_000))
@@ -597,7 +585,7 @@ def test_mount_during_a_long_restore_fails_saying_how_far_it_is(
 
 
 def test_restore_in_place_from_the_cli_keeps_a_safety_snapshot(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(moto.url))
     plugin = server.client
     create(server, "site", s3_bucket=bucket, s3_sync="manual")
@@ -648,7 +636,7 @@ def test_restore_in_place_from_the_cli_keeps_a_safety_snapshot(
 
 
 def test_remove_then_create_again_at_once_restores_the_newest_data(
-        start: Start, relay: Relay, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(relay.url))
     plugin = server.client
     create(server, "again", s3_bucket=bucket)
@@ -665,7 +653,7 @@ def test_remove_then_create_again_at_once_restores_the_newest_data(
 
 
 def test_a_push_requested_while_another_uploads_is_not_lost(
-        start: Start, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, gates: list[Gate], bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(relay.url))
     plugin = server.client
     create(server, "busy", s3_bucket=bucket, s3_restore="never")
@@ -689,7 +677,7 @@ def test_a_push_requested_while_another_uploads_is_not_lost(
 
 
 def test_volumes_whose_remote_copies_nest_are_refused_at_create(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(moto.url))
     create(server, "a", s3_bucket=bucket, s3_prefix="team")
     create(server, "g", s3_bucket=bucket, s3_prefix="ops/db")
@@ -719,7 +707,7 @@ def sync_snapshots(server: SyncServer, volume: str) -> list[str]:
 
 
 def test_snapshot_cleanup_keeps_the_snapshot_a_pending_push_needs(
-        start: Start, relay: Relay, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(relay.url))
     plugin = server.client
     create(server, "old", s3_bucket=bucket, s3_restore="never")
@@ -748,7 +736,7 @@ def test_snapshot_cleanup_keeps_the_snapshot_a_pending_push_needs(
 
 
 def test_a_push_whose_snapshot_is_gone_says_so_and_stops_retrying(
-        start: Start, relay: Relay, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, relay: Relay, bucket: str, tmp_path: Path) -> None:
     server = start(tmp_path / "root", settings(relay.url))
     create(server, "lost", s3_bucket=bucket, s3_restore="never")
     relay.down = True
@@ -776,7 +764,7 @@ def test_a_push_whose_snapshot_is_gone_says_so_and_stops_retrying(
 
 
 def test_each_feature_keeps_its_own_errors(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     flag = tmp_path / "fail"
     server = start(tmp_path / "root", settings(
         moto.url, PYVOL_TEST_FAIL_AT=f"snapshot:automatic={flag}"))
@@ -800,7 +788,7 @@ def test_each_feature_keeps_its_own_errors(
 
 
 def test_a_failed_capture_shows_in_status_and_is_retried(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     flag = tmp_path / "fail"
     flag.touch()
     server = start(tmp_path / "root", settings(moto.url, PYVOL_TEST_FAIL_AT=f"s3:capture={flag}"))

@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sync_support import SyncServer, s3_status, wait_for
+from sync_support import SyncServer, s3_status
 
 from backends.s3 import blobs
 from backends.s3.manifest import ChunkRef, Manifest, RemoteSnapshot, encode_manifest
+from tests.support.waiting import wait_for
 
 Record = dict[str, Any]
 
@@ -81,17 +81,6 @@ def put_manifest(client: Any, bucket: str, prefix: str, tree: list[list[Any]], *
     return sid
 
 
-def settings(url: str, **extra: str) -> dict[str, str]:
-    from s3_fixtures import ACCESS_KEY, SECRET_KEY
-
-    return {"S3_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **extra}
-
-
-def create(server: SyncServer, name: str, **opts: str) -> None:
-    server.client.ok("VolumeDriver.Create", {"Name": name, "Opts": opts})
-
-
 def restore_outcome(server: SyncServer, name: str, timeout: float = 30) -> dict[str, Any]:
     """Status.s3 once the restore at create has ended (idle, or error with a message)."""
     def ended() -> dict[str, Any] | None:
@@ -120,24 +109,3 @@ def privileged(root: Path) -> list[str]:
                     if attr.startswith(("security.capability", "trusted.")):
                         found.append(f"xattr {attr} on {path}")
     return found
-
-
-def peak_rss(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of ``pid`` in bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if ":" in line)
-    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
-
-
-def reset_peak(pid: int) -> None:
-    """Make VmHWM start again from the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def sample_peak(pid: int, until: Callable[[], bool], timeout: float) -> int:
-    """The highest VmHWM of ``pid`` seen until ``until()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-    return peak_rss(pid)[1]

@@ -6,6 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "functional"))
 
-from server_fixtures import plugin, server, shared, shared_server, start_server
+from server_fixtures import plugin, server, shared, shared_server, start, start_server
 
-__all__ = ["plugin", "server", "shared", "shared_server", "start_server"]
+__all__ = ["plugin", "server", "shared", "shared_server", "start", "start_server"]

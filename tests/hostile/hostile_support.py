@@ -15,10 +15,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from functional_support import MIME, UnixHTTPConnection
+from functional_support import MIME
 
-DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+from tests.support.trees import DIR, FILE
+from tests.support.unix_http import UnixHTTPConnection
+
 Described = dict[str, tuple[Any, ...]]
 
 
@@ -90,33 +91,6 @@ def file_digest(dir_fd: int, name: str) -> str:
         return h.hexdigest()
     finally:
         os.close(fd)
-
-
-def contains(root: Path, needle: bytes) -> list[str]:
-    """The regular files under ``root`` whose content contains ``needle``."""
-    found = []
-    top = os.open(root, DIR)
-    try:
-        stack = [(os.dup(top), "")]
-        while stack:
-            fd, prefix = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    for child in it:
-                        st = child.stat(follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode):
-                            stack.append((os.open(child.name, DIR, dir_fd=fd),
-                                          prefix + child.name + "/"))
-                        elif stat.S_ISREG(st.st_mode):
-                            sub = os.open(child.name, FILE, dir_fd=fd)
-                            with open(sub, "rb") as f:
-                                if needle in f.read():
-                                    found.append(prefix + child.name)
-            finally:
-                os.close(fd)
-    finally:
-        os.close(top)
-    return found
 
 
 def allocated(root: Path) -> int:

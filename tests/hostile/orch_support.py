@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.waiting import wait_for
+
 DEADLINE = 26.0
 """Every Docker verb answers within 25 s (dockerd gives up at 30 s); one second for the test."""
 
@@ -30,10 +32,7 @@ class Gate:
 
     def wait_held(self, timeout: float = 30) -> None:
         held = Path(str(self.release_file) + ".held")
-        deadline = time.monotonic() + timeout
-        while not held.exists():
-            assert time.monotonic() < deadline, "the server never reached the hold point"
-            time.sleep(0.02)
+        wait_for(held.exists, timeout, "the server to reach the hold point", pause=0.02)
 
     def release(self) -> None:
         self.release_file.touch()
@@ -58,11 +57,3 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     started = time.monotonic()
     result = call()
     return result, time.monotonic() - started
-
-
-def s3_settings(url: str, **extra: str) -> dict[str, str]:
-    """Plugin settings for a server that syncs to the test S3 endpoint ``url``."""
-    from s3_fixtures import ACCESS_KEY, SECRET_KEY
-
-    return {"S3_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **extra}

@@ -13,6 +13,7 @@ from functional_support import Plugin, PluginProcess, StartServer
 from orch_support import Background, Gate
 
 from plugin.app import ROUTES
+from tests.support.processes import rss
 
 M1 = "a" * 64
 FIELDS = ("Name", "Volume", "ID", "Opts", "All", "Snapshot", "Confirm")
@@ -92,13 +93,6 @@ def test_a_snapshot_racing_a_remove_gets_a_clean_answer(
     plugin.ok("VolumeDriver.Remove", {"Name": "racy"})
     err = plugin.fails("pyvol/snapshot/create", {"Volume": "racy", "Name": "s2"})
     assert err.startswith("volume 'racy' not found"), err
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_junk_names_do_not_make_the_server_grow(server: PluginProcess, plugin: Plugin) -> None:

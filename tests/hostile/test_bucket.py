@@ -12,7 +12,7 @@ import io
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,16 +20,22 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from bucket_support import (
     PackBuilder,
-    create,
     forge,
-    peak_rss,
     privileged,
     put_manifest,
-    reset_peak,
     restore_outcome,
-    settings,
 )
-from sync_support import SyncServer, mount, s3_status, sync_servers, unmount
+from sync_support import (
+    StartSync,
+    SyncServer,
+    create,
+    mount,
+    s3_settings,
+    s3_status,
+    unmount,
+)
+
+from tests.support.processes import peak_rss, reset_peak
 
 if TYPE_CHECKING:
     from s3_fixtures import MakeStore, MotoServer
@@ -40,13 +46,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="restores chown and mk
 
 M1 = "c" * 64
 MiB = 1 << 20
-Start = Callable[..., SyncServer]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    with sync_servers(tmp_path) as start:
-        yield start
 
 
 def b64(data: bytes) -> str:
@@ -84,9 +83,9 @@ BAD: dict[str, tuple[list[dict[str, Any]], str]] = {
 
 
 def test_a_forged_snapshot_with_a_privileged_or_impossible_entry_is_refused_naming_it(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     client: Any = moto.client()
-    server = start(tmp_path / "root", settings(moto.url))
+    server = start(tmp_path / "root", s3_settings(moto.url))
     # The same forging, with nothing planted, restores: so each refusal is the rule's doing.
     forge(client, bucket, "good", [{**FILE, "mode": 0o2744}, {"path": "d", "kind": "dir",
                                     "mode": 0o3777}], {"bin": b"#!/bin/sh\n"})
@@ -109,7 +108,7 @@ def test_a_forged_snapshot_with_a_privileged_or_impossible_entry_is_refused_nami
 
 
 def test_a_chunk_declaring_a_gigabyte_is_refused_without_using_the_memory(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     import blake3
     import zstandard
 
@@ -135,7 +134,7 @@ def test_a_chunk_declaring_a_gigabyte_is_refused_without_using_the_memory(
     part.upload(client, bucket, "bomb")
     put_manifest(client, bucket, "bomb", [tree])
 
-    server = start(tmp_path / "root", settings(moto.url))
+    server = start(tmp_path / "root", s3_settings(moto.url))
     (worker,) = server.workers
     before = peak_rss(worker)[0]
     reset_peak(worker)
@@ -161,7 +160,7 @@ def log_lines(size: int) -> Iterator[bytes]:
 
 
 def test_restoring_a_gigabyte_log_file_stays_within_256_mib(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path,
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path,
         make_store: MakeStore) -> None:
     from backends.tree import DirectoryView
 
@@ -174,7 +173,7 @@ def test_restoring_a_gigabyte_log_file_stays_within_256_mib(
     make_store(moto.url, bucket, tmp_path / "cache", prefix="logs").push(DirectoryView(src))
     (src / "app.log").unlink()
 
-    server = start(tmp_path / "root", settings(moto.url))
+    server = start(tmp_path / "root", s3_settings(moto.url))
     (worker,) = server.workers
     before = peak_rss(worker)[0]
     reset_peak(worker)
@@ -205,9 +204,9 @@ def write(server: SyncServer, volume: str, files: dict[str, bytes]) -> None:
 
 
 def test_check_reports_rot_and_missing_packs_and_the_next_push_repairs(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     client: Any = moto.client()
-    server = start(tmp_path / "root", settings(moto.url))
+    server = start(tmp_path / "root", s3_settings(moto.url))
     create(server, "db", s3_bucket=bucket, s3_sync="manual")
     restore_outcome(server, "db")
     content = {"a.bin": os.urandom(300_000), "b.bin": os.urandom(200_000)}
@@ -236,7 +235,7 @@ def test_check_reports_rot_and_missing_packs_and_the_next_push_repairs(
     push_wait(server, "db")
     assert server.cli("sync", "check", "db", "--read-data").returncode == 1  # the old snapshot
     # Read it back as another host would (one host never has two volumes on one prefix).
-    other = start(tmp_path / "other", settings(moto.url))
+    other = start(tmp_path / "other", s3_settings(moto.url))
     create(other, "copy", s3_bucket=bucket, s3_prefix="db", s3_sync="manual")
     assert "last_error" not in restore_outcome(other, "copy")
     data = mount(other.client, "copy", "d" * 64)
@@ -250,9 +249,9 @@ def test_check_reports_rot_and_missing_packs_and_the_next_push_repairs(
 
 
 def test_junk_under_snapshots_is_skipped_and_latest_is_by_recorded_time(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     client: Any = moto.client()
-    server = start(tmp_path / "root", settings(moto.url))
+    server = start(tmp_path / "root", s3_settings(moto.url))
     create(server, "web", s3_bucket=bucket, s3_sync="manual")
     restore_outcome(server, "web")
     write(server, "web", {"index.html": b"pushed"})
@@ -268,7 +267,7 @@ def test_junk_under_snapshots_is_skipped_and_latest_is_by_recorded_time(
     listing = server.cli("sync", "ls", "web")
     assert listing.returncode == 0, listing.stderr
     assert [row.split("\t")[0] for row in listing.stdout.splitlines()][-1] == "0-newest"
-    other = start(tmp_path / "other", settings(moto.url))
+    other = start(tmp_path / "other", s3_settings(moto.url))
     create(other, "web2", s3_bucket=bucket, s3_prefix="web")
     s3 = restore_outcome(other, "web2")
     assert "last_error" not in s3, s3
@@ -284,13 +283,13 @@ def test_junk_under_snapshots_is_skipped_and_latest_is_by_recorded_time(
 
 
 def test_delete_remote_stops_at_the_prefix_boundary(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     client: Any = moto.client()
     # One host refuses nested prefixes at create; hosts sharing a bucket cannot see each
     # other's volumes, so each volume here lives on a host of its own.
     hosts = {}
     for name, prefix in (("team", "team"), ("db", "team/db"), ("dat", "team/data/x")):
-        hosts[name] = server = start(tmp_path / name, settings(moto.url))
+        hosts[name] = server = start(tmp_path / name, s3_settings(moto.url))
         create(server, name, s3_bucket=bucket, s3_prefix=prefix, s3_sync="manual")
         restore_outcome(server, name)
         write(server, name, {"f": name.encode() * 1000})
@@ -311,10 +310,10 @@ def test_delete_remote_stops_at_the_prefix_boundary(
 
 
 def test_credentials_in_the_endpoint_never_show(
-        start: Start, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     secret = "S3CR3T-in-the-url-0123456789"
     host = moto.url.removeprefix("http://")
-    server = start(tmp_path / "root", settings(f"http://AKIAUSER:{secret}@{host}"))
+    server = start(tmp_path / "root", s3_settings(f"http://AKIAUSER:{secret}@{host}"))
     create(server, "v", s3_bucket=bucket)
     s3 = restore_outcome(server, "v")
     message = s3["last_error"]["message"]
@@ -328,7 +327,7 @@ def test_credentials_in_the_endpoint_never_show(
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
 
-    bad = start(tmp_path / "root2", settings("localhost:9000"))
+    bad = start(tmp_path / "root2", s3_settings("localhost:9000"))
     create(bad, "w", s3_bucket=bucket)
     message = restore_outcome(bad, "w")["last_error"]["message"]
     assert "S3_ENDPOINT_URL 'localhost:9000' must start with http:// or https://" in message

@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 from functional_support import Plugin, PluginProcess, StartServer
-from orch_support import Gate, s3_settings
-from sync_support import mount, s3_status, sync_servers, unmount, wait_for, wait_pushed
+from orch_support import Gate
+from sync_support import mount, s3_settings, s3_status, sync_servers, unmount, wait_pushed
+
+from tests.support.processes import alive
+from tests.support.waiting import wait_for
 
 if TYPE_CHECKING:
     from s3_fixtures import MotoServer
@@ -29,7 +32,7 @@ def create_killed(plugin: Plugin, server: PluginProcess, name: str, opts: dict[s
         plugin.send("VolumeDriver.Create", {"Name": name, "Opts": opts})
     assert server.proc is not None
     assert server.proc.wait(10) is not None, "the server survived its crash point"
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in server.workers), 10,
+    wait_for(lambda: not any(alive(pid) for pid in server.workers), 10,
              "the killed worker to be gone")
 
 

@@ -5,19 +5,19 @@ snapshots say how far they are and an automatic one is cancelled by Remove, the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from functional_support import Plugin, PluginProcess, StartServer
-from orch_support import DEADLINE, Gate, s3_settings, timed
-from sync_support import mount, s3_status, sync_servers, unmount, wait_for
-from test_api_fuzz import rss
+from orch_support import DEADLINE, Gate, timed
+from sync_support import mount, s3_settings, s3_status, sync_servers, unmount
+
+from tests.support.processes import rss
+from tests.support.waiting import wait_for
 
 if TYPE_CHECKING:
     from s3_fixtures import MotoServer
@@ -25,20 +25,6 @@ if TYPE_CHECKING:
 pytest_plugins = ["s3_fixtures"]
 
 M1, M2 = "a" * 64, "b" * 64
-
-
-def kill9(server: PluginProcess) -> None:
-    """SIGKILL the master, then the worker, by PID: nothing runs its cleanup (the master
-    first: else it would start a new worker, which would keep the socket)."""
-    assert server.proc is not None
-    server.proc.kill()
-    server.proc.wait()
-    for pid in sorted(server.workers):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    # Its main thread turns zombie while other threads still exit and hold the socket:
-    # wait until nothing answers on it any more.
-    wait_for(lambda: not server._listening(), 10, "the killed server to release its socket")
 
 
 def staged(root: Path) -> list[Path]:
@@ -77,7 +63,7 @@ def test_remove_answers_at_once_and_a_restart_finishes_the_delete_it_left(
     plugin.ok("VolumeDriver.Unmount", {"Name": "big", "ID": M2})
     assert plugin.ok("pyvol/snapshot/list", {"Volume": "big"})["Snapshots"] == []
 
-    kill9(server)  # in the middle of the delete
+    server.kill9()  # in the middle of the delete
     monkeypatch.delenv("PYVOL_TEST_HOLD_AT")
     plugin = start_server(root).client
     wait_for(lambda: staged(root) == [], 30, "the restart to finish the delete")

@@ -26,7 +26,6 @@ from hostile_support import (
     allocated,
     build_deep,
     call,
-    contains,
     data_map,
     walk,
 )
@@ -36,6 +35,7 @@ from backends import tree as tree_module
 from backends.fs import remove_tree
 from backends.snapshots import SnapshotStore
 from backends.tree import DirectoryView, Entry, copy_tree
+from tests.support.trees import files_containing
 
 CANARY = b"HOST-CANARY: bytes from outside the volume, never to be copied into pyvol's data"
 INSIDE = b"inside the volume\n"
@@ -96,11 +96,11 @@ def test_a_directory_swapped_for_a_symlink_leaks_nothing_into_a_snapshot(
     swapped = swap_after_scan(monkeypatch, snapshots_module, swap)
     store.create("v", data, "s1")
     assert swapped, "the swap did not run between the scan and the copy"
-    assert contains(store.root, CANARY) == []
+    assert files_containing(store.root, CANARY) == []
     restored = tmp_path / "restored"
     restored.mkdir()
     store.populate_from("v", "s1")(restored)
-    assert contains(restored, CANARY) == []
+    assert files_containing(restored, CANARY) == []
     paths = {e.path for e in store.entries("v", "s1")}
     assert "/".join([*chain, "secret"]) not in paths, "a file read through the link"
     assert (restored / "plain").read_bytes() == INSIDE
@@ -115,7 +115,7 @@ def test_a_directory_swapped_for_a_symlink_leaks_nothing_into_a_clone(
     swapped = swap_after_scan(monkeypatch, tree_module, swap)
     copy_tree(data, clone)
     assert swapped
-    assert contains(clone, CANARY) == []
+    assert files_containing(clone, CANARY) == []
     assert not clone.joinpath(*chain, "secret").exists()
     assert (clone / "plain").read_bytes() == INSIDE
 
@@ -154,7 +154,7 @@ def test_the_open_hook_swaps_at_the_last_instant_and_still_nothing_leaks(
         store = SnapshotStore(tmp_path / f"root{depth}")
         store.create("v", data, "s1")
         assert target in calls
-        assert contains(store.root, CANARY) == []
+        assert files_containing(store.root, CANARY) == []
 
 
 def test_swapping_while_the_server_snapshots_and_clones_leaks_nothing(
@@ -201,7 +201,7 @@ def test_swapping_while_the_server_snapshots_and_clones_leaks_nothing(
         reply = call(server.socket, "VolumeDriver.Create",
                      {"Name": f"from-s{i}", "Opts": {"from": f"race@s{i}"}}, BOUND)
         assert not reply.get("Err"), reply
-    assert contains(server.root, CANARY) == []
+    assert files_containing(server.root, CANARY) == []
 
 
 # 2. FIFOs

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from unit_support import MNT_DETACH, MS_BIND, MakeDriver, libc, mounts_under
+from unit_support import MNT_DETACH, MS_BIND, MakeDriver, libc
 
 from plugin.driver import Driver
 from plugin.settings import Settings
+from tests.support.mounts import mounts_under
 
 
 @pytest.fixture

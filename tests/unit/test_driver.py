@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from unit_support import MakeDriver, detach, mounts_at
+from unit_support import MakeDriver, detach
 
 from backends.errors import BackendError
 from plugin.driver import Driver
@@ -25,6 +25,7 @@ from plugin.errors import (
 )
 from plugin.settings import Settings
 from plugin.state import VolumeRecord
+from tests.support.mounts import mounts_at
 
 
 def data_dir(settings: Settings, name: str) -> Path:

@@ -8,7 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from unit_support import mounts_at
 
 from backends.errors import UnsafePath
 from backends.fs import (
@@ -21,6 +20,7 @@ from backends.fs import (
     tree_usage,
     unmount,
 )
+from tests.support.mounts import mounts_at
 
 
 @pytest.mark.parametrize("part", ["", ".", "..", "../x", "a/b", "/abs", "x\0y", "/"])

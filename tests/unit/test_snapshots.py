@@ -9,7 +9,6 @@ instant leaves each snapshot complete or absent.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import stat
@@ -27,6 +26,7 @@ from backends.snapshots import SnapshotExists, SnapshotNotFound, SnapshotStore
 from backends.tree import Entry, clone_or_copy, scan
 from plugin.driver import Driver
 from plugin.errors import InvalidName, InvalidOption, PyvolError, VolumeInUse, VolumeNotFound
+from tests.support.trees import describe, inodes
 
 VOL = "vol"
 
@@ -34,37 +34,10 @@ VOL = "vol"
 # helpers: what a user sees of a tree, and of the store on disk
 
 
-def state(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Per path: type, mode, owner, mtime (dirs too), content digest, link text, link group."""
-    paths = [root, *sorted(root.rglob("*"))]
-    groups: dict[int, list[str]] = {}
-    for p in paths:
-        st = p.lstat()
-        if stat.S_ISREG(st.st_mode):
-            groups.setdefault(st.st_ino, []).append(str(p.relative_to(root)))
-    out: dict[str, tuple[Any, ...]] = {}
-    for p in paths:
-        st = p.lstat()
-        regular = stat.S_ISREG(st.st_mode)
-        out[str(p.relative_to(root))] = (
-            stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-            st.st_mtime_ns,
-            hashlib.sha256(p.read_bytes()).hexdigest() if regular else None,
-            os.readlink(p) if stat.S_ISLNK(st.st_mode) else None,
-            tuple(sorted(groups[st.st_ino])) if regular else ())
-    return out
-
-
 def settle() -> None:
     """Let ctime move past the store's racy window (backends.snapshots.RACY_NS): files changed
     within it are stored again by the next snapshot rather than trusted to be unchanged."""
     time.sleep(snapshots_module.RACY_NS / 1e9 + 0.05)
-
-
-def inodes(root: Path) -> set[tuple[int, int]]:
-    """(device, inode) pairs: on btrfs each subvolume numbers its inodes from 256 again."""
-    return {(st.st_dev, st.st_ino) for st in (p.lstat() for p in root.rglob("*"))
-            if not stat.S_ISLNK(st.st_mode)}
 
 
 def fill(data: Path) -> None:
@@ -124,14 +97,14 @@ def data(tmp_path: Path) -> Path:
 
 def test_snapshot_restores_the_tree_exactly(store: SnapshotStore, data: Path,
                                             tmp_path: Path) -> None:
-    before = state(data)
+    before = describe(data)
     info = store.create(VOL, data, "s1")
     assert (info.volume, info.name, info.kind) == (VOL, "s1", "manual")
     assert (info.files, info.size) == (3, 1000 + 2000 + 50_000)  # the hard link counted once
     assert info.copied_bytes == info.size
     assert info.method in ("copy", "reflink")
     assert store.list_snapshots(VOL) == [info]
-    assert state(restore(store, "s1", tmp_path / "r")) == before
+    assert describe(restore(store, "s1", tmp_path / "r")) == before
     assert len(object_files(store)) == 3  # one object per inode, none for links or fifos
 
 
@@ -181,7 +154,7 @@ def test_snapshot_objects_are_read_only(store: SnapshotStore, data: Path) -> Non
 def test_in_place_writes_after_a_snapshot_never_reach_it(store: SnapshotStore, data: Path,
                                                          tmp_path: Path) -> None:
     original = (data / "sub" / "c.bin").read_bytes()
-    expected = state(data)
+    expected = describe(data)
     store.create(VOL, data, "s1")
     st = (data / "sub" / "c.bin").stat()
     with open(data / "sub" / "c.bin", "r+b") as f:  # overwrite in place, same size
@@ -189,7 +162,7 @@ def test_in_place_writes_after_a_snapshot_never_reach_it(store: SnapshotStore, d
     os.utime(data / "sub" / "c.bin", ns=(st.st_atime_ns, st.st_mtime_ns))  # hide the mtime
     with open(data / "a.txt", "r+b") as f:
         f.truncate(10)
-    assert state(restore(store, "s1", tmp_path / "r1")) == expected
+    assert describe(restore(store, "s1", tmp_path / "r1")) == expected
     view = store.view(VOL, "s1")
     entry = next(e for e in view.entries() if e.path == "sub/c.bin")
     with view.open(entry) as f:
@@ -305,7 +278,7 @@ def test_remove_frees_only_objects_no_other_snapshot_uses(store: SnapshotStore, 
                                                           tmp_path: Path) -> None:
     store.create(VOL, data, "s1")
     (data / "b.txt").write_bytes(b"second")
-    expected2 = state(data)
+    expected2 = describe(data)
     store.create(VOL, data, "s2")
     r1, r2 = refs(store, "s1"), refs(store, "s2")
     store.remove(VOL, "s1")
@@ -313,7 +286,7 @@ def test_remove_frees_only_objects_no_other_snapshot_uses(store: SnapshotStore, 
     assert set(object_files(store)) == set(r2.values())
     assert r1["b.txt"] not in object_files(store)
     assert not (store.root / VOL / "entries" / "s1.json").exists()
-    assert state(restore(store, "s2", tmp_path / "r")) == expected2
+    assert describe(restore(store, "s2", tmp_path / "r")) == expected2
     store.remove(VOL, "s2")
     assert names(store) == []
     assert object_files(store) == {}
@@ -333,7 +306,7 @@ def test_discard_takes_snapshots_away_at_once_and_purge_deletes_them(
     store.purge()
     assert list((store.root / ".removing").iterdir()) == []
     assert names(store) == ["s1"] and names(store, "other") == ["s1"]
-    assert state(restore(store, "s1", tmp_path / "back")) == state(data)
+    assert describe(restore(store, "s1", tmp_path / "back")) == describe(data)
 
 
 def test_discard_keeps_the_kinds_asked_and_purge_sweeps_only_the_others(
@@ -346,8 +319,8 @@ def test_discard_keeps_the_kinds_asked_and_purge_sweeps_only_the_others(
     assert len(object_files(store)) == 4  # the manual one's own object: swept later
     store.purge()
     assert len(object_files(store)) == 3
-    back = state(restore(store, "pushed", tmp_path / "back"))
-    now = state(data)
+    back = describe(restore(store, "pushed", tmp_path / "back"))
+    now = describe(data)
     del now["only-in-manual"], now["."], back["."]  # the root's mtime moved with the file
     assert back == now
 
@@ -367,7 +340,7 @@ def test_remove_all_removes_every_snapshot(store: SnapshotStore, data: Path) -> 
 
 def test_a_new_store_over_the_same_root_sees_the_same_snapshots(
         store: SnapshotStore, data: Path, tmp_path: Path) -> None:
-    expected = state(data)
+    expected = describe(data)
     s1 = store.create(VOL, data, "s1", kind="automatic")
     (data / "a.txt").write_bytes(b"x")
     settle()
@@ -375,7 +348,7 @@ def test_a_new_store_over_the_same_root_sees_the_same_snapshots(
     again = SnapshotStore(store.root.parent)
     assert again.list_snapshots(VOL) == [s1, s2]
     assert again.entries(VOL, "s1") == store.entries(VOL, "s1")
-    assert state(restore(again, "s1", tmp_path / "r")) == expected
+    assert describe(restore(again, "s1", tmp_path / "r")) == expected
     (data / "b.txt").write_bytes(b"y")
     s3 = again.create(VOL, data, "s3")  # incremental across the restart
     assert s3.copied_bytes == 1
@@ -384,7 +357,7 @@ def test_a_new_store_over_the_same_root_sees_the_same_snapshots(
 def test_leftovers_of_an_interrupted_snapshot_never_list_and_are_swept(
         store: SnapshotStore, data: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    expected = state(data)
+    expected = describe(data)
     store.create(VOL, data, "s1")
     kept = set(object_files(store))
     (data / "big.bin").write_bytes(os.urandom(100_000))
@@ -412,7 +385,7 @@ def test_leftovers_of_an_interrupted_snapshot_never_list_and_are_swept(
     assert set(object_files(restarted)) == kept
     assert sorted(p.name for p in (store.root / VOL / "entries").iterdir()) == ["s1.json"]
     assert sorted(p.name for p in catalog.iterdir()) == ["s1.json"]
-    assert state(restore(restarted, "s1", tmp_path / "r")) == expected
+    assert describe(restore(restarted, "s1", tmp_path / "r")) == expected
     restarted.create(VOL, data, "s2")  # the name is free again
     assert names(restarted) == ["s1", "s2"]
 
@@ -482,7 +455,7 @@ def check_consistent(store: SnapshotStore, expected: dict[str, dict[str, tuple[A
     listed = names(store)
     for name in listed:
         dst = where / f"check-{name}"
-        assert state(restore(store, name, dst)) == expected[name], f"{where}: {name} is damaged"
+        assert describe(restore(store, name, dst)) == expected[name], f"{where}: {name} is damaged"
     assert set(object_files(store)) == referenced(store), f"{where}: orphan objects"
     vol = store.root / VOL
     for sub in ("entries", "catalog"):
@@ -501,10 +474,10 @@ def test_a_snapshot_killed_at_any_instant_is_complete_or_absent(tmp_path: Path) 
     expected: dict[str, dict[str, tuple[Any, ...]]] = {}
 
     def prepare(store: SnapshotStore, data: Path) -> None:
-        expected["s1"] = state(data)
+        expected["s1"] = describe(data)
         store.create(VOL, data, "s1")
         change(data)
-        expected["s2"] = state(data)
+        expected["s2"] = describe(data)
 
     outcomes = set()
     for store in crash_everywhere(tmp_path, prepare,
@@ -548,10 +521,10 @@ def test_a_removal_killed_at_any_instant_leaves_complete_snapshots(
     expected: dict[str, dict[str, tuple[Any, ...]]] = {}
 
     def prepare(store: SnapshotStore, data: Path) -> None:
-        expected["s1"] = state(data)
+        expected["s1"] = describe(data)
         store.create(VOL, data, "s1", kind="automatic")
         change(data)
-        expected["s2"] = state(data)
+        expected["s2"] = describe(data)
         store.create(VOL, data, "s2", kind="automatic")
 
     ops: dict[str, Callable[[SnapshotStore, Path], object]] = {
@@ -588,33 +561,33 @@ def vol(driver: Driver) -> Path:
 
 def test_clones_from_a_volume_and_from_a_snapshot_are_independent(driver: Driver,
                                                                   vol: Path) -> None:
-    expected = state(vol)
+    expected = describe(vol)
     driver.management.snapshot_create(VOL, "s1")
     driver.create("from-vol", {"from": VOL})
     driver.create("from-snap", {"from": f"{VOL}@s1"})
     for clone in ("from-vol", "from-snap"):
         path = driver.path(clone)
-        assert state(path) == expected
+        assert describe(path) == expected
         assert inodes(path).isdisjoint(inodes(vol))
     with open(driver.path("from-vol") / "sub" / "c.bin", "r+b") as f:
         f.write(b"clone write")
     with open(vol / "b.txt", "r+b") as f:
         f.write(b"source write")
-    assert state(driver.path("from-snap")) == expected
+    assert describe(driver.path("from-snap")) == expected
     assert (driver.path("from-vol") / "b.txt").read_bytes() == b"b" * 2000
     assert not (vol / "sub" / "c.bin").read_bytes().startswith(b"clone write")
 
 
 def test_restore_takes_a_safety_snapshot_first(driver: Driver, vol: Path) -> None:
-    expected = state(vol)
+    expected = describe(vol)
     driver.management.snapshot_create(VOL, "s1")
     change(vol)
-    changed = state(vol)
+    changed = describe(vol)
     safety = driver.management.snapshot_restore(VOL, "s1")
     assert safety.kind == "safety"
-    assert state(vol) == expected
+    assert describe(vol) == expected
     driver.management.snapshot_restore(VOL, safety.name)
-    assert state(vol) == changed
+    assert describe(vol) == changed
     assert [s.kind for s in driver.management.snapshot_list(VOL)] == ["manual", "safety", "safety"]
 
 
@@ -670,7 +643,7 @@ def test_on_unmount_snapshots_keep_the_newest_n(driver: Driver, vol: Path,
     for i in range(4):
         driver.mount("auto", f"m{i}")
         (data / "counter").write_text(str(i))
-        states.append(state(data))
+        states.append(describe(data))
         driver.unmount("auto", f"m{i}")
         assert driver.jobs.wait("auto", 30)
     snaps = driver.management.snapshot_list("auto")
@@ -679,7 +652,7 @@ def test_on_unmount_snapshots_keep_the_newest_n(driver: Driver, vol: Path,
         dst = tmp_path / snap.name
         dst.mkdir()
         driver.snapshots.store.populate_from("auto", snap.name)(dst)
-        assert state(dst)["counter"] == expected["counter"]
+        assert describe(dst)["counter"] == expected["counter"]
     status = driver.get("auto").status or {}
     assert [s["name"] for s in status["snapshots"]] == [s.name for s in reversed(snaps)]
     assert status["snapshot_policy"]["keep"] == 2
@@ -705,12 +678,12 @@ def test_periodic_snapshots_run_on_their_own(driver: Driver) -> None:
 
 def test_removing_a_volume_keeps_its_snapshots_unless_asked(driver: Driver, vol: Path,
                                                             tmp_path: Path) -> None:
-    expected = state(vol)
+    expected = describe(vol)
     driver.management.snapshot_create(VOL, "s1")
     driver.remove(VOL)
     assert [s.name for s in driver.management.snapshot_list(VOL)] == ["s1"]
     driver.create("reborn", {"from": f"{VOL}@s1"})
-    assert state(driver.path("reborn")) == expected
+    assert describe(driver.path("reborn")) == expected
 
     driver.create("doomed", {"snapshot_on_remove": "delete"})
     driver.management.snapshot_create("doomed", "s1")

@@ -7,7 +7,6 @@ independently of the code under test, and compared before and after a round trip
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -30,6 +29,7 @@ from backends.tree import (
     scan,
     write_sparse,
 )
+from tests.support.trees import describe
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="chown to other users and mknod need root")
@@ -37,32 +37,9 @@ SECRET = b"outside the volume: must never be read into a snapshot"
 T0 = 1_600_000_000_123_456_789  # mtimes with a non-zero nanosecond part
 
 
-def describe(root: Path) -> dict[str, tuple[Any, ...]]:
-    """What a user sees of a tree: per path its type, mode, owner, mtime, content digest,
-    link text, device number, user xattrs and which other paths share its inode."""
-    inodes: dict[int, list[str]] = {}
-    paths = [root, *sorted(root.rglob("*"))]
-    for p in paths:
-        st = p.lstat()
-        if stat.S_ISREG(st.st_mode):
-            inodes.setdefault(st.st_ino, []).append(str(p.relative_to(root)))
-    state: dict[str, tuple[Any, ...]] = {}
-    for p in paths:
-        st = p.lstat()
-        rel = str(p.relative_to(root))
-        digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
-        link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
-        xattrs = {} if stat.S_ISLNK(st.st_mode) else {
-            name: os.getxattr(p, name, follow_symlinks=False)
-            for name in os.listxattr(p, follow_symlinks=False) if name.startswith("user.")}
-        group = tuple(sorted(inodes[st.st_ino])) if stat.S_ISREG(st.st_mode) else ()
-        rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
-        state[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                      st.st_mtime_ns, digest, link, rdev, xattrs, group)
-    return state
-
-
 def inodes(root: Path) -> set[tuple[int, int]]:
+    """(device, inode) of ``root`` and everything below, symlinks included (a copy makes new
+    ones of each; ``tests.support.trees.inodes`` leaves both out)."""
     return {(st.st_dev, st.st_ino) for st in (p.lstat() for p in [root, *root.rglob("*")])}
 
 
