@@ -344,8 +344,9 @@ class SnapshotStore:
         images = self._images
         if images is None:
             raise BackendError(
-                f"snapshot {volume}@{name} is a clone of an image volume, and this store was "
-                "given no image backend to mount it: restart the plugin, which passes it")
+                f"snapshot {volume}@{name} is a clone of an image volume, and this snapshot "
+                "store has no image backend to mount it (a bug: the plugin must build it with "
+                "SnapshotStore(root, images=...)); its data is intact")
         clone = self._dir(volume, "images", name)
         with self._mounting:
             try:
@@ -378,7 +379,8 @@ class SnapshotStore:
                     held[1].close()
 
     def view(self, volume: str, name: str) -> SnapshotView:
-        """The snapshot's tree; close it when done (an image clone stays mounted until)."""
+        """The snapshot's tree; close it when done (an image clone stays mounted until
+        then, or until the view is collected)."""
         return SnapshotView(self._reader(volume, name), self.entries(volume, name))
 
     def volumes(self) -> set[str]:
