@@ -67,8 +67,12 @@ class Backend(Protocol):
     """
 
     name: ClassVar[str]
-    capabilities: ClassVar[Capabilities]
     options: ClassVar[tuple[BackendOption, ...]]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """An instance's: the class attribute (read by the options parser) holds what every
+        host allows, and an instance may add what its host offers (``image-reflink``)."""
 
     def create(self, volume: str, spec: DirSpec, populate: Populate | None = None) -> None:
         """Create a volume, empty or filled by ``populate``; all or nothing.

@@ -11,6 +11,14 @@ the filesystem on it, once for the image file), which measured 2.1x slower on se
 writes and 2.7x on cold reads than a plain directory; with direct I/O, 1.06x and 0.57x.  A
 kernel or host filesystem that refuses it (EINVAL) gets a buffered device instead.
 
+With direct I/O the kernel (6.12+) gives the device the backing file's direct I/O
+alignment as its logical block size, and XFS reports its block size (4 KiB) for a file
+sharing extents (a reflinked image, after an ``image-reflink`` snapshot) instead of the
+sector size: an XFS made with 512-byte sectors then refuses to mount (ENOSYS, "device
+supports 4096 byte sectors").  A caller that knows its filesystem's sector size passes it as
+``block_size``; where that is below the alignment the kernel drops direct I/O for that
+device (buffered, as on kernels that refuse it).
+
 Inside a managed plugin ``/dev`` is a small tmpfs without loop nodes: missing ones are made
 with mknod (the kernel's devices exist; only the nodes are absent).
 """
@@ -36,6 +44,7 @@ LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
+LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_DIRECT_IO = 16
 LOOP_MAJOR = 7
@@ -154,12 +163,14 @@ def _info(number: int, flags: int) -> bytes:
     return INFO64.pack(0, 0, 0, 0, 0, number, 0, 0, flags, b"", b"", b"", 0, 0)
 
 
-def _bind(loop_fd: int, image_fd: int, number: int) -> None:
+def _bind(loop_fd: int, image_fd: int, number: int, extra: int = 0,
+          block_size: int = 0) -> None:
     global _direct_io
     if _direct_io:
         try:
             fcntl.ioctl(loop_fd, LOOP_CONFIGURE, CONFIG.pack(
-                image_fd, 0, _info(number, LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO)))
+                image_fd, block_size,
+                _info(number, LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO | extra)))
             return
         except OSError as exc:
             if exc.errno == errno.ENOTTY:  # no LOOP_CONFIGURE: before Linux 5.8
@@ -170,9 +181,9 @@ def _bind(loop_fd: int, image_fd: int, number: int) -> None:
                 _direct_io = False
                 log.info("the kernel refuses direct I/O on loop devices (%s): binding them "
                          "buffered, which caches their pages twice", exc)
-    info = _info(number, LO_FLAGS_AUTOCLEAR)
+    info = _info(number, LO_FLAGS_AUTOCLEAR | extra)
     try:
-        fcntl.ioctl(loop_fd, LOOP_CONFIGURE, CONFIG.pack(image_fd, 0, info))
+        fcntl.ioctl(loop_fd, LOOP_CONFIGURE, CONFIG.pack(image_fd, block_size, info))
         return
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTTY):  # EINVAL/ENOTTY: before Linux 5.8
@@ -185,17 +196,22 @@ def _bind(loop_fd: int, image_fd: int, number: int) -> None:
         raise
 
 
-def attach(image: Path, image_fd: int) -> tuple[Info, int]:
+def attach(image: Path, image_fd: int, read_only: bool = False,
+           block_size: int = 0) -> tuple[Info, int]:
     """Bind ``image`` (open as ``image_fd``, read-write) to a loop device, or reuse the one
     bound to it already.  Returns its info and an open descriptor of the device: keep that
     open until the device is mounted, since an autoclear device is freed when its last
-    user closes it.  Raises :class:`LoopError`."""
+    user closes it.  ``read_only``: ``image_fd`` may be open read-only, and the device
+    refuses writes (``LO_FLAGS_READ_ONLY``; a snapshot's image clone).  ``block_size``: the
+    device's logical block size, for a filesystem made with smaller sectors than the kernel
+    would pick (0: the kernel's choice; see :func:`_bind`).  Raises :class:`LoopError`."""
+    mode = os.O_RDONLY if read_only else os.O_RDWR
     with _lock:
         for _ in range(2):
             found = find(image)
             if found is not None:
                 try:
-                    fd = os.open(found.device, os.O_RDWR | os.O_CLOEXEC)
+                    fd = os.open(found.device, mode | os.O_CLOEXEC)
                 except FileNotFoundError:
                     continue
                 try:
@@ -216,7 +232,8 @@ def attach(image: Path, image_fd: int) -> tuple[Info, int]:
                 number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
                 fd = os.open(device(number), os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    _bind(fd, image_fd, number)
+                    _bind(fd, image_fd, number, LO_FLAGS_READ_ONLY if read_only else 0,
+                          block_size)
                     return status(fd), fd
                 except OSError as exc:
                     os.close(fd)

@@ -20,6 +20,13 @@ ctime) did not change, so its cost is proportional to what changed.
 A volume that is a btrfs subvolume gets native snapshots instead: ``subvols/<name>`` is a
 read-only snapshot of the whole subvolume, taken atomically in one ioctl, sharing extents
 copy-on-write; the entries and catalog files work as above.
+
+A volume whose backend offers ``image-reflink`` (an ``image`` volume on a host filesystem
+that reflinks) is snapshotted as a whole: ``images/<name>`` is a clone of its image file,
+taken with the filesystem frozen (one instant, no data copied).  Reading one needs the clone
+mounted: the store mounts it through the backend on first use and unmounts it when its last
+reader is done (a :meth:`SnapshotStore.populate_from` call, a closed or collected
+:class:`SnapshotView`).  Neither kind is ever the base of an incremental file snapshot.
 """
 
 from __future__ import annotations
@@ -33,15 +40,17 @@ import secrets
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
 
 from backends import btrfs
+from backends.base import VolumeContent
 from backends.errors import BackendError
 from backends.fs import (
     confined,
@@ -67,6 +76,10 @@ log = logging.getLogger(__name__)
 Kind = Literal["manual", "automatic", "safety", "sync"]
 NATIVE = "btrfs-snapshot"
 """The method of snapshots taken as read-only btrfs subvolume snapshots."""
+IMAGE = "image-reflink"
+"""The method of snapshots taken as clones of a volume's image file."""
+WHOLE = frozenset({NATIVE, IMAGE})
+"""Methods whose snapshots hold no objects: never the base of an incremental one."""
 COPY_THREADS = 4
 RACY_NS = 100_000_000
 RACY_COARSE_NS = 2_000_000_000
@@ -74,6 +87,26 @@ RACY_COARSE_NS = 2_000_000_000
 tick, after we copied it, without changing its change key (kernels before 6.13 stamp ctime from
 a clock ticking every 1-10 ms; some filesystems keep whole seconds).  Such a file is recorded
 with ``ctime_ns=0``, so the next snapshot stores it again instead of trusting the key."""
+
+
+@runtime_checkable
+class ImageCloner(Protocol):
+    """A backend whose volumes are image files it can clone in O(1) (``backends.image``);
+    it offers ``image-reflink`` in ``capabilities.snapshot_methods`` when its host can."""
+
+    def clone_image(self, volume: str, target: Path) -> None:
+        """Make the new file ``target`` a clone of the volume's image as of one instant."""
+
+    def open_image(self, path: Path) -> AbstractContextManager[Path]:
+        """Mount the clone ``path`` read-only while the context lasts."""
+
+
+def image_cloner(backend: object) -> ImageCloner | None:
+    """``backend`` as an :class:`ImageCloner`, if it is one and offers ``image-reflink``."""
+    methods = getattr(getattr(backend, "capabilities", None), "snapshot_methods", ())
+    if IMAGE in methods and isinstance(backend, ImageCloner):
+        return backend
+    return None
 
 
 class SnapshotNotFound(BackendError):
@@ -146,6 +179,15 @@ class SnapshotInfo:
         return cls(**{**data, "created": datetime.fromisoformat(data["created"])})
 
 
+def _racy(entry: Entry, started: int) -> Entry:
+    """``entry`` with ``ctime_ns=0`` if it changed within a timestamp tick of ``started``
+    (the capture's start), so that its change key is never trusted (:data:`RACY_NS`)."""
+    whole_seconds = entry.ctime_ns % 1_000_000_000 == 0
+    if entry.ctime_ns >= started - (RACY_COARSE_NS if whole_seconds else RACY_NS):
+        return replace(entry, ctime_ns=0)
+    return entry
+
+
 def default_name() -> str:
     """A UTC timestamp name that sorts chronologically."""
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -156,22 +198,55 @@ Opener = Callable[[Entry], int]
 
 
 class SnapshotView:
-    """One snapshot as a ``backends.tree.TreeView`` (for S3 pushes)."""
+    """One snapshot as a ``backends.tree.TreeView`` (for S3 pushes).
 
-    def __init__(self, opener: Opener, entries: Sequence[Entry]) -> None:
-        self._opener = opener
+    What its files are read from is set up on the first :meth:`open` and released by
+    :meth:`close` (or leaving a ``with`` block); a view dropped unclosed releases it when
+    it is collected, which CPython does as soon as the last reference goes."""
+
+    def __init__(self, reader: AbstractContextManager[Opener], entries: Sequence[Entry]
+                 ) -> None:
+        self._reader = reader
         self._entries = entries
+        self._opener: Opener | None = None
+        self._held = ExitStack()
+        self._guard = threading.Lock()
+        self._release = weakref.finalize(self, self._held.close)
 
     def entries(self) -> Sequence[Entry]:
         return self._entries
 
     def open(self, entry: Entry) -> BinaryIO:
-        return os.fdopen(self._opener(entry), "rb")
+        with self._guard:
+            if self._opener is None:
+                if not self._release.alive:
+                    raise ValueError("this snapshot view is closed")
+                self._opener = self._held.enter_context(self._reader)
+            opener = self._opener
+        return os.fdopen(opener(entry), "rb")
+
+    def close(self) -> None:
+        with self._guard:
+            self._opener = None
+            self._release()
+
+    def __enter__(self) -> SnapshotView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class SnapshotStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, images: ImageCloner | None = None) -> None:
+        """``images`` opens ``image-reflink`` snapshots (the ``image`` backend of the same
+        root); else the first backend a :meth:`create` is given that offers them does."""
         self.root = root / "snapshots"
+        self._images = images
+        self._mounts: dict[tuple[int, int], tuple[int, ExitStack, list[int]]] = {}
+        """Image clones mounted for readers, by (device, inode): root descriptor, what
+        unmounts it, and how many readers hold it."""
+        self._mounting = threading.Lock()
         self._removing = self.root / ".removing"
         make_private(self.root)
         make_private(self._removing)
@@ -236,10 +311,14 @@ class SnapshotStore:
         path = self._dir(volume, "entries", f"{name}.json")
         return [Entry.from_json(item) for item in json.loads(path.read_bytes())]
 
-    def _opener(self, volume: str, name: str) -> Opener:
-        """Open a file entry's content: an object, or a file of a native btrfs snapshot (a
-        copy of volume content, so opened like it: beneath the snapshot, no symlinks)."""
-        if self.get(volume, name).method == NATIVE:
+    def _reader(self, volume: str, name: str) -> AbstractContextManager[Opener]:
+        """Open file entries' content while the context lasts: an object, or a file of a
+        native btrfs snapshot or of a mounted image clone (copies of volume content, so
+        opened like it: beneath the snapshot's root, no symlinks)."""
+        method = self.get(volume, name).method
+        if method == IMAGE:
+            return self._clone_reader(volume, name)
+        if method == NATIVE:
             subvol = self._dir(volume, "subvols", name)
 
             def open_native(entry: Entry) -> int:
@@ -248,30 +327,107 @@ class SnapshotStore:
                     return open_file(root_fd, entry.path)[0]
                 finally:
                     os.close(root_fd)
-            return open_native
+            return nullcontext(open_native)
         objects = str(self._dir(volume, "objects"))  # pathlib joins cost as much as a clone
 
         def open_object(entry: Entry) -> int:
             ref = entry.ref
             assert ref is not None  # noqa: S101 -- every file entry has an object
             return os.open(f"{objects}/{ref[:2]}/{ref}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        return open_object
+        return nullcontext(open_object)
+
+    @contextmanager
+    def _clone_reader(self, volume: str, name: str) -> Iterator[Opener]:
+        """Mount the snapshot's image clone, or share the mount another reader holds, and
+        unmount it when the last reader is done.  Keyed by the clone's inode, so a snapshot
+        removed and taken again under the same name is never read through the old mount."""
+        images = self._images
+        if images is None:
+            raise BackendError(
+                f"snapshot {volume}@{name} is a clone of an image volume, and this snapshot "
+                "store has no image backend to mount it (a bug: the plugin must build it with "
+                "SnapshotStore(root, images=...)); its data is intact")
+        clone = self._dir(volume, "images", name)
+        with self._mounting:
+            try:
+                st = os.stat(clone, follow_symlinks=False)
+            except FileNotFoundError:
+                raise SnapshotNotFound(volume, name) from None
+            key = (st.st_dev, st.st_ino)
+            held = self._mounts.get(key)
+            if held is None:
+                stack = ExitStack()
+                try:
+                    root_fd = open_dir(stack.enter_context(images.open_image(clone)))
+                except BaseException:
+                    stack.close()
+                    raise
+                stack.callback(os.close, root_fd)
+                held = self._mounts[key] = (root_fd, stack, [0])
+            held[2][0] += 1
+        root_fd = held[0]
+
+        def open_cloned(entry: Entry) -> int:
+            return open_file(root_fd, entry.path)[0]
+        try:
+            yield open_cloned
+        finally:
+            with self._mounting:
+                held[2][0] -= 1
+                if not held[2][0]:
+                    del self._mounts[key]
+                    held[1].close()
 
     def view(self, volume: str, name: str) -> SnapshotView:
-        return SnapshotView(self._opener(volume, name), self.entries(volume, name))
+        """The snapshot's tree; close it when done (an image clone stays mounted until
+        then, or until the view is collected)."""
+        return SnapshotView(self._reader(volume, name), self.entries(volume, name))
 
     def volumes(self) -> set[str]:
         return {e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")}
 
     # writing
 
-    def create(self, volume: str, data: Path, name: str | None = None,
+    def create(self, volume: str, data: Path | VolumeContent, name: str | None = None,
                kind: Kind = "manual", progress: OnProgress | None = None,
                cancelled: Cancelled | None = None) -> SnapshotInfo:
-        """Snapshot the directory ``data`` as ``volume@name``; complete or absent after a crash.
+        """Snapshot ``data`` as ``volume@name``; complete or absent after a crash.
 
-        ``progress`` is told how far it is; ``cancelled`` is polled between files, and when it
-        turns True the snapshot stops with :class:`SnapshotCancelled`, leaving nothing."""
+        ``data`` is the volume's directory, or its content: then a backend offering
+        ``image-reflink`` clones the volume's image (O(1), one instant), and any other is
+        read inside its view.  ``progress`` is told how far it is; ``cancelled`` is polled
+        between files, and when it turns True the snapshot stops with
+        :class:`SnapshotCancelled`, leaving nothing."""
+        if isinstance(data, VolumeContent):
+            images = image_cloner(data.backend)
+            if images is None:
+                with data.view() as path:
+                    return self.create(volume, path, name, kind, progress, cancelled)
+            if self._images is None:
+                self._images = images
+            return self._commit(volume, name, kind, lambda n: self._capture_image(
+                volume, n, images, progress or (lambda p: None), cancelled or (lambda: False)))
+
+        path = data
+
+        def capture(name: str) -> tuple[list[Entry], int, str]:
+            if btrfs.is_subvolume(path):
+                return self._capture_native(volume, name, path)
+            base = [i for i in self.list_snapshots(volume) if i.method not in WHOLE]
+            previous = {e.path: e for e in self.entries(volume, base[-1].name)} \
+                if base else {}
+            root_fd = open_dir(path)
+            try:
+                return self._capture(root_fd, self._dir(volume, "objects"), previous,
+                                     progress or (lambda p: None), cancelled or (lambda: False))
+            finally:
+                os.close(root_fd)
+        return self._commit(volume, name, kind, capture)
+
+    def _commit(self, volume: str, name: str | None, kind: Kind,
+                capture: Callable[[str], tuple[list[Entry], int, str]]) -> SnapshotInfo:
+        """Under the volume's lock: ``capture(name)`` the snapshot's data and entries, write
+        the entries, then the catalog file (the commit point)."""
         with self._lock(volume):
             name = name or default_name()
             if any(i.name == name for i in self.list_snapshots(volume)):
@@ -281,19 +437,7 @@ class SnapshotStore:
             objects = self._dir(volume, "objects")
             for sub in ("objects", "entries", "catalog"):
                 self._dir(volume, sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-            if btrfs.is_subvolume(data):
-                entries, copied, method = self._capture_native(volume, name, data)
-            else:
-                base = [i for i in self.list_snapshots(volume) if i.method != NATIVE]
-                previous = {e.path: e for e in self.entries(volume, base[-1].name)} \
-                    if base else {}
-                root_fd = open_dir(data)
-                try:
-                    entries, copied, method = self._capture(
-                        root_fd, objects, previous, progress or (lambda p: None),
-                        cancelled or (lambda: False))
-                finally:
-                    os.close(root_fd)
+            entries, copied, method = capture(name)
             files = [e for e in entries if e.kind == "file"]
             entries_path = self._dir(volume, "entries", f"{name}.json")
             entries_path.write_bytes(json.dumps([e.to_json() for e in entries],
@@ -309,6 +453,37 @@ class SnapshotStore:
             log.info("snapshot %s@%s: %d files, %d bytes stored anew (%s)", volume, name,
                      info.files, copied, method)
             return info
+
+    def _capture_image(self, volume: str, name: str, images: ImageCloner,
+                       progress: OnProgress, cancelled: Cancelled
+                       ) -> tuple[list[Entry], int, str]:
+        """Clone the volume's image to ``images/<name>`` (no data copied) and list the
+        clone's tree from a read-only mount of it (metadata only).  A crash leaves a clone
+        without a catalog file, which :meth:`_sweep` deletes; a failure deletes it now."""
+        clones = self._dir(volume, "images")
+        clones.mkdir(mode=0o700, exist_ok=True)
+        clone = self._dir(volume, "images", name)
+        clone.unlink(missing_ok=True)  # left by a crash: not committed, since not listed
+        progress(Progress())
+        started = time.time_ns()
+        try:
+            images.clone_image(volume, clone)
+            fsync_dir(clones)
+            entries: list[Entry] = []
+            with images.open_image(clone) as root:
+                for entry in scan(root):
+                    if len(entries) % SCAN_REPORT == SCAN_REPORT - 1:
+                        if cancelled():
+                            raise SnapshotCancelled("the snapshot was cancelled while scanning")
+                        progress(Progress(scanned=len(entries) + 1))
+                    entries.append(_racy(entry, started) if entry.kind == "file" else entry)
+            if cancelled():
+                raise SnapshotCancelled("the snapshot was cancelled")
+        except BaseException:
+            clone.unlink(missing_ok=True)
+            raise
+        progress(Progress(scanned=len(entries), files_total=0))
+        return entries, 0, IMAGE
 
     def _capture_native(self, volume: str, name: str,
                         data: Path) -> tuple[list[Entry], int, str]:
@@ -345,9 +520,7 @@ class SnapshotStore:
                 else:
                     entry = replace(entry, ref=secrets.token_hex(12))
                     todo.append(len(entries))
-                whole_seconds = entry.ctime_ns % 1_000_000_000 == 0
-                if entry.ctime_ns >= started - (RACY_COARSE_NS if whole_seconds else RACY_NS):
-                    entry = replace(entry, ctime_ns=0)
+                entry = _racy(entry, started)
             entries.append(entry)
         methods: set[str] = set()
         buckets: set[str] = set()
@@ -505,18 +678,21 @@ class SnapshotStore:
             remove_tree(Path(bin_.path))
 
     def populate_from(self, volume: str, name: str) -> Callable[[Path], None]:
-        """A ``populate`` function that rebuilds ``volume@name`` into a new directory."""
+        """A ``populate`` function that rebuilds ``volume@name`` into a new directory (an
+        image clone is mounted while it runs)."""
         entries = self.entries(volume, name)
-        opener = self._opener(volume, name)
 
-        def write(entry: Entry, fd: int) -> None:
-            sfd = opener(entry)
-            try:
-                clone_fd(sfd, fd)
-            finally:
-                os.close(sfd)
+        def populate(dst: Path) -> None:
+            with self._reader(volume, name) as opener:
+                def write(entry: Entry, fd: int) -> None:
+                    sfd = opener(entry)
+                    try:
+                        clone_fd(sfd, fd)
+                    finally:
+                        os.close(sfd)
+                materialize(entries, dst, write)
 
-        return lambda dst: materialize(entries, dst, write)
+        return populate
 
     # maintenance
 
@@ -536,6 +712,12 @@ class SnapshotStore:
                         if entry.get("ref"):
                             referenced.add(entry["ref"])
         self._destroy_subvolumes(volume, keep=names)
+        clones = self._dir(volume, "images")
+        if clones.is_dir():
+            with os.scandir(clones) as items:
+                for item in items:
+                    if item.name not in names:
+                        os.unlink(item.path)  # a mount of it (a reader) keeps its data
         objects = self._dir(volume, "objects")
         if objects.is_dir():
             with os.scandir(objects) as buckets:
