@@ -25,7 +25,7 @@ from backends import REGISTRY, Backend
 from backends.base import Populate, VolumeContent
 from backends.errors import BackendError
 from backends.fs import bind_mount, confined, is_mountpoint, make_private, unmount
-from backends.snapshots import SnapshotStore
+from backends.snapshots import SnapshotStore, image_cloner
 from backends.tree import copy_tree
 from plugin.errors import (
     CreateFailed,
@@ -82,7 +82,9 @@ class Driver:
         """The snapshot feature's jobs; S3 has its own (``self.sync.jobs``)."""
         self.removals = Jobs(workers=1, name="removal-jobs")
         """Deletes removed volumes' data (and discarded snapshots) after Remove answered."""
-        store = SnapshotStore(settings.root)
+        # The backend that clones its images for O(1) snapshots, if any (it opens them too).
+        store = SnapshotStore(settings.root, images=next(
+            (c for b in self.backends.values() if (c := image_cloner(b)) is not None), None))
         self.snapshots = Snapshotter(store, self.jobs)
         self.sync = Syncer(settings.root, self.state, store, Jobs(name="s3-jobs"),
                            dict(settings.s3_env))

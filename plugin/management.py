@@ -92,9 +92,8 @@ class Management:
         with self.guard.running(volume, op):
             hold_point("snapshot:manual")
             try:
-                with content.view() as data:
-                    return self.snapshots.store.create(volume, data, name, kind="manual",
-                                                       progress=capture.update)
+                return self.snapshots.store.create(volume, content, name, kind="manual",
+                                                   progress=capture.update)
             except OSError as exc:
                 raise SnapshotFailed(f"the snapshot of volume {volume!r} failed: {exc}; check "
                                      "the volume and try again") from exc
@@ -156,9 +155,8 @@ class Management:
             self.guard.wait_jobs(volume)
             hold_point("restore:snapshot")
             content = self.driver.content(record)
-            with content.view() as data:
-                safety = store.create(volume, data, f"pre-restore-{default_name()}",
-                                      kind="safety")
+            safety = store.create(volume, content, f"pre-restore-{default_name()}",
+                                  kind="safety")
             content.replace(store.populate_from(volume, name))
             log.info("volume %s restored from snapshot %s (safety snapshot %s)", volume, name,
                      safety.name)
@@ -204,9 +202,8 @@ class Management:
         with self.guard.running(volume, op):
             self.guard.wait_jobs(volume)
             content = self.driver.content(record)
-            with content.view() as data:
-                safety = self.snapshots.store.create(
-                    volume, data, f"pre-restore-{default_name()}", kind="safety")
+            safety = self.snapshots.store.create(
+                volume, content, f"pre-restore-{default_name()}", kind="safety")
             self.sync.restore_in_place(volume, s3, snapshot_id, content)
             return safety
 

@@ -168,9 +168,10 @@ class Snapshotter:
         try:
             hold_point("snapshot:automatic")
             fail_point("snapshot:automatic")
-            with data.view() as path:  # held until read, whatever unmounts meanwhile
-                self.store.create(volume, path, kind="automatic", progress=capture.update,
-                                  cancelled=capture.cancel.is_set)
+            # The store reads the volume in a view of its own (held until read, whatever
+            # unmounts meanwhile), or clones its image where the backend can.
+            self.store.create(volume, data, kind="automatic", progress=capture.update,
+                              cancelled=capture.cancel.is_set)
         except SnapshotCancelled:
             log.info("volume %s: its automatic snapshot was cancelled by its removal; "
                      "nothing of it was kept", volume)

@@ -74,9 +74,10 @@ class Pusher:
             self.jobs.progress[volume] = capture.text
             try:
                 fail_point("s3:capture")
-                with content.view() as path:  # held until read, whatever unmounts meanwhile
-                    info = self.snapshots.create(volume, path, f"sync-{default_name()}",
-                                                 kind="sync", progress=capture.update)
+                # The store reads the volume in a view of its own (held until read, whatever
+                # unmounts meanwhile), or clones its image where the backend can.
+                info = self.snapshots.create(volume, content, f"sync-{default_name()}",
+                                             kind="sync", progress=capture.update)
             except Exception as exc:
                 self._failed(volume, f"the snapshot for the push failed: {exc}", content)
                 return
@@ -110,8 +111,8 @@ class Pusher:
         self.transfers.start(volume, "syncing")
         try:
             remote = self.remotes.get(record.bucket, record.prefix)
-            pushed = remote.push(self.snapshots.view(volume, snapshot),
-                                 self.transfers.reporter(volume, "syncing"))
+            with self.snapshots.view(volume, snapshot) as view:
+                pushed = remote.push(view, self.transfers.reporter(volume, "syncing"))
         except Exception as exc:
             self._failed(volume, str(exc), None)
             return

@@ -28,13 +28,13 @@ from loopfs import LoopUnavailable, loop_filesystem, used_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from loop_support import clear_under, loops_under
-from unit_support import mounts_under
 
 from backends.base import DirSpec, VolumeContent
 from backends.errors import BackendError
 from backends.image import FIFREEZE, FITHAW, ImageBackend
 from backends.snapshots import IMAGE, SnapshotStore
 from backends.tree import scan
+from tests.support.mounts import mounts_under
 
 MiB = 1 << 20
 VOLUME_SIZE = {"ext4": 512 * MiB, "xfs": 512 * MiB}

@@ -122,6 +122,42 @@ def test_snapshot_change_restore_in_place_and_into_a_new_volume(
     assert methods[safety.name] == expected_method(fstype)
 
 
+def test_a_sized_volume_snapshots_by_cloning_its_image_where_the_host_can(
+        fs: tuple[str, Path], driver: Driver) -> None:
+    """On XFS and btrfs data directories, a snapshot of a sized volume is a clone of its image
+    (O(1), atomic: the volume's filesystem is frozen for the instant of the clone); on ext4
+    its files are copied."""
+    fstype, root = fs
+    driver.create("sized", {"size": "64M"})
+    data = driver.mount("sized", "m1")
+    fill(data)
+    (data / "big").write_bytes(os.urandom(24 * MiB))
+    original = describe(data)
+    before = used_bytes(root)
+    s1 = driver.management.snapshot_create("sized", "s1")
+    grew = used_bytes(root) - before
+    if fstype in REFLINK:
+        assert s1.method == "image-reflink"
+        assert grew < 8 * MiB  # no data copied
+    else:
+        assert s1.method == "copy"
+        assert grew >= 24 * MiB
+    change(data)
+    (data / "big").write_bytes(b"rewritten")
+    driver.unmount("sized", "m1")
+
+    driver.create("copy", {"from": "sized@s1"})
+    copy = driver.mount("copy", "c1")
+    assert describe(copy) == original
+    driver.unmount("copy", "c1")
+    safety = driver.management.snapshot_restore("sized", "s1")
+    assert safety.method == s1.method
+    data = driver.mount("sized", "m2")
+    assert describe(data) == original
+    assert driver.get("sized").status["size_limit"] == "64 MiB"  # type: ignore[index]
+    driver.unmount("sized", "m2")
+
+
 def test_clones_are_independent_of_their_source(fs: tuple[str, Path], driver: Driver) -> None:
     driver.create("src", None)
     source = driver.path("src")

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from unit_support import MNT_DETACH, libc, mounts_under
+from unit_support import MNT_DETACH, libc
+
+from tests.support.mounts import mounts_under
 
 HAS_LOOP = Path("/dev/loop-control").exists()
 needs_loop = pytest.mark.skipif(

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from loop_support import clear_under, loops_under, needs_loop, wait_for
-from unit_support import mounts_at, mounts_under
 
 from backends import REGISTRY, ext4, loop
 from backends.base import DirSpec
@@ -27,6 +26,7 @@ from backends.image import ImageBackend, SizeShrink, VolumeInUse
 from backends.sizes import GiB, MiB, format_size
 from plugin.errors import InvalidOption
 from plugin.options import parse_options
+from tests.support.mounts import mounts_at, mounts_under
 
 pytestmark = needs_loop
 REPO = Path(__file__).resolve().parents[2]
