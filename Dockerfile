@@ -50,6 +50,8 @@ open("/src/build-requirements.txt", "w").write("\n".join(p["build-system"]["requ
 
 COPY plugin/ /src/plugin/
 COPY backends/ /src/backends/
+COPY snapshots/ /src/snapshots/
+COPY s3sync/ /src/s3sync/
 RUN /opt/pyvol/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps \
       --no-index --find-links /src/wheels /src \
     && rm -rf /src \

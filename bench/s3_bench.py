@@ -286,8 +286,8 @@ def _ratio(mine: Cell | None, peers: list[Cell], scenario: str) -> str:
 # -- pyvol as its own process ---------------------------------------------------------------
 
 def pyvol_main(op: str, path: str, bucket: str, cache: str) -> None:
-    from backends.s3 import RemoteStore, S3Config
     from backends.tree import DirectoryView
+    from s3sync import RemoteStore, S3Config
     store = RemoteStore(S3Config.from_env(), bucket, "v", Path(cache))
     if op == "push":
         store.push(DirectoryView(Path(path)))
@@ -297,8 +297,8 @@ def pyvol_main(op: str, path: str, bucket: str, cache: str) -> None:
 
 def serve() -> None:
     """The daemon side: one line per command (OP PATH BUCKET CACHE), answers "ok"."""
-    from backends.s3 import RemoteStore, S3Config
     from backends.tree import DirectoryView
+    from s3sync import RemoteStore, S3Config
     config = S3Config.from_env()
     stores: dict[str, RemoteStore] = {}
     for line in sys.stdin:

@@ -25,7 +25,7 @@ nothing is dropped from it: every tool reads a hot tree.  pyvol's times include 
 ``syncfs`` (a snapshot is durable when it returns); the baselines are shown both as they
 return and once ``syncfs`` has written their data.  The tree is written, and changed, a moment
 (0.3 s) before the next snapshot, as in real use: a file changed within 100 ms of a snapshot
-is stored again by the next one (``backends.snapshots.RACY_NS``).
+is stored again by the next one (``snapshots.store.RACY_NS``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`pyvol sync check` and what Status shows of the bucket's health.
 
-The check itself lives in ``backends/s3/check.py``; this module runs it for a volume and
+The check itself lives in ``s3sync/check.py``; this module runs it for a volume and
 keeps, per volume, the last result (``Status.s3.last_check``, in the state database: it
 survives a restart, and goes with ``pyvol sync delete-remote``), and the objects the last
 listing skipped as invalid snapshots (``Status.s3.warnings``, in memory until the next listing).
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from plugin.state import StateStore
 
 if TYPE_CHECKING:
-    from backends.s3 import CheckReport, RemoteStore
+    from s3sync import CheckReport, RemoteStore
 
 SHOWN = 5
 """Problems and warnings shown in Status (the full list is in the CLI's answer)."""

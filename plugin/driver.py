@@ -25,7 +25,6 @@ from backends import REGISTRY, Backend
 from backends.base import Populate, VolumeContent
 from backends.errors import BackendError
 from backends.fs import bind_mount, confined, is_mountpoint, make_private, unmount
-from backends.snapshots import SnapshotStore, image_cloner
 from backends.tree import copy_tree
 from plugin.errors import (
     CreateFailed,
@@ -46,6 +45,7 @@ from plugin.snapshotting import Snapshotter
 from plugin.state import StateStore, SyncRecord, VolumeRecord
 from plugin.sync import Syncer
 from plugin.testhooks import crash_point, hold_point
+from snapshots.store import SnapshotStore, image_cloner
 
 log = logging.getLogger(__name__)
 

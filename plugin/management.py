@@ -12,18 +12,18 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from backends.snapshots import SnapshotInfo, default_name
 from plugin.errors import InvalidOption, SnapshotFailed, SnapshotNeeded, VolumeInUse, VolumeNotFound
 from plugin.names import validate_volume_name
 from plugin.operations import Operation
 from plugin.snapshotting import Capture, validate_snapshot_name
 from plugin.testhooks import hold_point
+from snapshots.store import SnapshotInfo, default_name
 
 if TYPE_CHECKING:
-    from backends.s3 import CheckReport, RemoteSnapshot
     from plugin.driver import Driver
     from plugin.options import S3Policy
     from plugin.state import VolumeRecord
+    from s3sync import CheckReport, RemoteSnapshot
 
 log = logging.getLogger(__name__)
 

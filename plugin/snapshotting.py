@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import VolumeContent
-from backends.snapshots import Progress, SnapshotCancelled, SnapshotStore
 from plugin.errors import InvalidName, VolumeBusy
 from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import SNAPSHOT_MAX, SNAPSHOT_NAME, SnapshotPolicy
 from plugin.testhooks import fail_point, hold_point
+from snapshots.store import Progress, SnapshotCancelled, SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 
 from backends.base import VolumeContent
-from backends.snapshots import SnapshotStore, default_name
 from plugin.jobs import Jobs
 from plugin.options import S3Policy
 from plugin.snapshotting import Capture
@@ -23,6 +22,7 @@ from plugin.sync.queue import PushQueue, push_state
 from plugin.sync.remotes import Remotes, Transfers
 from plugin.sync.scheduler import Backoff
 from plugin.testhooks import fail_point
+from snapshots.store import SnapshotStore, default_name
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The S3 side of the sync: one :class:`~backends.s3.RemoteStore` per (bucket, prefix), and
+"""The S3 side of the sync: one :class:`~s3sync.RemoteStore` per (bucket, prefix), and
 how far each volume's running transfer with it is.
 
-boto3 is imported only through ``backends.s3``, and only when a volume first uses S3.
+boto3 is imported only through ``s3sync``, and only when a volume first uses S3.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from backends.fs import make_private
 
 if TYPE_CHECKING:
-    from backends.s3 import RemoteStore, S3Config
+    from s3sync import RemoteStore, S3Config
 
 Direction = Literal["syncing", "restoring"]
 
@@ -31,7 +31,7 @@ class Remotes:
 
     def get(self, bucket: str, prefix: str) -> RemoteStore:
         """The store of ``s3://bucket/prefix``, with its local cache; made on first use."""
-        from backends.s3 import RemoteStore, S3Config
+        from s3sync import RemoteStore, S3Config
 
         with self._guard:
             if self._config is None:

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 from backends.base import VolumeContent
-from backends.snapshots import SnapshotStore
 from plugin.errors import PyvolError
 from plugin.jobs import Jobs
 from plugin.options import S3Policy
@@ -20,6 +19,7 @@ from plugin.state import SyncRecord
 from plugin.sync.queue import PushQueue
 from plugin.sync.remotes import Remotes, Transfers
 from plugin.testhooks import hold_point
+from snapshots.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.base import VolumeContent
-from backends.snapshots import SnapshotStore
 from plugin.checking import Checks
 from plugin.errors import VolumeBusy
 from plugin.jobs import Jobs
@@ -25,9 +24,10 @@ from plugin.sync.queue import PushQueue, push_state
 from plugin.sync.remotes import Remotes, Transfers
 from plugin.sync.restore import Restorer
 from plugin.sync.scheduler import Backoff, Scheduler
+from snapshots.store import SnapshotStore
 
 if TYPE_CHECKING:
-    from backends.s3 import CheckReport, RemoteSnapshot
+    from s3sync import CheckReport, RemoteSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import pytest
 from tests.support.net import free_port
 
 if TYPE_CHECKING:
-    from backends.s3 import RemoteStore, RetryPolicy
+    from s3sync import RemoteStore, RetryPolicy
 
 HOST = "127.0.0.1"
 ACCESS_KEY = "AKIAPYVOLTESTKEY0000"
@@ -325,7 +325,7 @@ class MakeStore(Protocol):
 @pytest.fixture
 def make_store() -> MakeStore:
     """RemoteStore over a URL with the test credentials (or the ones given)."""
-    from backends.s3 import RemoteStore, RetryPolicy, S3Config
+    from s3sync import RemoteStore, RetryPolicy, S3Config
 
     def make(url: str, bucket: str, cache: Path, *, key: str = ACCESS_KEY,
              secret: str = SECRET_KEY, retry: RetryPolicy | None = None, workers: int = 8,

@@ -27,10 +27,10 @@ from tests.support.waiting import wait_for
 
 LAUNCHER = """\
 import functools, os, sys
-import backends.s3.store as store
+import s3sync.store as store
 import plugin.sync.scheduler as scheduler
 import plugin.sync.syncer as syncer
-from backends.s3.config import RetryPolicy
+from s3sync.config import RetryPolicy
 store.RetryPolicy = functools.partial(
     RetryPolicy, attempts=3, base_delay=0.05, max_delay=0.2, deadline=3.0,
     connect_timeout=1.0, read_timeout=20.0, botocore_attempts=1)

@@ -32,8 +32,8 @@ from loop_support import clear_under, loops_under
 from backends.base import DirSpec, VolumeContent
 from backends.errors import BackendError
 from backends.image import FIFREEZE, FITHAW, ImageBackend
-from backends.snapshots import IMAGE, SnapshotStore
 from backends.tree import scan
+from snapshots.store import IMAGE, SnapshotStore
 from tests.support.mounts import mounts_under
 
 MiB = 1 << 20

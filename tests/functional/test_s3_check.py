@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from backends.s3.manifest import decode_manifest, encode_manifest
 from backends.tree import DirectoryView
+from s3sync.manifest import decode_manifest, encode_manifest
 from tests.support.trees import contents
 
 if TYPE_CHECKING:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from backends.s3 import (
+from backends.tree import DirectoryView, scan
+from s3sync import (
     AccessDenied,
     BucketMissing,
     CorruptObject,
@@ -20,8 +21,7 @@ from backends.s3 import (
     RetryPolicy,
     S3SyncError,
 )
-from backends.s3.blobs import CHUNK_MAX
-from backends.tree import DirectoryView, scan
+from s3sync.blobs import CHUNK_MAX
 from tests.support.net import free_port
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def test_exception_in_the_middle_of_uploads_writes_no_manifest(make_store: MakeS
     first = remote.push(DirectoryView(src))
     for i in range(8):
         (src / f"f{i:03d}").write_bytes(os.urandom(3 * CHUNK_MAX))
-    from backends.s3.client import Bucket
+    from s3sync.client import Bucket
     real_put = Bucket.put
     calls = {"n": 0}
 

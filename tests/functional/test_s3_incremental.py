@@ -114,7 +114,7 @@ def test_patched_and_rebased_snapshots_all_restore(make_store: MakeStore, relay:
                                                    bucket: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Small changes are written as patches; once they pile up, fresh tree parts are."""
-    from backends.s3 import push as push_mod
+    from s3sync import push as push_mod
     monkeypatch.setattr(push_mod, "PATCH_MIN", 6)
     monkeypatch.setattr(push_mod, "PATCH_SHARE", 1000)
     src = tmp_path / "src"

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from backends.s3 import RemoteStore
 from backends.tree import DirectoryView
+from s3sync import RemoteStore
 from tests.support.trees import contents
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def test_prune_and_push_in_one_process_do_not_overlap(make_store: MakeStore, mot
     remote = make_store(moto.url, bucket, tmp_path / "cache")
     push_versions(remote, src, 2)
     twin = make_store(moto.url, bucket, tmp_path / "cache")  # same bucket and prefix
-    from backends.s3 import push as push_mod
+    from s3sync import push as push_mod
     inside = threading.Event()
     release = threading.Event()
     real = push_mod._walk

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from backends.s3 import S3SyncError, SnapshotNotFound
-from backends.s3.blobs import CHUNK_MAX
 from backends.tree import DirectoryView, scan
+from s3sync import S3SyncError, SnapshotNotFound
+from s3sync.blobs import CHUNK_MAX
 
 if TYPE_CHECKING:
     from s3_fixtures import MakeStore, MotoServer, Relay

@@ -14,8 +14,8 @@ from typing import Any
 
 from sync_support import SyncServer, s3_status
 
-from backends.s3 import blobs
-from backends.s3.manifest import ChunkRef, Manifest, RemoteSnapshot, encode_manifest
+from s3sync import blobs
+from s3sync.manifest import ChunkRef, Manifest, RemoteSnapshot, encode_manifest
 from tests.support.waiting import wait_for
 
 Record = dict[str, Any]

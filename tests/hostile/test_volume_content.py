@@ -30,11 +30,11 @@ from hostile_support import (
     walk,
 )
 
-from backends import snapshots as snapshots_module
+import snapshots.store as snapshots_module
 from backends import tree as tree_module
 from backends.fs import remove_tree
-from backends.snapshots import SnapshotStore
 from backends.tree import DirectoryView, Entry, copy_tree
+from snapshots.store import SnapshotStore
 from tests.support.trees import files_containing
 
 CANARY = b"HOST-CANARY: bytes from outside the volume, never to be copied into pyvol's data"

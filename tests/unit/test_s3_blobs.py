@@ -1,4 +1,4 @@
-"""Cutting, naming and storing blobs (backends/s3/blobs.py)."""
+"""Cutting, naming and storing blobs (s3sync/blobs.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from backends.s3 import blobs
+from s3sync import blobs
 
 
 def cut_all(data: bytes) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""The local push cache (backends/s3/cache.py)."""
+"""The local push cache (s3sync/cache.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.s3.cache import Cache, Cached, FileState
-from backends.s3.manifest import ChunkRef
+from s3sync.cache import Cache, Cached, FileState
+from s3sync.manifest import ChunkRef
 
 A, B = "a" * 64, "b" * 64
 

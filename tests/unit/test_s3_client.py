@@ -1,4 +1,4 @@
-"""Settings, retries and error translation (backends/s3/config.py, client.py).
+"""Settings, retries and error translation (s3sync/config.py, client.py).
 
 The operations here are local callables: no request leaves the process.
 """
@@ -12,7 +12,7 @@ from typing import Any
 import botocore.exceptions as bx
 import pytest
 
-from backends.s3 import (
+from s3sync import (
     AccessDenied,
     BucketMissing,
     EndpointUnreachable,
@@ -21,7 +21,7 @@ from backends.s3 import (
     S3SyncError,
     TransientFailure,
 )
-from backends.s3.client import Bucket, ObjectMissing
+from s3sync.client import Bucket, ObjectMissing
 
 SECRET = "s3cr3t-value-that-must-not-leak"
 CONFIG = S3Config(endpoint_url="http://127.0.0.1:9", region="us-east-1",
@@ -135,7 +135,7 @@ def test_no_retry_means_one_attempt() -> None:
     ("", ""),
 ])
 def test_credentials_in_urls_are_redacted(url: str, shown: str) -> None:
-    from backends.s3.config import S3Config, redact
+    from s3sync.config import S3Config, redact
 
     assert redact(url) == shown
     assert "SECRET" not in S3Config(endpoint_url=url).where
@@ -153,8 +153,8 @@ def test_credentials_in_urls_are_redacted(url: str, shown: str) -> None:
 ])
 def test_a_malformed_endpoint_is_a_named_error_that_says_what_to_fix(url: str,
                                                                     message: str) -> None:
-    from backends.s3 import BadEndpoint, RetryPolicy, S3Config
-    from backends.s3.client import Bucket
+    from s3sync import BadEndpoint, RetryPolicy, S3Config
+    from s3sync.client import Bucket
 
     with pytest.raises(BadEndpoint, match=re.escape(message)) as info:
         Bucket(S3Config(endpoint_url=url, region="us-east-1"), "b", RetryPolicy())

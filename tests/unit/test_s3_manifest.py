@@ -1,4 +1,4 @@
-"""Manifests, snapshot ids and the stored tree (backends/s3/manifest.py)."""
+"""Manifests, snapshot ids and the stored tree (s3sync/manifest.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from backends.s3 import blobs
-from backends.s3.errors import CorruptObject
-from backends.s3.manifest import (
+from backends.tree import Entry
+from s3sync import blobs
+from s3sync.errors import CorruptObject
+from s3sync.manifest import (
     SNAPSHOT_ID,
     ChunkRef,
     Manifest,
@@ -23,7 +24,6 @@ from backends.s3.manifest import (
     record_text,
     split_parts,
 )
-from backends.tree import Entry
 
 H = "ab" * 32
 P = "cd" * 32
@@ -150,7 +150,7 @@ def test_a_patch_deleting_an_unknown_path_is_corrupt() -> None:
 
 
 def test_blob_references_larger_than_a_push_writes_are_refused() -> None:
-    from backends.s3.manifest import _ref
+    from s3sync.manifest import _ref
 
     assert _ref([H, P, 0, 5, blobs.CHUNK_MAX]).size == blobs.CHUNK_MAX
     for bad in ([H, P, 0, 5, blobs.CHUNK_MAX + 1], [H, P, 0, 6, 5], [H, "x", 0, 5, 5],
@@ -169,7 +169,7 @@ def test_a_zstd_frame_declaring_more_than_the_limit_is_refused_before_allocation
 
 
 def test_push_records_only_what_a_restore_accepts() -> None:
-    from backends.s3.manifest import pushable
+    from s3sync.manifest import pushable
 
     assert pushable(entry("dev", "chardev", rdev=259)) is None
     kept = pushable(entry("bin", mode=0o4755, size=5, xattrs={"security.capability": "AA==",

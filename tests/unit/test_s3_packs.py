@@ -1,4 +1,4 @@
-"""Packing blobs and planning ranged reads (backends/s3/packs.py, remote.plan)."""
+"""Packing blobs and planning ranged reads (s3sync/packs.py, remote.plan)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any, cast
 
 import pytest
 
-from backends.s3 import blobs, packs
-from backends.s3.client import Bucket
-from backends.s3.layout import Layout
-from backends.s3.manifest import ChunkRef
-from backends.s3.packs import PackWriter
-from backends.s3.remote import plan
+from s3sync import blobs, packs
+from s3sync.client import Bucket
+from s3sync.layout import Layout
+from s3sync.manifest import ChunkRef
+from s3sync.packs import PackWriter
+from s3sync.remote import plan
 
 
 class FakeBucket:

@@ -1,4 +1,4 @@
-"""The restore's prefetch window (backends/s3/restore.py Prefetcher): memory stays bounded by
+"""The restore's prefetch window (s3sync/restore.py Prefetcher): memory stays bounded by
 the window plus one span whatever the tree, shared content is fetched again rather than held
 without bound, and blobs come out in order."""
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from backends.s3 import restore
-from backends.s3.manifest import ChunkRef, Tree
-from backends.s3.remote import Span
 from backends.tree import Entry
+from s3sync import restore
+from s3sync.manifest import ChunkRef, Tree
+from s3sync.remote import Span
 
 KiB = 1 << 10
 

@@ -1,4 +1,4 @@
-"""backends.snapshots.SnapshotStore, and the snapshot verbs of the driver.
+"""snapshots.store.SnapshotStore, and the snapshot verbs of the driver.
 
 What a user relies on: a snapshot is complete, read-only and independent of later writes;
 unchanged files cost nothing; retention drops automatic snapshots only; removing a snapshot
@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-import backends.snapshots as snapshots_module
+import snapshots.store as snapshots_module
 from backends.errors import BackendError
-from backends.snapshots import SnapshotExists, SnapshotNotFound, SnapshotStore
 from backends.tree import Entry, clone_or_copy, scan
 from plugin.driver import Driver
 from plugin.errors import InvalidName, InvalidOption, PyvolError, VolumeInUse, VolumeNotFound
+from snapshots.store import SnapshotExists, SnapshotNotFound, SnapshotStore
 from tests.support.trees import describe, inodes
 
 VOL = "vol"
@@ -35,7 +35,7 @@ VOL = "vol"
 
 
 def settle() -> None:
-    """Let ctime move past the store's racy window (backends.snapshots.RACY_NS): files changed
+    """Let ctime move past the store's racy window (snapshots.store.RACY_NS): files changed
     within it are stored again by the next snapshot rather than trusted to be unchanged."""
     time.sleep(snapshots_module.RACY_NS / 1e9 + 0.05)
 

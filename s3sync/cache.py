@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from backends.fs import fsync_dir
-from backends.s3 import blobs
-from backends.s3.manifest import SNAPSHOT_ID, ChunkRef
+from s3sync import blobs
+from s3sync.manifest import SNAPSHOT_ID, ChunkRef
 
 log = logging.getLogger(__name__)
 

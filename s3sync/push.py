@@ -23,11 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from backends.s3 import blobs
-from backends.s3.cache import Cached, FileState, usable_ref
-from backends.s3.errors import CorruptObject, S3SyncError
-from backends.s3.locks import remote_lock
-from backends.s3.manifest import (
+from backends.tree import Entry, TreeView
+from s3sync import blobs
+from s3sync.cache import Cached, FileState, usable_ref
+from s3sync.errors import CorruptObject, S3SyncError
+from s3sync.locks import remote_lock
+from s3sync.manifest import (
     ChunkRef,
     Manifest,
     RemoteSnapshot,
@@ -39,9 +40,8 @@ from backends.s3.manifest import (
     record_text,
     split_parts,
 )
-from backends.s3.packs import PackWriter
-from backends.s3.remote import Remote
-from backends.tree import Entry, TreeView
+from s3sync.packs import PackWriter
+from s3sync.remote import Remote
 
 log = logging.getLogger(__name__)
 

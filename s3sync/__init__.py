@@ -7,9 +7,9 @@ how each operation stays safe.
 
 from __future__ import annotations
 
-from backends.s3.check import CheckReport
-from backends.s3.config import RetryPolicy, S3Config
-from backends.s3.errors import (
+from s3sync.check import CheckReport
+from s3sync.config import RetryPolicy, S3Config
+from s3sync.errors import (
     AccessDenied,
     BadEndpoint,
     BucketMissing,
@@ -20,9 +20,9 @@ from backends.s3.errors import (
     StoreBusy,
     TransientFailure,
 )
-from backends.s3.manifest import RemoteSnapshot
-from backends.s3.prune import PruneReport
-from backends.s3.store import RemoteStore
+from s3sync.manifest import RemoteSnapshot
+from s3sync.prune import PruneReport
+from s3sync.store import RemoteStore
 
 __all__ = [
     "AccessDenied",

@@ -22,8 +22,8 @@ import boto3
 import botocore.exceptions as bx
 from botocore.config import Config
 
-from backends.s3.config import RetryPolicy, S3Config
-from backends.s3.errors import (
+from s3sync.config import RetryPolicy, S3Config
+from s3sync.errors import (
     AccessDenied,
     BadEndpoint,
     BucketMissing,

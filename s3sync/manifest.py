@@ -58,9 +58,9 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from backends.s3 import blobs
-from backends.s3.errors import CorruptObject
 from backends.tree import Entry
+from s3sync import blobs
+from s3sync.errors import CorruptObject
 
 FORMAT = "pyvol-s3/1"
 MANIFEST_MAX = 64 << 20

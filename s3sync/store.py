@@ -2,7 +2,7 @@
 
 The local directory is the source of truth: push only reads it, and no failure of the store
 changes it.  Each push that changes something becomes a point-in-time snapshot that can be
-listed and restored.  Every method raises :class:`~backends.s3.errors.S3SyncError`
+listed and restored.  Every method raises :class:`~s3sync.errors.S3SyncError`
 subclasses with messages that say what to do.
 """
 
@@ -13,22 +13,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from backends.priority import lower_priority
-from backends.s3 import check as check_mod
-from backends.s3 import prune as prune_mod
-from backends.s3 import push as push_mod
-from backends.s3 import restore as restore_mod
-from backends.s3.cache import Cache
-from backends.s3.check import CheckReport
-from backends.s3.client import Bucket
-from backends.s3.config import RetryPolicy, S3Config
-from backends.s3.errors import S3SyncError, SnapshotNotFound
-from backends.s3.layout import Layout
-from backends.s3.locks import local_lock
-from backends.s3.manifest import SNAPSHOT_ID, RemoteSnapshot
-from backends.s3.prune import PruneReport
-from backends.s3.push import Progress
-from backends.s3.remote import Catalog, Remote
 from backends.tree import TreeView
+from s3sync import check as check_mod
+from s3sync import prune as prune_mod
+from s3sync import push as push_mod
+from s3sync import restore as restore_mod
+from s3sync.cache import Cache
+from s3sync.check import CheckReport
+from s3sync.client import Bucket
+from s3sync.config import RetryPolicy, S3Config
+from s3sync.errors import S3SyncError, SnapshotNotFound
+from s3sync.layout import Layout
+from s3sync.locks import local_lock
+from s3sync.manifest import SNAPSHOT_ID, RemoteSnapshot
+from s3sync.prune import PruneReport
+from s3sync.push import Progress
+from s3sync.remote import Catalog, Remote
 
 
 class RemoteStore:

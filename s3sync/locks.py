@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from backends.s3.client import Bucket, ObjectInfo
-from backends.s3.errors import StoreBusy
-from backends.s3.layout import Layout
+from s3sync.client import Bucket, ObjectInfo
+from s3sync.errors import StoreBusy
+from s3sync.layout import Layout
 
 REFRESH = 120.0
 STALE = timedelta(minutes=15)

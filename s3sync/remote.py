@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from backends.s3 import blobs
-from backends.s3.cache import Cache
-from backends.s3.client import Bucket, ObjectMissing
-from backends.s3.errors import CorruptObject, SnapshotNotFound
-from backends.s3.layout import Layout
-from backends.s3.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, decode_manifest, parse_tree
+from s3sync import blobs
+from s3sync.cache import Cache
+from s3sync.client import Bucket, ObjectMissing
+from s3sync.errors import CorruptObject, SnapshotNotFound
+from s3sync.layout import Layout
+from s3sync.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, decode_manifest, parse_tree
 
 MERGE_GAP = 1 << 20
 """Blobs of one pack closer than this are fetched by one ranged GET."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from backends.s3 import blobs
-from backends.s3.client import Bucket
-from backends.s3.layout import Layout
-from backends.s3.manifest import ChunkRef
+from s3sync import blobs
+from s3sync.client import Bucket
+from s3sync.layout import Layout
+from s3sync.manifest import ChunkRef
 
 PACK_TARGET = 8 << 20
 

@@ -19,10 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from backends.fs import remove_tree
-from backends.s3.errors import CorruptObject, S3SyncError
-from backends.s3.manifest import ChunkRef, Manifest, Tree
-from backends.s3.remote import Remote, Span, plan
 from backends.tree import Entry, materialize, write_sparse
+from s3sync.errors import CorruptObject, S3SyncError
+from s3sync.manifest import ChunkRef, Manifest, Tree
+from s3sync.remote import Remote, Span, plan
 
 WINDOW = 64 << 20
 """Most plain bytes downloaded ahead and held (see :class:`Prefetcher`)."""
@@ -91,8 +91,8 @@ class Prefetcher:
     the window; a span is kept until the last blob reference to it has been taken, so content
     that several files share is downloaded once, unless keeping it would overflow the window:
     then it is dropped and downloaded again when next needed.  Each span holds at most
-    :data:`~backends.s3.remote.SPAN_MAX` plain bytes and each blob at most
-    :data:`~backends.s3.blobs.CHUNK_MAX` (the manifest parser refuses larger ones).
+    :data:`~s3sync.remote.SPAN_MAX` plain bytes and each blob at most
+    :data:`~s3sync.blobs.CHUNK_MAX` (the manifest parser refuses larger ones).
     """
 
     def __init__(self, remote: Remote, tree: Tree, snapshot_id: str,

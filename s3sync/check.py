@@ -6,7 +6,7 @@ every operation), every tree part and patch decodes and passes the restore rules
 blob a snapshot references lies in a pack that exists and is long enough to hold it.
 
 With ``read_data`` every referenced blob is downloaded (span by span, memory bounded by the
-pool's width times :data:`~backends.s3.remote.SPAN_MAX`) and checked against its hash.
+pool's width times :data:`~s3sync.remote.SPAN_MAX`) and checked against its hash.
 
 The blobs found bad are remembered in the local cache (:meth:`Cache.keep_bad`): a later push
 drops them from its dedup index and uploads that content again, so one rotten byte in the
@@ -20,11 +20,11 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from backends.s3 import blobs
-from backends.s3.client import ObjectMissing
-from backends.s3.errors import CorruptObject, S3SyncError
-from backends.s3.manifest import ChunkRef
-from backends.s3.remote import Remote, Span, plan
+from s3sync import blobs
+from s3sync.client import ObjectMissing
+from s3sync.errors import CorruptObject, S3SyncError
+from s3sync.manifest import ChunkRef
+from s3sync.remote import Remote, Span, plan
 
 SHOWN = 20
 """Problems listed in a report (the count covers all)."""

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.s3.layout import Layout
-from backends.s3.locks import remote_lock
-from backends.s3.remote import Remote
+from s3sync.layout import Layout
+from s3sync.locks import remote_lock
+from s3sync.remote import Remote
 
 
 @dataclass(frozen=True)
