@@ -287,7 +287,12 @@ def _entry(rel: str, dir_fd: int, name: str | None, st: os.stat_result,
     target = None
     if kind == "symlink":
         assert name is not None  # noqa: S101 -- the root is opened as a directory
-        target = os.readlink(name, dir_fd=dir_fd)
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError as exc:  # replaced (EINVAL: no longer a link) or removed since listed
+            if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
+                raise
+            raise Changed(rel, f"is no longer a symlink ({exc.strerror})") from None
     elif kind == "file" and st.st_nlink > 1:
         key = (st.st_dev, st.st_ino)
         first = seen.get(key)
@@ -389,7 +394,12 @@ def scan(root: str | Path | int) -> Iterator[Entry]:
         seen: dict[tuple[int, int], str] = {}
         yield _entry(".", root_fd, None, os.fstat(root_fd), seen)
         for dir_fd, prefix, children in walk(root_fd):
-            entries = [_entry(prefix + name, dir_fd, name, st, seen) for name, st in children]
+            entries = []
+            for name, st in children:
+                try:
+                    entries.append(_entry(prefix + name, dir_fd, name, st, seen))
+                except Changed as exc:
+                    log.warning("skipping %s: %s", prefix + name, exc.strerror)
             yield from entries
     finally:
         if own:

@@ -481,3 +481,22 @@ def test_a_deep_tree_round_trips_with_few_descriptors(tmp_path: Path,
     remove_tree(src)
     remove_tree(dst)
     assert not src.exists() and not dst.exists()
+
+
+def test_a_symlink_replaced_by_a_directory_before_its_target_is_read_is_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listing saw a symlink; by the time its target is read it is a directory (a
+    container swapping them in a loop): the entry is skipped, the scan goes on."""
+    (tmp_path / "link").symlink_to("elsewhere")
+    (tmp_path / "z").write_text("kept")
+    real = os.readlink
+
+    def swapped_first(path: Any, *args: Any, **kwargs: Any) -> str:
+        monkeypatch.setattr(os, "readlink", real)
+        (tmp_path / "link").unlink()
+        (tmp_path / "link").mkdir()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", swapped_first)
+    paths = [e.path for e in scan(tmp_path)]
+    assert paths == [".", "z"]
