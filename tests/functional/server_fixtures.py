@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from functional_support import Plugin, PluginProcess, StartServer
-from sync_support import StartSync, sync_servers
+from sync_support import BACKEND_SETTINGS, StartSync, sync_servers
 
 
 @contextlib.contextmanager
@@ -77,4 +77,11 @@ def shared(shared_server: PluginProcess) -> Plugin:
 def start(tmp_path: Path) -> Iterator[StartSync]:
     """``start(root, settings)``: S3-syncing servers of this test's own, killed at its end."""
     with sync_servers(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(params=sorted(BACKEND_SETTINGS))
+def start_each_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StartSync]:
+    """``start`` once per backend: every volume the servers create uses it by default."""
+    with sync_servers(tmp_path, backend=str(request.param)) as start:
         yield start

@@ -23,6 +23,7 @@ from typing import Any
 
 from functional_support import LISTEN_DEADLINE, REPO, Plugin, PluginProcess
 
+from tests.support.mounts import release_mounts_under
 from tests.support.waiting import wait_for
 
 LAUNCHER = """\
@@ -80,12 +81,14 @@ StartSync = Callable[..., SyncServer]
 
 
 @contextlib.contextmanager
-def sync_servers(base: Path) -> Iterator[StartSync]:
-    """Start servers (each on its own socket); kill what is still running at the end."""
+def sync_servers(base: Path, backend: str = "local") -> Iterator[StartSync]:
+    """Start servers (each on its own socket) whose volumes default to ``backend``; kill
+    what is still running at the end and release what they left mounted."""
     running: list[SyncServer] = []
 
     def start(root: Path, env: dict[str, str]) -> SyncServer:
-        server = SyncServer(root, base / f"server-{len(running)}.log", env)
+        server = SyncServer(root, base / f"server-{len(running)}.log",
+                            {**BACKEND_SETTINGS[backend], **env})
         running.append(server)
         server.start()
         return server
@@ -97,6 +100,15 @@ def sync_servers(base: Path) -> Iterator[StartSync]:
             if server.proc is not None and server.proc.poll() is None:
                 server.kill9()
             shutil.rmtree(server.socket_dir, ignore_errors=True)
+        release_mounts_under(base)
+
+
+BACKEND_SETTINGS: dict[str, dict[str, str]] = {
+    "local": {},
+    "image": {"DEFAULT_BACKEND": "image", "DEFAULT_SIZE": "256M"},
+}
+"""Plugin settings that make every volume a server creates use one backend: the feature
+suites run once per backend this way, through the product's own defaults."""
 
 
 def s3_settings(url: str, **extra: str) -> dict[str, str]:

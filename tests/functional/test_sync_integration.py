@@ -40,6 +40,14 @@ pytest_plugins = ["s3_fixtures"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown of test trees needs root")
 
 M1, M2 = "a" * 64, "b" * 64
+
+
+@pytest.fixture
+def start(start_each_backend: StartSync) -> StartSync:
+    """The whole sync suite runs once per storage backend (``local``, ``image``)."""
+    return start_each_backend
+
+
 FAST_CALL = 1.5  # the relay holds every request 2 s: a call under this never waited on S3
 """Unmount and Remove must return within this, whatever the store does."""
 

@@ -32,8 +32,10 @@ def create_killed(plugin: Plugin, server: PluginProcess, name: str, opts: dict[s
         plugin.send("VolumeDriver.Create", {"Name": name, "Opts": opts})
     assert server.proc is not None
     assert server.proc.wait(10) is not None, "the server survived its crash point"
-    wait_for(lambda: not any(alive(pid) for pid in server.workers), 10,
-             "the killed worker to be gone")
+    # Also until nothing answers on the socket: a worker the master forked again just before
+    # it died would accept the next server's first call and then vanish.
+    wait_for(lambda: not any(alive(pid) for pid in server.workers) and not server._listening(),
+             10, "the killed worker to be gone")
 
 
 @pytest.mark.parametrize("point", POINTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -21,3 +22,11 @@ def mounts_under(path: Path) -> list[str]:
     """The mountpoints at or below ``path``, in mount order."""
     prefix = os.path.realpath(path)
     return [p for p in _mountpoints() if p == prefix or p.startswith(prefix + "/")]
+
+
+def release_mounts_under(path: Path) -> None:
+    """Detach (lazily) what is still mounted at or below ``path``, deepest first: a server
+    killed with a sized volume mounted leaves its filesystem mounted (autoclear then frees
+    the loop device)."""
+    for target in reversed(mounts_under(path)):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
