@@ -103,6 +103,26 @@ def sync_servers(base: Path, backend: str = "local") -> Iterator[StartSync]:
         release_mounts_under(base)
 
 
+@contextlib.contextmanager
+def at_rest(server: PluginProcess, name: str) -> Iterator[Path]:
+    """The volume's data as it lies on the server's disk, read without a Docker call (a Mount
+    counts a use and its Unmount pushes): a plain volume's directory, or a sized volume's
+    image mounted read-only for the look (``noload``: its journal is not replayed)."""
+    plain = server.root / "volumes" / name
+    if plain.is_dir():
+        yield plain
+        return
+    image = server.root / "images" / name
+    look = Path(tempfile.mkdtemp(prefix="at-rest-", dir=server.root.parent))
+    subprocess.run(["mount", "-o", "ro,loop,noload", str(image), str(look)], check=True,
+                   capture_output=True)
+    try:
+        yield look
+    finally:
+        subprocess.run(["umount", str(look)], check=True, capture_output=True)
+        look.rmdir()
+
+
 BACKEND_SETTINGS: dict[str, dict[str, str]] = {
     "local": {},
     "image": {"DEFAULT_BACKEND": "image", "DEFAULT_SIZE": "256M"},
