@@ -1,0 +1,267 @@
+"""Client-side encryption: the master key, sealed objects and keyed content ids.
+
+Not wired into push/restore yet; this is the layer they will call.  Key objects (the master
+key wrapped under each passphrase) live in :mod:`s3sync.keys`.
+
+How it works
+------------
+* **Master key**: two independent random 256-bit keys, one to encrypt (``enc_key``) and one to
+  name content (``id_key``).  Two keys, not one, because each primitive gets its own key (an
+  AES key never doubles as a BLAKE3 key), and because the id key's outputs are public (they
+  appear in object names and manifests) while the encryption key's are not.  Borg keeps a
+  separate random ``id_key`` the same way; Kopia derives both from one secret with HKDF.
+* **Keyed content ids**: ``BLAKE3(data, key=id_key)``.  Equal files in two buckets get
+  different names, and nobody without the key can test whether a bucket holds a given file.
+  restic names blobs by an unkeyed SHA-256 (hidden only because its indexes are encrypted);
+  pyvol follows Borg and Kopia (HMAC ids) here.
+* **Sealing an object** (:func:`seal`): a random 256-bit salt per object; HKDF-SHA256 of the
+  encryption key with that salt gives the object its own AES-256-GCM key.  The plaintext is
+  cut in :data:`SEGMENT` (1 MiB) segments, each sealed with nonce = segment number (11 bytes,
+  big-endian) + a final flag (1 byte): the STREAM construction of Hoang et al., as Tink's
+  AES-GCM-HKDF streaming AEAD and age use it.  Every segment's associated data is the header
+  (format version, kind, salt, checks) followed by the object's name, so an object cannot be
+  moved to another name or kind, segments cannot be reordered, and a cut at a segment
+  boundary is caught by the missing final flag.
+* **Why derived keys rather than random nonces**: random 96-bit nonces under one key are
+  limited to about 2^32 objects (NIST SP 800-38D) before a collision -- which would leak the
+  XOR of two plaintexts and GCM's authentication key -- becomes a real risk, and a bucket
+  storing every blob as its own object could approach that over years.  With a key per object
+  two objects share a key only if two 256-bit salts collide (about 2^-177 after 2^40
+  objects); within an object, nonces are a counter.  No state (like Borg 1's nonce
+  reservation file) is kept, so any number of hosts can write one bucket.  Borg 2 does much
+  the same per session instead of per object, and also puts the chunk id in the AAD.
+* **Why AES-256-GCM**: hardware AES and carry-less multiply make it the fastest AEAD in
+  ``cryptography`` on the hosts pyvol targets (2.9 GB/s against 2.3 GB/s for
+  ChaCha20-Poly1305 here); ChaCha20-Poly1305 would win only on CPUs without AES-NI.
+* **Diagnosable refusals**: the header carries two 64-bit checks from the object key, one of
+  the key alone and one of the kind and name, so a refusal can say "sealed under another
+  key" or "stored under another name" rather than only "failed".  They are diagnostics only:
+  security rests on the GCM tags, whose AAD covers the header and the name.  (AES-GCM is not
+  key-committing; the key check also makes an object sealed under another master key fail
+  before any segment is decrypted.)
+* **Compression happens before encryption** (the caller passes :mod:`s3sync.blobs` output);
+  ciphertext does not compress.
+
+Format, version 1 (``H`` = 53 bytes, then segments)::
+
+    "pyv" | version=1 | kind (1 byte) | salt (32) | key check (8) | name check (8)
+    segment 0 ciphertext | tag (16) | segment 1 ... | final segment | tag (16)
+
+Overhead per object: 53 + 16 per started MiB (69 bytes for a blob under 1 MiB; restic's is
+32).  Each object is sealed whole in memory -- blobs are at most 2 MiB and packs tens of MiB,
+which pyvol already holds in memory to upload -- but the segments let a later reader
+authenticate a stream piece by piece.  Blobs inside a pack should be sealed one by one (kind
+``blob``, named by their content id) so that restore's ranged GETs still fetch single blobs.
+
+Names bound into an object are relative to the store (``snapshots/<id>``, not
+``<prefix>/snapshots/<id>``), so a whole store can be copied to another bucket or prefix.
+Not detected: rolling an object back to an older version sealed under the same name (restic
+and Borg have the same limit); names that are never reused make this harmless.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable
+from typing import Final, Literal, get_args
+
+import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from s3sync.errors import TamperedObject
+
+Kind = Literal["blob", "manifest", "index", "config", "lock"]
+Cause = Literal["truncated", "appended", "modified", "wrong key", "wrong name", "wrong kind",
+                "unknown format"]
+
+KEY_BYTES: Final = 32
+MAGIC: Final = b"pyv"
+VERSION: Final = 1
+SALT: Final = 32
+CHECK: Final = 8
+TAG: Final = 16
+HEADER: Final = len(MAGIC) + 2 + SALT + 2 * CHECK
+SEGMENT: Final = 1 << 20
+_KINDS: Final[dict[str, int]] = {kind: code for code, kind in enumerate(get_args(Kind), 1)}
+_INFO: Final = b"pyvol/v1/object"
+
+Buffer = bytes | bytearray | memoryview
+_Refuse = Callable[[Cause, str], TamperedObject]
+
+
+class Master:
+    """The store's two secret keys.  Never printed: ``repr`` and ``str`` show no key bytes."""
+
+    __slots__ = ("_enc", "_id")
+
+    def __init__(self, enc_key: bytes, id_key: bytes) -> None:
+        if len(enc_key) != KEY_BYTES or len(id_key) != KEY_BYTES:
+            raise ValueError(f"a master key is two keys of {KEY_BYTES} bytes")
+        self._enc = bytes(enc_key)
+        self._id = bytes(id_key)
+
+    @property
+    def enc_key(self) -> bytes:
+        return self._enc
+
+    @property
+    def id_key(self) -> bytes:
+        return self._id
+
+    def material(self) -> bytes:
+        """The 64 bytes that :mod:`s3sync.keys` wraps."""
+        return self._enc + self._id
+
+    @classmethod
+    def from_material(cls, material: bytes) -> Master:
+        if len(material) != 2 * KEY_BYTES:
+            raise ValueError(f"master key material is {2 * KEY_BYTES} bytes")
+        return cls(material[:KEY_BYTES], material[KEY_BYTES:])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Master):
+            return NotImplemented
+        return hmac.compare_digest(self.material(), other.material())
+
+    def __repr__(self) -> str:
+        return "Master(<secret>)"
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("a master key is not pickled (it would leave the process in clear)")
+
+
+def new_master() -> Master:
+    """A fresh master key for a new store: 64 bytes from the OS's CSPRNG."""
+    return Master(os.urandom(KEY_BYTES), os.urandom(KEY_BYTES))
+
+
+def content_id(master: Master, data: Buffer) -> str:
+    """The keyed BLAKE3 (256 bits, hex) of ``data``: a content's name in an encrypted store."""
+    return blake3.blake3(data, key=master.id_key).hexdigest()
+
+
+class _ObjectKey:
+    """The per-object key and the two diagnostic checks, derived from the salt."""
+
+    __slots__ = ("aead", "key_check", "name_check")
+
+    def __init__(self, master: Master, salt: bytes, code: int, name: bytes) -> None:
+        okm = HKDF(algorithm=hashes.SHA256(), length=2 * KEY_BYTES + CHECK, salt=salt,
+                   info=_INFO).derive(master.enc_key)
+        self.aead = AESGCM(okm[:KEY_BYTES])
+        self.key_check = okm[KEY_BYTES:KEY_BYTES + CHECK]
+        checker = blake3.blake3(bytes([code]) + name, key=okm[KEY_BYTES + CHECK:])
+        self.name_check = checker.digest(CHECK)
+
+
+def _nonce(index: int, final: bool) -> bytes:
+    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+def _code(kind: str) -> int:
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown object kind {kind!r}; kinds: {', '.join(_KINDS)}") from None
+
+
+def seal(master: Master, kind: Kind, name: str, plaintext: Buffer) -> bytes:
+    """Encrypt and authenticate ``plaintext`` as the object ``name`` of kind ``kind``.
+
+    Never fails for valid arguments; every call uses a fresh random salt, so sealing the same
+    plaintext twice gives different bytes.
+    """
+    code = _code(kind)
+    raw_name = name.encode()
+    salt = os.urandom(SALT)
+    key = _ObjectKey(master, salt, code, raw_name)
+    header = MAGIC + bytes([VERSION, code]) + salt + key.key_check + key.name_check
+    aad = header + raw_name
+    size = len(plaintext)
+    count = max(1, -(-size // SEGMENT))
+    out = bytearray(HEADER + size + count * TAG)
+    out[:HEADER] = header
+    src, dst = memoryview(plaintext), memoryview(out)
+    pos = HEADER
+    for i in range(count):
+        piece = src[i * SEGMENT:(i + 1) * SEGMENT]
+        end = pos + len(piece) + TAG
+        key.aead.encrypt_into(_nonce(i, i == count - 1), piece, aad, dst[pos:end])
+        pos = end
+    return bytes(out)
+
+
+def unseal(master: Master, kind: Kind, name: str, sealed: Buffer) -> bytes:
+    """The plaintext of the object ``name``, or :class:`TamperedObject` naming it and the cause.
+
+    Refused: anything not sealed by :func:`seal` under this master key as this kind and name,
+    or changed since in any byte -- including cut short or lengthened.
+    """
+    code = _code(kind)
+    raw_name = name.encode()
+    view = memoryview(sealed)
+
+    def refuse(cause: Cause, detail: str) -> TamperedObject:
+        return TamperedObject(f"{kind} object {name!r} refused ({cause}): {detail}", name, cause)
+
+    if len(view) < HEADER + TAG:
+        if bytes(view[:len(MAGIC)]) == MAGIC[:len(view)]:
+            raise refuse("truncated", f"{len(view)} bytes, fewer than any sealed object has "
+                                      f"({HEADER + TAG})")
+        raise refuse("unknown format", "not a pyvol sealed object (unencrypted or foreign data)")
+    header = bytes(view[:HEADER])
+    if header[:len(MAGIC)] != MAGIC:
+        raise refuse("unknown format", "not a pyvol sealed object (unencrypted or foreign data)")
+    if header[3] != VERSION:
+        raise refuse("unknown format", f"format version {header[3]}; this pyvol reads "
+                                       f"version {VERSION} (upgrade pyvol)")
+    if header[4] != code:
+        found = next((k for k, c in _KINDS.items() if c == header[4]), f"unknown ({header[4]})")
+        raise refuse("wrong kind", f"it holds a {found} object: swapped or replayed")
+    salt = header[5:5 + SALT]
+    key = _ObjectKey(master, salt, code, raw_name)
+    checks = header[5 + SALT:]
+    if not hmac.compare_digest(checks[:CHECK], key.key_check):
+        raise refuse("wrong key", "sealed under another master key (another store's, or the "
+                                  "passphrase opened the wrong store), or its header was changed")
+    if not hmac.compare_digest(checks[CHECK:], key.name_check):
+        raise refuse("wrong name", "sealed under another name: swapped or replayed")
+
+    aad = header + raw_name
+    body = view[HEADER:]
+    stride = SEGMENT + TAG
+    count = max(1, -(-len(body) // stride))
+    last = len(body) - (count - 1) * stride
+    if last < TAG:
+        raise refuse("truncated", f"its last segment is {last} bytes, shorter than a tag; "
+                                  "cut short or lengthened")
+    out = bytearray(len(body) - count * TAG)
+    dst = memoryview(out)
+    for i in range(count):
+        piece = body[i * stride:(i + 1) * stride]
+        final = i == count - 1
+        start = i * SEGMENT
+        try:
+            key.aead.decrypt_into(_nonce(i, final), piece, aad, dst[start:start + len(piece) - TAG])
+        except InvalidTag:
+            raise _diagnose(key.aead, i, count, piece, aad, refuse) from None
+    return bytes(out)
+
+
+def _diagnose(aead: AESGCM, i: int, count: int, piece: memoryview, aad: bytes,
+              refuse: _Refuse) -> TamperedObject:
+    """Why segment ``i`` failed: a valid segment with the other final flag means the object
+    was cut at a segment boundary (truncated) or had bytes added after its end (appended)."""
+    final = i == count - 1
+    try:
+        aead.decrypt(_nonce(i, not final), piece, aad)
+    except InvalidTag:
+        return refuse("modified", f"segment {i + 1} of {count} fails authentication (bytes "
+                                  "changed, added or cut inside it)")
+    if final:
+        return refuse("truncated", f"it ends after segment {i + 1}, which is not its last")
+    return refuse("appended", f"bytes follow its final segment ({i + 1} of {count})")
