@@ -24,7 +24,7 @@ def master() -> crypto.Master:
     return crypto.new_master()
 
 
-def refused(master: crypto.Master, sealed: bytes, *, kind: crypto.Kind = "manifest",
+def refused(master: crypto.Master, sealed: crypto.Buffer, *, kind: crypto.Kind = "manifest",
             name: str = "snapshots/1") -> TamperedObject:
     with pytest.raises(TamperedObject) as info:
         unseal(master, kind, name, sealed)
@@ -33,7 +33,7 @@ def refused(master: crypto.Master, sealed: bytes, *, kind: crypto.Kind = "manife
     return info.value
 
 
-def flipped(data: bytes, at: int) -> bytes:
+def flipped(data: crypto.Buffer, at: int) -> bytes:
     out = bytearray(data)
     out[at] ^= 0x01
     return bytes(out)
@@ -226,14 +226,15 @@ def test_refusal_is_a_corrupt_object_error(master: crypto.Master) -> None:
 
 def test_object_keys_never_repeat_over_many_seals(master: crypto.Master) -> None:
     """Nonce reuse needs two objects under one key: the per-object salts must all differ."""
-    salts = {seal(master, "blob", "b", b"same")[SALT_AT:KEY_CHECK_AT] for _ in range(20_000)}
+    salts = {bytes(seal(master, "blob", "b", b"same")[SALT_AT:KEY_CHECK_AT])
+             for _ in range(20_000)}
     assert len(salts) == 20_000
 
 
 def test_segment_nonces_differ_within_an_object(master: crypto.Master) -> None:
     sealed = seal(master, "blob", "b", bytes(4 * SEGMENT))
     stride = SEGMENT + TAG
-    segments = {sealed[HEADER + i * stride:HEADER + (i + 1) * stride] for i in range(4)}
+    segments = {bytes(sealed[HEADER + i * stride:HEADER + (i + 1) * stride]) for i in range(4)}
     assert len(segments) == 4
 
 
@@ -265,8 +266,8 @@ def test_master_never_shows_its_keys(master: crypto.Master) -> None:
 
 def test_refusals_carry_no_key_bytes(master: crypto.Master) -> None:
     sealed = seal(master, "manifest", "snapshots/1", os.urandom(2 * SEGMENT))
-    tampered = [flipped(sealed, at) for at in (0, 3, 4, SALT_AT, KEY_CHECK_AT, NAME_CHECK_AT,
-                                               HEADER, -1)]
+    offsets = (0, 3, 4, SALT_AT, KEY_CHECK_AT, NAME_CHECK_AT, HEADER, -1)
+    tampered: list[crypto.Buffer] = [flipped(sealed, at) for at in offsets]
     tampered += [sealed[:10], sealed[:HEADER + SEGMENT + TAG], sealed + os.urandom(TAG + 1)]
     for data in tampered:
         error = refused(master, data)
