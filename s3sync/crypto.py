@@ -15,11 +15,12 @@ How it works
   restic names blobs by an unkeyed SHA-256 (hidden only because its indexes are encrypted);
   pyvol follows Borg and Kopia (HMAC ids) here.
 * **Sealing an object** (:func:`seal`): a random 256-bit salt per object; HKDF-SHA256 of the
-  encryption key with that salt gives the object its own AES-256-GCM key.  The plaintext is
+  encryption key with that salt gives the object its own AES-256-GCM key (and the header's
+  checks and mask, below).  The plaintext is
   cut in :data:`SEGMENT` (1 MiB) segments, each sealed with nonce = segment number (11 bytes,
   big-endian) + a final flag (1 byte): the STREAM construction of Hoang et al., as Tink's
   AES-GCM-HKDF streaming AEAD and age use it.  Every segment's associated data is the header
-  (format version, kind, salt, checks) followed by the object's name, so an object cannot be
+  (salt, checks, format version, kind) followed by the object's name, so an object cannot be
   moved to another name or kind, segments cannot be reordered, and a cut at a segment
   boundary is caught by the missing final flag.
 * **Why derived keys rather than random nonces**: random 96-bit nonces under one key are
@@ -34,21 +35,33 @@ How it works
   ``cryptography`` on the hosts pyvol targets (about 7 GB/s against 2.4 GB/s for
   ChaCha20-Poly1305 on the 2-core development host); ChaCha20-Poly1305 would win only on
   CPUs without AES-NI.  Sealing costs far less than zstd (``bench/crypto_micro.py``).
-* **Diagnosable refusals**: the header carries two 64-bit checks from the object key, one of
-  the key alone and one of the kind and name, so a refusal can say "sealed under another
-  key" or "stored under another name" rather than only "failed".  They are diagnostics only:
+* **Diagnosable refusals**: the header carries two 64-bit checks, one of the key and salt
+  alone and one of the kind and name, so a refusal can say "sealed under another key" or
+  "stored under another name" rather than only "failed".  They are diagnostics only:
   security rests on the GCM tags, whose AAD covers the header and the name.  (AES-GCM is not
   key-committing; the key check also makes an object sealed under another master key fail
   before any segment is decrypted.)
+* **Nothing in a sealed object is constant**: no magic, and the version and kind bytes are
+  masked with two bytes derived from the key and salt.  Sealed blobs sit back to back in
+  packs; a constant prefix would show at rest where each blob starts, and FastCDC's cut
+  points are not keyed, so the run of blob lengths would let anyone test whether a bucket
+  holds a known file -- exactly what keyed ids are meant to prevent.  (restic likewise keeps
+  blob boundaries inside its encrypted pack header.)  The key check doubles as the magic:
+  unencrypted data, or another store's, fails it.
 * **Compression happens before encryption** (the caller passes :mod:`s3sync.blobs` output);
   ciphertext does not compress.
 
-Format, version 1 (``H`` = 53 bytes, then segments)::
+Format, version 1 (:data:`HEADER` = 50 bytes, then segments)::
 
-    "pyv" | version=1 | kind (1 byte) | salt (32) | key check (8) | name check (8)
+    salt (32) | key check (8) | version ^ mask[0] | kind ^ mask[1] | name check (8)
     segment 0 ciphertext | tag (16) | segment 1 ... | final segment | tag (16)
 
-Overhead per object: 53 + 16 per started MiB (69 bytes for a blob under 1 MiB; restic's is
+    okm = HKDF-SHA256(ikm=enc_key, salt=salt, info="pyvol/object", 74 bytes)
+    key check = okm[0:8], mask = okm[8:10]     -- the same in every version, to read the version
+    AES key = okm[10:42], name-check key = okm[42:74]            -- version 1
+    name check = BLAKE3(kind byte + name, key=name-check key)[:8]
+
+Overhead per object: 50 + 16 per started MiB (66 bytes for a blob under 1 MiB; restic's is
 32).  Each object is sealed whole in memory -- blobs are at most 2 MiB and packs tens of MiB,
 which pyvol already holds in memory to upload -- but the segments let a later reader
 authenticate a stream piece by piece.  Blobs inside a pack should be sealed one by one (kind
@@ -56,8 +69,10 @@ authenticate a stream piece by piece.  Blobs inside a pack should be sealed one 
 
 Names bound into an object are relative to the store (``snapshots/<id>``, not
 ``<prefix>/snapshots/<id>``), so a whole store can be copied to another bucket or prefix.
-Not detected: rolling an object back to an older version sealed under the same name (restic
-and Borg have the same limit); names that are never reused make this harmless.
+Not hidden: each object's size; and from whoever serves or watches the bucket's traffic,
+which byte ranges of a pack a restore reads (restic has the same leak).  Not detected:
+rolling an object back to an older version sealed under the same name (restic and Borg have
+the same limit); names that are never reused make this harmless.
 """
 
 from __future__ import annotations
@@ -80,15 +95,17 @@ Cause = Literal["truncated", "appended", "modified", "wrong key", "wrong name", 
                 "unknown format"]
 
 KEY_BYTES: Final = 32
-MAGIC: Final = b"pyv"
 VERSION: Final = 1
 SALT: Final = 32
 CHECK: Final = 8
 TAG: Final = 16
-HEADER: Final = len(MAGIC) + 2 + SALT + 2 * CHECK
+HEADER: Final = SALT + CHECK + 2 + CHECK
 SEGMENT: Final = 1 << 20
 _KINDS: Final[dict[str, int]] = {kind: code for code, kind in enumerate(get_args(Kind), 1)}
-_INFO: Final = b"pyvol/v1/object"
+_INFO: Final = b"pyvol/object"
+_AT_KEY_CHECK: Final = SALT
+_AT_VERSION: Final = SALT + CHECK
+_AT_NAME_CHECK: Final = _AT_VERSION + 2
 
 Buffer = bytes | bytearray | memoryview
 _Refuse = Callable[[Cause, str], TamperedObject]
@@ -146,17 +163,25 @@ def content_id(master: Master, data: Buffer) -> str:
 
 
 class _ObjectKey:
-    """The per-object key and the two diagnostic checks, derived from the salt."""
+    """What the salt derives: the key check, the version/kind mask, the object's AES key, and
+    the key of its name check (see the format above)."""
 
-    __slots__ = ("aead", "key_check", "name_check")
+    __slots__ = ("_name_key", "aead", "key_check", "mask")
 
-    def __init__(self, master: Master, salt: bytes, code: int, name: bytes) -> None:
-        okm = HKDF(algorithm=hashes.SHA256(), length=2 * KEY_BYTES + CHECK, salt=salt,
+    def __init__(self, master: Master, salt: bytes) -> None:
+        okm = HKDF(algorithm=hashes.SHA256(), length=CHECK + 2 + 2 * KEY_BYTES, salt=salt,
                    info=_INFO).derive(master.enc_key)
-        self.aead = AESGCM(okm[:KEY_BYTES])
-        self.key_check = okm[KEY_BYTES:KEY_BYTES + CHECK]
-        checker = blake3.blake3(bytes([code]) + name, key=okm[KEY_BYTES + CHECK:])
-        self.name_check = checker.digest(CHECK)
+        self.key_check = okm[:CHECK]
+        self.mask = okm[CHECK:CHECK + 2]
+        self.aead = AESGCM(okm[CHECK + 2:CHECK + 2 + KEY_BYTES])
+        self._name_key = okm[CHECK + 2 + KEY_BYTES:]
+
+    def name_check(self, code: int, name: bytes) -> bytes:
+        return blake3.blake3(bytes([code]) + name, key=self._name_key).digest(CHECK)
+
+    def header(self, salt: bytes, code: int, name: bytes) -> bytes:
+        masked = bytes([VERSION ^ self.mask[0], code ^ self.mask[1]])
+        return salt + self.key_check + masked + self.name_check(code, name)
 
 
 def _nonce(index: int, final: bool) -> bytes:
@@ -180,8 +205,8 @@ def seal(master: Master, kind: Kind, name: str, plaintext: Buffer) -> bytearray:
     code = _code(kind)
     raw_name = name.encode()
     salt = os.urandom(SALT)
-    key = _ObjectKey(master, salt, code, raw_name)
-    header = MAGIC + bytes([VERSION, code]) + salt + key.key_check + key.name_check
+    key = _ObjectKey(master, salt)
+    header = key.header(salt, code, raw_name)
     aad = header + raw_name
     size = len(plaintext)
     count = max(1, -(-size // SEGMENT))
@@ -212,26 +237,23 @@ def unseal(master: Master, kind: Kind, name: str, sealed: Buffer) -> bytearray:
         return TamperedObject(f"{kind} object {name!r} refused ({cause}): {detail}", name, cause)
 
     if len(view) < HEADER + TAG:
-        if bytes(view[:len(MAGIC)]) == MAGIC[:len(view)]:
-            raise refuse("truncated", f"{len(view)} bytes, fewer than any sealed object has "
-                                      f"({HEADER + TAG})")
-        raise refuse("unknown format", "not a pyvol sealed object (unencrypted or foreign data)")
+        raise refuse("truncated", f"{len(view)} bytes, fewer than any sealed object has "
+                                  f"({HEADER + TAG})")
     header = bytes(view[:HEADER])
-    if header[:len(MAGIC)] != MAGIC:
-        raise refuse("unknown format", "not a pyvol sealed object (unencrypted or foreign data)")
-    if header[3] != VERSION:
-        raise refuse("unknown format", f"format version {header[3]}; this pyvol reads "
+    salt = header[:SALT]
+    key = _ObjectKey(master, salt)
+    if not hmac.compare_digest(header[_AT_KEY_CHECK:_AT_VERSION], key.key_check):
+        raise refuse("wrong key", "not sealed under this store's key: another store's object, "
+                                  "unencrypted data, or its first bytes were changed")
+    version = header[_AT_VERSION] ^ key.mask[0]
+    if version != VERSION:
+        raise refuse("unknown format", f"format version {version}; this pyvol reads "
                                        f"version {VERSION} (upgrade pyvol)")
-    if header[4] != code:
-        found = next((k for k, c in _KINDS.items() if c == header[4]), f"unknown ({header[4]})")
-        raise refuse("wrong kind", f"it holds a {found} object: swapped or replayed")
-    salt = header[5:5 + SALT]
-    key = _ObjectKey(master, salt, code, raw_name)
-    checks = header[5 + SALT:]
-    if not hmac.compare_digest(checks[:CHECK], key.key_check):
-        raise refuse("wrong key", "sealed under another master key (another store's, or the "
-                                  "passphrase opened the wrong store), or its header was changed")
-    if not hmac.compare_digest(checks[CHECK:], key.name_check):
+    found = header[_AT_VERSION + 1] ^ key.mask[1]
+    if found != code:
+        kind_found = next((k for k, c in _KINDS.items() if c == found), f"unknown ({found})")
+        raise refuse("wrong kind", f"its kind is {kind_found!r}: swapped or replayed")
+    if not hmac.compare_digest(header[_AT_NAME_CHECK:], key.name_check(code, raw_name)):
         raise refuse("wrong name", "sealed under another name: swapped or replayed")
 
     aad = header + raw_name
