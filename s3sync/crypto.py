@@ -16,9 +16,9 @@ How it works
   pyvol follows Borg and Kopia (HMAC ids) here.
 * **Sealing an object** (:func:`seal`): a random 256-bit salt per object; HKDF-SHA256 of the
   encryption key with that salt gives the object its own AES-256-GCM key (and the header's
-  checks and mask, below).  The plaintext is
-  cut in :data:`SEGMENT` (1 MiB) segments, each sealed with nonce = segment number (11 bytes,
-  big-endian) + a final flag (1 byte): the STREAM construction of Hoang et al., as Tink's
+  checks and mask, below).  The plaintext is cut in :data:`SEGMENT` (1 MiB) segments, each
+  sealed with nonce = segment number (11 bytes, big-endian) + a final flag (1 byte): the
+  STREAM construction of Hoang, Reyhanitabar, Rogaway and Vizar (2015), as Tink's
   AES-GCM-HKDF streaming AEAD and age use it.  Every segment's associated data is the header
   (salt, checks, format version, kind) followed by the object's name, so an object cannot be
   moved to another name or kind, segments cannot be reordered, and a cut at a segment
@@ -57,15 +57,16 @@ Format, version 1 (:data:`HEADER` = 50 bytes, then segments)::
     segment 0 ciphertext | tag (16) | segment 1 ... | final segment | tag (16)
 
     okm = HKDF-SHA256(ikm=enc_key, salt=salt, info="pyvol/object", 74 bytes)
-    key check = okm[0:8], mask = okm[8:10]     -- the same in every version, to read the version
-    AES key = okm[10:42], name-check key = okm[42:74]            -- version 1
+    key check = okm[0:8], mask = okm[8:10]  -- kept by every version, to read the version
+    AES key = okm[10:42], name-check key = okm[42:74]         -- version 1
     name check = BLAKE3(kind byte + name, key=name-check key)[:8]
 
-Overhead per object: 50 + 16 per started MiB (66 bytes for a blob under 1 MiB; restic's is
-32).  Each object is sealed whole in memory -- blobs are at most 2 MiB and packs tens of MiB,
-which pyvol already holds in memory to upload -- but the segments let a later reader
-authenticate a stream piece by piece.  Blobs inside a pack should be sealed one by one (kind
-``blob``, named by their content id) so that restore's ranged GETs still fetch single blobs.
+Overhead per object: 50 + 16 per started MiB (66 bytes for a blob under 1 MiB; restic spends 32
+per blob plus its entry in the pack header).  Each object is sealed whole in memory -- blobs
+are at most 2 MiB and packs tens of MiB, which pyvol already holds in memory to upload -- but
+the segments let a later reader authenticate a stream piece by piece.  Blobs inside a pack
+should be sealed one by one (kind ``blob``, named by their content id) so that restore's ranged
+GETs still fetch single blobs.
 
 Names bound into an object are relative to the store (``snapshots/<id>``, not
 ``<prefix>/snapshots/<id>``), so a whole store can be copied to another bucket or prefix.

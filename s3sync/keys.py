@@ -9,15 +9,16 @@ object is versioned JSON (``id`` is also the object's name, ``keys/<id>`` by con
      "salt": "<b64, 16 bytes>", "nonce": "<b64, 12 bytes>", "wrapped": "<b64, 64 + 16 bytes>"}
 
 The passphrase (NFC-normalised UTF-8) and the salt go through Argon2id (RFC 9106); the 32-byte
-result is an AES-256-GCM key that seals the 64 bytes of :meth:`Master.material` under a
-random nonce.  The AAD is every other field of the object, canonically serialised, so the id,
-creation time and KDF cost cannot be changed without the unwrap failing.  restic uses scrypt
-(N=2^15, r=8, p=1 by default) and Kopia scrypt (65536, 8, 1); Argon2id is the memory-hard
+result is an AES-256-GCM key that seals the 64 bytes of :meth:`Master.material` under a random
+nonce.  The AAD is every other field of the object, canonically serialised, so the id, creation
+time and KDF cost cannot be changed without the unwrap failing.  restic uses scrypt (calibrated
+when a repository is created) and Kopia scrypt (N=65536, r=8, p=1); Argon2id is the memory-hard
 KDF RFC 9106 recommends, and ``cryptography`` has it from version 44.  The cost,
-:data:`DEFAULT_COST` (64 MiB, 4 passes, 4 lanes), takes about 0.2-0.3 s on the 2-core
-development host (``bench/crypto_micro.py`` measures it).  It is stored in each object, so it
-can be raised later for new keys without breaking old ones; :data:`MAX_COST` bounds what a
-forged object can make a host spend.
+:data:`DEFAULT_COST` (64 MiB, 4 passes, 4 lanes), takes 0.19-0.27 s on the 2-core development
+host (``bench/crypto_micro.py`` measures it); a fixed cost, not one calibrated per host, so a
+key made on a fast host still opens in bounded time on a slow one.  It is stored in each
+object, so it can be raised later for new keys without breaking old ones; :data:`MAX_COST`
+bounds what a forged object can make a host spend.
 
 Not secret, and not authenticated until the object is opened: ``id``, ``created`` and the
 cost, which :func:`describe` reads for ``key ls``.  Trying a passphrase costs one KDF run per

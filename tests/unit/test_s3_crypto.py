@@ -304,3 +304,20 @@ def test_header_rewritten_with_valid_checks_fails_the_tags(master: crypto.Master
     sealed[KIND_AT] = code ^ key.mask[1]
     sealed[NAME_CHECK_AT:HEADER] = key.name_check(code, b"snapshots/1")
     assert refused(master, bytes(sealed)).cause == "modified"
+
+
+def test_blobs_sealed_one_by_one_open_from_ranges_of_a_pack(master: crypto.Master) -> None:
+    """The intended use in packs: each blob sealed under its content id, packed back to back,
+    and read back by (offset, length) as restore's ranged GETs do."""
+    contents = [os.urandom(n) for n in (0, 100, SEGMENT + 3, 4096)]
+    pack, refs = bytearray(), []
+    for data in contents:
+        blob_id = crypto.content_id(master, data)
+        sealed = seal(master, "blob", blob_id, data)
+        refs.append((blob_id, len(pack), len(sealed)))
+        pack += sealed
+    for data, (blob_id, offset, length) in zip(contents, refs, strict=True):
+        assert unseal(master, "blob", blob_id, pack[offset:offset + length]) == data
+    first_id, _, first_length = refs[1]
+    assert refused(master, pack[refs[2][1]:refs[2][1] + first_length], kind="blob",
+                   name=first_id).cause == "wrong name"
