@@ -14,7 +14,7 @@ nonce.  The AAD is every other field of the object, canonically serialised, so t
 time and KDF cost cannot be changed without the unwrap failing.  restic uses scrypt (calibrated
 when a repository is created) and Kopia scrypt (N=65536, r=8, p=1); Argon2id is the memory-hard
 KDF RFC 9106 recommends, and ``cryptography`` has it from version 44.  The cost,
-:data:`DEFAULT_COST` (64 MiB, 4 passes, 4 lanes), takes 0.19-0.27 s on the 2-core development
+:data:`DEFAULT_COST` (64 MiB, 4 passes, 4 lanes), takes 0.2-0.45 s on the 2-core development
 host (``bench/crypto_micro.py`` measures it); a fixed cost, not one calibrated per host, so a
 key made on a fast host still opens in bounded time on a slow one.  It is stored in each
 object, so it can be raised later for new keys without breaking old ones; :data:`MAX_COST`
