@@ -47,7 +47,15 @@ from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resize
 from backends.errors import BackendError
 from backends.filesystems import Filesystem, ToolError, libc, read_head, unmount
 from backends.filesystems import mount as mount_fs
-from backends.fs import confined, fsync_dir, is_mountpoint, make_private, remove_tree, syncfs
+from backends.fs import (
+    confined,
+    fsync_dir,
+    is_mountpoint,
+    make_private,
+    move_to_bin,
+    remove_tree,
+    syncfs,
+)
 from backends.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -360,15 +368,9 @@ class ImageBackend:
             return
         with self._lock(volume):
             self._idle(volume, "remove")
-            bin_ = self._removing / f".{secrets.token_hex(8)}"
             try:
-                bin_.mkdir(mode=0o700)
-                os.rename(final, confined(bin_, volume))
-                fsync_dir(bin_)
-                fsync_dir(self.root)
+                move_to_bin(final, self._removing, volume)
             except OSError as exc:
-                if os.path.lexists(final):
-                    remove_tree(bin_)
                 raise BackendError(f"cannot remove volume {volume!r}: {exc}") from exc
 
     def purge(self) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loop_support import clear_under, loops_under, needs_loop, wait_for
+from loop_support import clear_under, loops_under, needs_loop
 
 from backends import REGISTRY, ext4, loop
 from backends.base import DirSpec
@@ -27,6 +27,7 @@ from backends.sizes import GiB, MiB, format_size
 from plugin.errors import InvalidOption
 from plugin.options import parse_options
 from tests.support.mounts import mounts_at, mounts_under
+from tests.support.waiting import eventually
 
 pytestmark = needs_loop
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +215,7 @@ def test_host_disk_use_follows_the_data(backend: ImageBackend, fs: str) -> None:
             os.sync()
             return host_bytes(image) - baseline < 10 * MiB
 
-        assert wait_for(returned), host_bytes(image)
+        assert eventually(returned), host_bytes(image)
 
 
 def test_the_filesystem_is_known_after_a_restart_and_kept_by_replace(
@@ -291,7 +292,7 @@ def test_one_loop_device_per_image_however_often_it_is_used(
         assert (seen / "f").read_text() == "one filesystem"
     restarted.unmount("v")  # its last reference: it unmounts
     assert mounts_at(path) == 0
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
 
 
 def test_the_loop_device_is_freed_after_the_last_unmount(
@@ -307,7 +308,7 @@ def test_the_loop_device_is_freed_after_the_last_unmount(
     assert len(loops_under(root)) == 2
     backend.unmount("v")
     backend.unmount("w")
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
     assert not backend.path("v").exists() and not backend.path("w").exists()
 
 
@@ -325,7 +326,7 @@ def test_a_busy_unmount_detaches_and_frees_the_device_when_let_go(
         assert len(loops_under(root)) == 1  # the open file still uses it
     finally:
         os.close(held)
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
 
 
 def test_shrink_is_refused_with_what_to_do(backend: ImageBackend, fs: str) -> None:
@@ -468,7 +469,7 @@ def test_recover_after_a_kill_during_populate(backend: ImageBackend, root: Path,
     restarted = ImageBackend(root)
     assert restarted.recover() == set()
     assert mounts_under(root) == []
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
     images = root / "images"
     assert os.listdir(images / ".creating") == os.listdir(images / ".replacing") == []
     if op == "create":
