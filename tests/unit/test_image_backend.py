@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -487,3 +488,32 @@ def test_missing_device_nodes_are_made(tmp_path: Path) -> None:
     assert loop._node(node, stat.S_IFCHR, *loop.CONTROL_DEV) == node  # present: kept
     with pytest.raises(loop.LoopError, match="is not the device 7:3"):
         loop._node(node, stat.S_IFBLK, 7, 3)
+
+
+def test_a_new_process_mounts_a_volume_whose_device_an_old_one_left_bound(
+        backend: ImageBackend, root: Path, tmp_path: Path) -> None:
+    """A plugin restarted while a container uses a sized volume: the old plugin's mounts
+    died with its namespace, the container's bind keeps the filesystem and its loop device.
+    The new plugin reuses that device at once (it neither waits for it nor binds another)."""
+    backend.create("v", sized(64 * MiB))
+    data = backend.mount("v")
+    (data / "f").write_text("in use")
+    container = tmp_path / "container"
+    container.mkdir()
+    subprocess.run(["mount", "--bind", str(data), str(container)], check=True)
+    try:
+        subprocess.run(["umount", "-l", str(data)], check=True)  # the old namespace is gone
+        assert len(loops_under(root)) == 1
+        again = ImageBackend(root)
+        done: list[Path] = []
+        worker = threading.Thread(target=lambda: done.append(again.mount("v")), daemon=True)
+        worker.start()
+        worker.join(10)
+        assert done, "mount blocked while the volume's device was still bound"
+        assert (done[0] / "f").read_text() == "in use"
+        (container / "g").write_text("shared")
+        assert (done[0] / "g").read_text() == "shared"  # one filesystem, not a second mount
+        assert len(loops_under(root)) == 1
+        again.unmount("v")
+    finally:
+        subprocess.run(["umount", str(container)], check=False)
