@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import resource
+import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -284,3 +285,21 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(path.parent)
+
+
+def move_to_bin(path: Path, bins: Path, name: str) -> None:
+    """Rename ``path`` into a new bin ``bins/.<random>/name`` at once, whatever its size; the
+    caller deletes the bins later.  A bin of its own holds the bare name (``name.suffix``
+    would pass NAME_MAX for the longest names), and bins start with a dot, so they never
+    clash with bare names parked in ``bins``.  On failure nothing moved and the empty bin is
+    gone."""
+    bin_ = bins / f".{secrets.token_hex(8)}"
+    try:
+        bin_.mkdir(mode=0o700)
+        os.rename(path, confined(bin_, name))
+        fsync_dir(bin_)
+        fsync_dir(path.parent)
+    except OSError:
+        if os.path.lexists(path):
+            remove_tree(bin_)
+        raise

@@ -47,7 +47,15 @@ from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resize
 from backends.errors import BackendError
 from backends.filesystems import Filesystem, ToolError, libc, read_head, unmount
 from backends.filesystems import mount as mount_fs
-from backends.fs import confined, fsync_dir, is_mountpoint, make_private, remove_tree, syncfs
+from backends.fs import (
+    confined,
+    fsync_dir,
+    is_mountpoint,
+    make_private,
+    move_to_bin,
+    remove_tree,
+    syncfs,
+)
 from backends.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -360,15 +368,9 @@ class ImageBackend:
             return
         with self._lock(volume):
             self._idle(volume, "remove")
-            bin_ = self._removing / f".{secrets.token_hex(8)}"
             try:
-                bin_.mkdir(mode=0o700)
-                os.rename(final, confined(bin_, volume))
-                fsync_dir(bin_)
-                fsync_dir(self.root)
+                move_to_bin(final, self._removing, volume)
             except OSError as exc:
-                if os.path.lexists(final):
-                    remove_tree(bin_)
                 raise BackendError(f"cannot remove volume {volume!r}: {exc}") from exc
 
     def purge(self) -> None:
@@ -435,23 +437,23 @@ class ImageBackend:
         """Mount the image clone ``path`` read-only (read-only loop device too) at a private
         mountpoint under ``.clones/``; unmounted, and its device freed, on exit.  Callers
         open one clone once at a time (a clone is never attached twice)."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         target = confined(self._clones, f".{secrets.token_hex(8)}")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BackendError(f"{path} is not an image file")
-            fcntl.flock(fd, fcntl.LOCK_EX)  # one attach at a time per image, across processes
             fs = filesystem_of(path)
             if fs is None:
                 raise BackendError(f"{path} holds no ext4 or XFS filesystem")
             target.mkdir(mode=0o700)
             try:
-                info, lfd = loop.attach(path, fd, read_only=True,
-                                        block_size=_sector_size(fs, path))
-                try:
-                    _mount_read_only(fs, info.device, target)
-                finally:
-                    os.close(lfd)
+                with _attaching(path):
+                    info, lfd = loop.attach(path, fd, read_only=True,
+                                            block_size=_sector_size(fs, path))
+                    try:
+                        _mount_read_only(fs, info.device, target)
+                    finally:
+                        os.close(lfd)
             except BaseException as exc:
                 with contextlib.suppress(OSError):
                     target.rmdir()
@@ -587,6 +589,20 @@ def _truncate(image: Path, size: int) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _attaching(image: Path) -> Iterator[None]:
+    """One attach of ``image`` at a time, across processes: an exclusive flock on a
+    descriptor of its own.  Never on the descriptor handed to the loop device: the device
+    keeps that open file (and a lock on it) for as long as it is bound, which would block
+    every later attach, such as a restarted plugin's, while a container uses the volume."""
+    fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _mount_image(image: Path, target: Path, fs: Filesystem | None = None) -> None:
     """Mount the filesystem in ``image`` (``fs``, else read from its superblock) on
     ``target`` through the image's one loop device."""
@@ -594,16 +610,16 @@ def _mount_image(image: Path, target: Path, fs: Filesystem | None = None) -> Non
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"{image} is not a regular file")
-        fcntl.flock(fd, fcntl.LOCK_EX)  # one attach at a time per image, across processes
         if fs is None:
             fs = filesystem_of(image)
             if fs is None:
                 raise OSError(errno.EINVAL, f"{image} holds no ext4 or XFS filesystem")
-        info, lfd = loop.attach(image, fd, block_size=_sector_size(fs, image))
-        try:
-            mount_fs(fs, info.device, target)
-        finally:
-            os.close(lfd)
+        with _attaching(image):
+            info, lfd = loop.attach(image, fd, block_size=_sector_size(fs, image))
+            try:
+                mount_fs(fs, info.device, target)
+            finally:
+                os.close(lfd)
     finally:
         os.close(fd)
 

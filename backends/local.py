@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,14 @@ from typing import Any, ClassVar
 from backends import btrfs
 from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resized
 from backends.errors import BackendError
-from backends.fs import confined, fsync_dir, make_private, raise_fd_limit, remove_tree
+from backends.fs import (
+    confined,
+    fsync_dir,
+    make_private,
+    move_to_bin,
+    raise_fd_limit,
+    remove_tree,
+)
 from backends.usage import UsageCache
 
 log = logging.getLogger(__name__)
@@ -137,18 +143,9 @@ class LocalBackend:
         final = self.path(volume)
         if not final.exists():
             return
-        # A bin of its own, holding the bare name: NAME.suffix would pass NAME_MAX (255) for
-        # the longest volume names.  Bins start with a dot, so they never clash with the
-        # bare names a content swap parks here (volume names start with a letter or digit).
-        bin_ = self._removing / f".{secrets.token_hex(8)}"
         try:
-            bin_.mkdir(mode=0o700)
-            os.rename(final, confined(bin_, volume))
-            fsync_dir(bin_)
-            fsync_dir(self.root)
+            move_to_bin(final, self._removing, volume)
         except OSError as exc:
-            if final.exists():  # not moved: drop the empty bin
-                remove_tree(bin_)
             raise BackendError(f"cannot remove the data of volume {volume!r}: {exc}") from exc
         self._usage.forget(final)
 

@@ -129,19 +129,15 @@ class Pusher:
         newer = current.snapshot != snapshot
         if self.state.get_volume(volume) is None and not newer:
             # The volume was removed while this push was pending: its last data is now safe.
-            self._drop_sync_snapshots(volume, keep=set())
+            drop_sync_snapshots(self.snapshots, volume, pushed=snapshot, keep=set())
             self.queue.forget(volume)
             return
-        self._drop_sync_snapshots(volume, keep={snapshot, current.snapshot})
+        drop_sync_snapshots(self.snapshots, volume, pushed=snapshot,
+                            keep={snapshot, current.snapshot})
         try:
             remote.prune(record.keep)
         except Exception as exc:
             log.warning("volume %s: pruning remote snapshots failed: %s", volume, exc)
-
-    def _drop_sync_snapshots(self, volume: str, keep: set[str | None]) -> None:
-        for snap in self.snapshots.list_snapshots(volume):
-            if snap.kind == "sync" and snap.name not in keep:
-                self.snapshots.remove(volume, snap.name)
 
     def resume_removed(self) -> None:
         """Upload the captured pushes of removed volumes (after a restart)."""
@@ -167,3 +163,16 @@ class Pusher:
             return (f"the pending push to s3://{record.bucket}/{record.prefix} uploads it "
                     f"({record.last_error or 'not uploaded yet'})")
         return "the S3 sync of the volume takes its next snapshot against it"
+
+
+def drop_sync_snapshots(store: SnapshotStore, volume: str, pushed: str,
+                        keep: set[str | None]) -> None:
+    """Drop the volume's sync snapshots that the push of ``pushed`` made useless: those taken
+    before it, except ``keep``.  A newer one belongs to a later request, possibly one whose
+    capture has committed it but not yet recorded it in the queue: it stays."""
+    snaps = store.list_snapshots(volume)
+    upto = next((s.created for s in snaps if s.name == pushed), None)
+    for snap in snaps:
+        if snap.kind == "sync" and snap.name not in keep and \
+                (upto is None or snap.created <= upto):
+            store.remove(volume, snap.name)

@@ -65,7 +65,7 @@ def test_unsafe_names_reach_the_plugin_and_are_rejected(scenario: Scenario, bad:
     data = scenario.plugin.data
     assert not (data / "escape").exists()
     assert not (data.parent / "escape").exists()
-    assert {p.name for p in data.iterdir()} <= {"s3cache", "snapshots", "state.db",
+    assert {p.name for p in data.iterdir()} <= {"images", "s3cache", "snapshots", "state.db",
                                                 "state.db-shm", "state.db-wal", "volumes"}
     assert all(not row.endswith(f" {bad}") for row in volume_rows())
 

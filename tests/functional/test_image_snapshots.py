@@ -17,8 +17,7 @@ import os
 import struct
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -35,6 +34,7 @@ from backends.image import FIFREEZE, FITHAW, ImageBackend
 from backends.tree import scan
 from snapshots.store import IMAGE, SnapshotStore
 from tests.support.mounts import mounts_under
+from tests.support.waiting import eventually
 
 MiB = 1 << 20
 VOLUME_SIZE = {"ext4": 512 * MiB, "xfs": 512 * MiB}
@@ -202,7 +202,7 @@ def test_a_snapshot_clones_the_image_in_one_instant_without_copying(
     world.store.remove("v", "s1")
     assert not world.clone("s1").exists()
     # XFS frees an unlinked file's extents in the background (inodegc).
-    assert wait_until(lambda: before - used_bytes(world.host) > 150 * MiB, 15), \
+    assert eventually(lambda: before - used_bytes(world.host) > 150 * MiB, 15), \
         f"removing the snapshot freed only {(before - used_bytes(world.host)) / MiB:.1f} MiB"
 
 
@@ -232,11 +232,11 @@ def test_a_snapshot_while_a_writer_fsyncs_holds_a_prefix_of_its_records(
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        assert wait_until(lambda: written[0] >= 200)
+        assert eventually(lambda: written[0] >= 200, 30)
         synced = written[0]
         world.store.create("v", world.content(), "s1")
         at_snapshot = written[0]
-        assert wait_until(lambda: written[0] >= at_snapshot + 100), "the writer is stuck"
+        assert eventually(lambda: written[0] >= at_snapshot + 100, 30), "the writer is stuck"
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -253,14 +253,6 @@ def test_a_snapshot_while_a_writer_fsyncs_holds_a_prefix_of_its_records(
     expected = b"".join(struct.pack("<Q", i) * (RECORD // 8) for i in range(count))
     assert content == expected
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_view_holds_the_clone_mounted_until_closed_or_dropped(xfs_host: World) -> None:
@@ -290,7 +282,7 @@ def test_a_view_holds_the_clone_mounted_until_closed_or_dropped(xfs_host: World)
     del second  # dropped unclosed, as plugin/syncing.py does after a push
     gc.collect()
     assert world.reader_mounts() == []
-    assert wait_until(lambda: len(loops_under(world.root)) == 1, 5)  # the volume's alone
+    assert eventually(lambda: len(loops_under(world.root)) == 1, 5)  # the volume's alone
     with pytest.raises(ValueError, match="closed"):
         view.open(entry)
 

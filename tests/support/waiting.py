@@ -20,3 +20,14 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, pause: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(pause)
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0, pause: float = 0.02) -> bool:
+    """Whether ``condition`` turns true within ``timeout`` seconds (polled every ``pause``);
+    for callers that assert with a message of their own."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+    return True

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from unit_support import MNT_DETACH, libc
 
 from tests.support.mounts import mounts_under
+from tests.support.waiting import eventually
 
 HAS_LOOP = Path("/dev/loop-control").exists()
 needs_loop = pytest.mark.skipif(
@@ -32,14 +31,6 @@ def loops_under(path: Path) -> list[int]:
     return sorted(found)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
 
 def clear_under(path: Path) -> tuple[list[str], list[int]]:
     """Detach every mount under ``path``, wait for its loop devices to free themselves, and
@@ -48,5 +39,5 @@ def clear_under(path: Path) -> tuple[list[str], list[int]]:
     c = libc()
     for point in sorted(mounts, key=len, reverse=True):
         c.umount2(point.encode(), MNT_DETACH)
-    wait_for(lambda: not loops_under(path))
+    eventually(lambda: not loops_under(path))
     return mounts, loops_under(path)

@@ -12,12 +12,13 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loop_support import clear_under, loops_under, needs_loop, wait_for
+from loop_support import clear_under, loops_under, needs_loop
 
 from backends import REGISTRY, ext4, loop
 from backends.base import DirSpec
@@ -27,6 +28,7 @@ from backends.sizes import GiB, MiB, format_size
 from plugin.errors import InvalidOption
 from plugin.options import parse_options
 from tests.support.mounts import mounts_at, mounts_under
+from tests.support.waiting import eventually
 
 pytestmark = needs_loop
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +216,7 @@ def test_host_disk_use_follows_the_data(backend: ImageBackend, fs: str) -> None:
             os.sync()
             return host_bytes(image) - baseline < 10 * MiB
 
-        assert wait_for(returned), host_bytes(image)
+        assert eventually(returned), host_bytes(image)
 
 
 def test_the_filesystem_is_known_after_a_restart_and_kept_by_replace(
@@ -291,7 +293,7 @@ def test_one_loop_device_per_image_however_often_it_is_used(
         assert (seen / "f").read_text() == "one filesystem"
     restarted.unmount("v")  # its last reference: it unmounts
     assert mounts_at(path) == 0
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
 
 
 def test_the_loop_device_is_freed_after_the_last_unmount(
@@ -307,7 +309,7 @@ def test_the_loop_device_is_freed_after_the_last_unmount(
     assert len(loops_under(root)) == 2
     backend.unmount("v")
     backend.unmount("w")
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
     assert not backend.path("v").exists() and not backend.path("w").exists()
 
 
@@ -325,7 +327,7 @@ def test_a_busy_unmount_detaches_and_frees_the_device_when_let_go(
         assert len(loops_under(root)) == 1  # the open file still uses it
     finally:
         os.close(held)
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
 
 
 def test_shrink_is_refused_with_what_to_do(backend: ImageBackend, fs: str) -> None:
@@ -468,7 +470,7 @@ def test_recover_after_a_kill_during_populate(backend: ImageBackend, root: Path,
     restarted = ImageBackend(root)
     assert restarted.recover() == set()
     assert mounts_under(root) == []
-    assert wait_for(lambda: loops_under(root) == [])
+    assert eventually(lambda: loops_under(root) == [])
     images = root / "images"
     assert os.listdir(images / ".creating") == os.listdir(images / ".replacing") == []
     if op == "create":
@@ -486,3 +488,32 @@ def test_missing_device_nodes_are_made(tmp_path: Path) -> None:
     assert loop._node(node, stat.S_IFCHR, *loop.CONTROL_DEV) == node  # present: kept
     with pytest.raises(loop.LoopError, match="is not the device 7:3"):
         loop._node(node, stat.S_IFBLK, 7, 3)
+
+
+def test_a_new_process_mounts_a_volume_whose_device_an_old_one_left_bound(
+        backend: ImageBackend, root: Path, tmp_path: Path) -> None:
+    """A plugin restarted while a container uses a sized volume: the old plugin's mounts
+    died with its namespace, the container's bind keeps the filesystem and its loop device.
+    The new plugin reuses that device at once (it neither waits for it nor binds another)."""
+    backend.create("v", sized(64 * MiB))
+    data = backend.mount("v")
+    (data / "f").write_text("in use")
+    container = tmp_path / "container"
+    container.mkdir()
+    subprocess.run(["mount", "--bind", str(data), str(container)], check=True)
+    try:
+        subprocess.run(["umount", "-l", str(data)], check=True)  # the old namespace is gone
+        assert len(loops_under(root)) == 1
+        again = ImageBackend(root)
+        done: list[Path] = []
+        worker = threading.Thread(target=lambda: done.append(again.mount("v")), daemon=True)
+        worker.start()
+        worker.join(10)
+        assert done, "mount blocked while the volume's device was still bound"
+        assert (done[0] / "f").read_text() == "in use"
+        (container / "g").write_text("shared")
+        assert (done[0] / "g").read_text() == "shared"  # one filesystem, not a second mount
+        assert len(loops_under(root)) == 1
+        again.unmount("v")
+    finally:
+        subprocess.run(["umount", str(container)], check=False)

@@ -79,3 +79,22 @@ def test_a_forgotten_record_makes_a_finished_upload_a_no_op(queue: PushQueue) ->
     queue.forget("v")
     assert queue.pushed("v", "sync-1", "r1") is None
     assert queue.get("v") is None
+
+
+def test_a_finished_push_keeps_a_newer_sync_snapshot_not_yet_recorded(tmp_path: Path) -> None:
+    """Push A finishes while push B's capture has committed its snapshot but not yet told
+    the queue (an image volume's view is still being released): B's snapshot must stay, or B
+    finds it gone and uploads nothing."""
+    from plugin.sync.push import drop_sync_snapshots
+    from snapshots.store import SnapshotStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("x")
+    store = SnapshotStore(tmp_path / "root")
+    for name in ("sync-1-older", "sync-2-pushed", "sync-3-newer"):
+        store.create("v", data, name, kind="sync")
+    store.create("v", data, "manual", kind="manual")
+    drop_sync_snapshots(store, "v", pushed="sync-2-pushed", keep={"sync-2-pushed", None})
+    assert [s.name for s in store.list_snapshots("v")] == [
+        "sync-2-pushed", "sync-3-newer", "manual"]
