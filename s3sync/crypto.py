@@ -153,6 +153,11 @@ class Master:
         raise TypeError("a master key is not pickled (it would leave the process in clear)")
 
 
+def overhead(size: int) -> int:
+    """Bytes :func:`seal` adds to a plaintext of ``size`` bytes."""
+    return HEADER + max(1, -(-size // SEGMENT)) * TAG
+
+
 def new_master() -> Master:
     """A fresh master key for a new store: 64 bytes from the OS's CSPRNG."""
     return Master(os.urandom(KEY_BYTES), os.urandom(KEY_BYTES))

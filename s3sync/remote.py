@@ -1,7 +1,8 @@
 """Reading what pushes wrote: snapshot listings, manifests, blobs and trees.
 
 Blobs are fetched per pack, with nearby blobs merged into one ranged GET, and every blob is
-checked against its BLAKE3 hash before anyone sees it.
+checked against its BLAKE3 hash (keyed, after unsealing, in an encrypted store: ``sealing.py``)
+before anyone sees it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from s3sync import blobs
 from s3sync.cache import Cache
 from s3sync.client import Bucket, ObjectMissing
-from s3sync.errors import CorruptObject, SnapshotNotFound
+from s3sync.errors import CorruptObject, SnapshotNotFound, TamperedObject
 from s3sync.layout import Layout
-from s3sync.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, decode_manifest, parse_tree
+from s3sync.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, parse_tree
+from s3sync.sealing import Codec
 
 MERGE_GAP = 1 << 20
 """Blobs of one pack closer than this are fetched by one ranged GET."""
@@ -32,6 +33,9 @@ class Catalog:
     """Valid snapshots, oldest first by their recorded creation time."""
     skipped: list[str]
     """Objects under ``snapshots/`` that are not valid snapshots: "key: why"."""
+    refused: list[str] = field(default_factory=list)
+    """The part of ``skipped`` that failed authentication in an encrypted store (tampered,
+    replayed or planted): problems, not mere junk."""
 
     @property
     def latest(self) -> Manifest | None:
@@ -48,6 +52,8 @@ class Remote:
     workers: int
     skipped: list[str] = field(default_factory=list)
     """What the last :meth:`catalog` skipped (updated in place), for Status warnings."""
+    codec: Codec = field(default_factory=Codec)
+    """Plain, or sealed under the store's master key once it is unlocked (``store.py``)."""
 
     @property
     def where(self) -> str:
@@ -75,11 +81,16 @@ class Remote:
             else:
                 skipped.append(f"{info.key}: not a snapshot (its name is no snapshot id)")
 
+        refused: list[str] = []
+
         def load(snapshot_id: str) -> Manifest | str:
             try:
                 return self.manifest(snapshot_id)
             except SnapshotNotFound:
                 return ""  # deleted since the listing (a prune): not a problem
+            except TamperedObject as exc:
+                refused.append(str(exc))
+                return str(exc)
             except CorruptObject as exc:
                 return str(exc)
 
@@ -89,6 +100,8 @@ class Remote:
                 for snapshot_id, got in zip(ids, pool.map(load, ids), strict=True):
                     if isinstance(got, Manifest):
                         found.append(got)
+                    elif got in refused:
+                        skipped.append(got)  # names the object already
                     elif got:
                         skipped.append(f"{self.layout.snapshot(snapshot_id)}: {got}")
         found.sort(key=lambda m: (m.snapshot.created, m.snapshot.id))
@@ -96,12 +109,29 @@ class Remote:
         if skipped:
             log.warning("%s: skipped %d object(s) that are not valid snapshots, e.g. %s",
                         self.where, len(skipped), skipped[0])
-        return Catalog(found, skipped)
+        return Catalog(found, skipped, refused)
 
     def pack_sizes(self) -> dict[str, int]:
         """Every pack of this store with its size in bytes (one LIST of ``data/``)."""
         return {Layout.tail(o.key, self.layout.data): o.size
                 for o in self.bucket.list(self.layout.data) if self.layout.own_pack(o.key)}
+
+    def key_objects(self) -> dict[str, bytes]:
+        """Every key object under ``keys/``, by id (:class:`s3sync.keys.KeyStore`)."""
+        found: dict[str, bytes] = {}
+        for info in self.bucket.list(self.layout.keys):
+            if self.layout.own_key(info.key):
+                try:
+                    found[Layout.tail(info.key, self.layout.keys)] = self.bucket.get(info.key)
+                except ObjectMissing:
+                    continue  # removed since the listing
+        return found
+
+    def put_key_object(self, key_id: str, blob: bytes) -> None:
+        self.bucket.put(self.layout.key(key_id), blob)
+
+    def delete_key_object(self, key_id: str) -> None:
+        self.bucket.delete([self.layout.key(key_id)])
 
     def manifest(self, snapshot_id: str) -> Manifest:
         key = self.layout.snapshot(snapshot_id)
@@ -113,10 +143,10 @@ class Remote:
                 raise SnapshotNotFound(
                     f"snapshot {snapshot_id!r} is not in {self.where}: list the snapshots "
                     "and pick one, or use 'latest'") from None
-            manifest = decode_manifest(data, key)
+            manifest = self.codec.decode_manifest(data, snapshot_id, key)
             self.cache.keep_manifest(snapshot_id, data)
         else:
-            manifest = decode_manifest(data, key)
+            manifest = self.codec.decode_manifest(data, snapshot_id, key)
         if manifest.snapshot.id != snapshot_id:
             raise CorruptObject(f"manifest {key} names snapshot {manifest.snapshot.id!r}; "
                                 "it was moved or overwritten: restore another snapshot")
@@ -155,7 +185,13 @@ class Remote:
         for ref in span.refs:
             stored = view[ref.offset - span.start:ref.offset - span.start + ref.length]
             try:
-                out[(ref.pack, ref.offset)] = blobs.unpack(stored, ref.size, ref.hash)
+                out[(ref.pack, ref.offset)] = self.codec.open_blob(stored, ref.size, ref.hash)
+            except TamperedObject as exc:
+                raise TamperedObject(
+                    f"object {key} is refused: the blob at offset {ref.offset} does not "
+                    f"authenticate ({exc.cause}: {exc}); snapshot {snapshot_id} cannot be "
+                    "restored from it: restore another snapshot, or push again to write a "
+                    "good copy", key, exc.cause) from None
             except ValueError as exc:
                 raise CorruptObject(
                     f"object {key} is corrupt: the blob at offset {ref.offset} ({exc}); "

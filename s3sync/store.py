@@ -4,17 +4,27 @@ The local directory is the source of truth: push only reads it, and no failure o
 changes it.  Each push that changes something becomes a point-in-time snapshot that can be
 listed and restored.  Every method raises :class:`~s3sync.errors.S3SyncError`
 subclasses with messages that say what to do.
+
+Encryption (``crypto.py``, ``keys.py``, ``sealing.py``): a prefix is encrypted exactly when
+its ``keys/`` folder holds key objects.  Given a passphrase, the store unlocks the master key
+once, on its first operation, and keeps it in memory only; the first push into an empty
+prefix creates the master key and its first key object.  Refused, before anything is
+written: an encrypted prefix without a passphrase or with a wrong one, and a passphrase for a
+prefix that already holds unencrypted snapshots.  Plain stores work exactly as before.
 """
 
 from __future__ import annotations
 
 import builtins
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from backends.priority import lower_priority
 from backends.tree import TreeView
 from s3sync import check as check_mod
+from s3sync import keys as keys_mod
 from s3sync import prune as prune_mod
 from s3sync import push as push_mod
 from s3sync import restore as restore_mod
@@ -22,18 +32,24 @@ from s3sync.cache import Cache
 from s3sync.check import CheckReport
 from s3sync.client import Bucket
 from s3sync.config import RetryPolicy, S3Config
-from s3sync.errors import S3SyncError, SnapshotNotFound
+from s3sync.crypto import new_master
+from s3sync.errors import CorruptObject, S3SyncError, SnapshotNotFound, WrongPassphrase
 from s3sync.layout import Layout
 from s3sync.locks import local_lock
 from s3sync.manifest import SNAPSHOT_ID, RemoteSnapshot
 from s3sync.prune import PruneReport
 from s3sync.push import Progress
 from s3sync.remote import Catalog, Remote
+from s3sync.sealing import Codec
+
+PASSPHRASE_SETTING = "S3_PASSPHRASE"  # noqa: S105 -- a setting's name, not a secret
+"""What the plugin's users set; named in errors so they say what to do."""
 
 
 class RemoteStore:
     def __init__(self, config: S3Config, bucket: str, prefix: str, cache_dir: Path, *,
-                 retry: RetryPolicy | None = None, workers: int = 8) -> None:
+                 retry: RetryPolicy | None = None, workers: int = 8,
+                 passphrase: str | None = None) -> None:
         prefix = prefix.strip("/")
         if not prefix or ".." in prefix.split("/") or "//" in prefix:
             raise S3SyncError(f"S3 prefix {prefix!r} must be a non-empty relative key prefix, "
@@ -44,9 +60,56 @@ class RemoteStore:
                                                     prefix), workers)
         self._lock = local_lock(config.endpoint_url, bucket, prefix)
         self._workers = workers
+        self._passphrase = passphrase or None
+        self._unlocked = False
+        self._unlocking = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RemoteStore({self._remote.where})"
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether this store's master key is unlocked (after its first operation)."""
+        return self._remote.codec.encrypted
+
+    def _open(self, push: bool = False) -> Remote:
+        """The remote, its master key unlocked if the prefix is encrypted; see the module
+        docstring.  A plain store looks at ``keys/`` again before each push, so it never
+        writes an unencrypted snapshot into a prefix another host has encrypted since."""
+        with self._unlocking:
+            remote = self._remote
+            if self._unlocked and (remote.codec.encrypted or not push):
+                return remote
+            where = remote.where
+            objects = remote.key_objects()
+            if objects:
+                if not self._passphrase:
+                    raise WrongPassphrase(
+                        f"{where} is encrypted (it holds key objects under keys/) and no "
+                        f"passphrase was given: set {PASSPHRASE_SETTING} to its passphrase")
+                try:
+                    _, master = keys_mod.unlock(objects, self._passphrase, where)
+                except WrongPassphrase as exc:
+                    raise WrongPassphrase(f"{exc}: set {PASSPHRASE_SETTING} to the passphrase "
+                                          "this store was created with") from None
+            elif self._passphrase:
+                plain = [o for o in remote.bucket.list(remote.layout.snapshots)
+                         if SNAPSHOT_ID.fullmatch(Layout.tail(o.key, remote.layout.snapshots))]
+                if plain:
+                    raise S3SyncError(
+                        f"{where} holds {len(plain)} unencrypted snapshot(s) and no key "
+                        f"objects: an encrypted store needs a prefix of its own; use another "
+                        f"prefix, or unset {PASSPHRASE_SETTING} to use this one unencrypted")
+                if not push:
+                    return remote  # nothing to read yet; the first push creates the key
+                master = new_master()
+                keys_mod.add_key(remote, master, self._passphrase)
+            else:
+                self._unlocked = True
+                return remote
+            self._remote = replace(remote, codec=Codec(master))
+            self._unlocked = True
+            return self._remote
 
     @property
     def requests(self) -> int:
@@ -68,9 +131,10 @@ class RemoteStore:
         of ``prune``.  ``progress(done, total)`` gets bytes of file content processed.  An
         interrupted push leaves every existing snapshot intact; the new one does not exist.
         """
+        remote = self._open(push=True)
         with self._lock, ThreadPoolExecutor(self._workers, "s3-push",
                                             initializer=lower_priority) as pool:
-            return push_mod.push(self._remote, view, progress, pool)
+            return push_mod.push(remote, view, progress, pool)
 
     def list(self) -> builtins.list[RemoteSnapshot]:
         """Every valid snapshot in the store, oldest first (by recorded time)."""
@@ -78,7 +142,7 @@ class RemoteStore:
 
     def catalog(self) -> Catalog:
         """Valid snapshots, oldest first, and the objects skipped as invalid (for warnings)."""
-        return self._remote.catalog()
+        return self._open().catalog()
 
     @property
     def warnings(self) -> builtins.list[str]:
@@ -89,11 +153,16 @@ class RemoteStore:
     def resolve(self, snapshot_id: str) -> str:
         """``latest`` to the newest valid snapshot's id (by recorded time, not key order);
         any other id checked to be a valid snapshot."""
-        ids = [m.snapshot.id for m in self.catalog().manifests]
+        catalog = self.catalog()
+        ids = [m.snapshot.id for m in catalog.manifests]
         if snapshot_id == "latest" and ids:
             return ids[-1]
         if snapshot_id in ids:
             return snapshot_id
+        key = f"{self._remote.layout.snapshot(snapshot_id)}:"
+        for why in catalog.refused:
+            if why.startswith(key):
+                raise CorruptObject(why)
         hint = (f"the newest is {ids[-1]!r} ({len(ids)} in all)" if ids
                 else "there are none yet: push first")
         raise SnapshotNotFound(f"no snapshot {snapshot_id!r} in {self._remote.where}; {hint}")
@@ -104,9 +173,10 @@ class RemoteStore:
         Every blob is checked against its hash; a missing or corrupt object raises
         :class:`CorruptObject` and ``dst`` is left empty.
         """
-        manifest = self._remote.manifest(self.resolve(snapshot_id))
+        remote = self._open()
+        manifest = remote.manifest(self.resolve(snapshot_id))
         with ThreadPoolExecutor(self._workers, "s3-restore", initializer=lower_priority) as pool:
-            restore_mod.restore(self._remote, manifest, dst, progress, pool)
+            restore_mod.restore(remote, manifest, dst, progress, pool)
 
     def verify(self, read_data: bool = False) -> CheckReport:
         """Check that every snapshot is restorable (see ``check.py``); never changes the store.
@@ -116,23 +186,25 @@ class RemoteStore:
         against them.
         """
         with ThreadPoolExecutor(self._workers, "s3-check", initializer=lower_priority) as pool:
-            report = check_mod.check(self._remote, read_data, pool)
+            report = check_mod.check(self._open(), read_data, pool)
         if read_data:
             self._remote.cache.keep_bad(report.bad)
         return report
 
     def prune(self, keep: int) -> PruneReport:
         """Keep the newest ``keep`` snapshots; delete the rest and data only they used."""
+        remote = self._open()
         with self._lock:
-            return prune_mod.prune(self._remote, keep)
+            return prune_mod.prune(remote, keep)
 
     def delete_all(self) -> int:
-        """Delete this store's snapshots, packs and lock markers and the local cache; returns
-        objects deleted.
+        """Delete this store's snapshots, packs, lock markers and key objects and the local
+        cache; returns objects deleted.
 
         Only keys this layout writes are listed and deleted (``<prefix>/snapshots/<id>``,
-        ``<prefix>/data/<pack>``, ``<prefix>/locks/<name>``), never "everything under the
-        prefix": another volume's prefix ``<prefix>/db`` lies under it and stays intact.
+        ``<prefix>/data/<pack>``, ``<prefix>/locks/<name>``, ``<prefix>/keys/<id>``), never
+        "everything under the prefix": another volume's prefix ``<prefix>/db`` lies under it and
+        stays intact.
         """
         remote = self._remote
         layout, bucket = remote.layout, remote.bucket
@@ -141,6 +213,8 @@ class RemoteStore:
                     if SNAPSHOT_ID.fullmatch(Layout.tail(o.key, layout.snapshots))]
             keys += [o.key for o in bucket.list(layout.data) if layout.own_pack(o.key)]
             keys += [o.key for o in bucket.list(layout.locks) if layout.own_lock(o.key)]
+            # Key objects too: with the data gone they unlock nothing.
+            keys += [o.key for o in bucket.list(layout.keys) if layout.own_key(o.key)]
             if keys:
                 bucket.delete(keys)
             remote.cache.clear()
