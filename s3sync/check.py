@@ -58,8 +58,9 @@ class CheckReport:
 def check(remote: Remote, read_data: bool, pool: ThreadPoolExecutor) -> CheckReport:
     report = CheckReport(read_data=read_data)
     catalog = remote.catalog()
-    report.warnings = [s for s in catalog.skipped if s not in catalog.refused]
-    report.problems.extend(catalog.refused)
+    refused = [str(exc) for exc in catalog.refused.values()]
+    report.warnings = [s for s in catalog.skipped if s not in refused]
+    report.problems.extend(refused)
     report.snapshots = len(catalog.manifests)
     sizes = remote.pack_sizes()
     report.packs = len(sizes)

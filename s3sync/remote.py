@@ -33,9 +33,9 @@ class Catalog:
     """Valid snapshots, oldest first by their recorded creation time."""
     skipped: list[str]
     """Objects under ``snapshots/`` that are not valid snapshots: "key: why"."""
-    refused: list[str] = field(default_factory=list)
-    """The part of ``skipped`` that failed authentication in an encrypted store (tampered,
-    replayed or planted): problems, not mere junk."""
+    refused: dict[str, TamperedObject] = field(default_factory=dict)
+    """Snapshot id -> why: the part of ``skipped`` that failed authentication in an
+    encrypted store (tampered, replayed or planted), problems rather than mere junk."""
 
     @property
     def latest(self) -> Manifest | None:
@@ -81,7 +81,7 @@ class Remote:
             else:
                 skipped.append(f"{info.key}: not a snapshot (its name is no snapshot id)")
 
-        refused: list[str] = []
+        refused: dict[str, TamperedObject] = {}
 
         def load(snapshot_id: str) -> Manifest | str:
             try:
@@ -89,7 +89,7 @@ class Remote:
             except SnapshotNotFound:
                 return ""  # deleted since the listing (a prune): not a problem
             except TamperedObject as exc:
-                refused.append(str(exc))
+                refused[snapshot_id] = exc
                 return str(exc)
             except CorruptObject as exc:
                 return str(exc)
@@ -100,7 +100,7 @@ class Remote:
                 for snapshot_id, got in zip(ids, pool.map(load, ids), strict=True):
                     if isinstance(got, Manifest):
                         found.append(got)
-                    elif got in refused:
+                    elif snapshot_id in refused:
                         skipped.append(got)  # names the object already
                     elif got:
                         skipped.append(f"{self.layout.snapshot(snapshot_id)}: {got}")

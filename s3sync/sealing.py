@@ -78,13 +78,13 @@ class Codec:
         if self._master is None:
             return decode_manifest(data, key)
         if len(data) > MANIFEST_MAX + crypto.overhead(MANIFEST_MAX):
-            raise TamperedObject(f"manifest {key} refused: {len(data)} bytes, more than any "
+            raise TamperedObject(f"{key}: refused: {len(data)} bytes, more than any sealed "
                                  "manifest has", key, "appended")
         try:
             plain = crypto.unseal(self._master, "manifest", _name(snapshot_id), data)
         except TamperedObject as exc:
             if exc.cause == "wrong key" and _plain_manifest(data, key):
-                raise TamperedObject(f"manifest {key} refused: {PLAIN_IN_ENCRYPTED} (planted "
+                raise TamperedObject(f"{key}: refused: {PLAIN_IN_ENCRYPTED} (planted "
                                      "by someone without the key, or written by a pyvol with "
                                      "no passphrase set)", key, "wrong key") from None
             raise TamperedObject(f"{key}: {exc}; restore another snapshot", key,

@@ -33,7 +33,7 @@ from s3sync.check import CheckReport
 from s3sync.client import Bucket
 from s3sync.config import RetryPolicy, S3Config
 from s3sync.crypto import new_master
-from s3sync.errors import CorruptObject, S3SyncError, SnapshotNotFound, WrongPassphrase
+from s3sync.errors import S3SyncError, SnapshotNotFound, WrongPassphrase
 from s3sync.layout import Layout
 from s3sync.locks import local_lock
 from s3sync.manifest import SNAPSHOT_ID, RemoteSnapshot
@@ -159,10 +159,8 @@ class RemoteStore:
             return ids[-1]
         if snapshot_id in ids:
             return snapshot_id
-        key = f"{self._remote.layout.snapshot(snapshot_id)}:"
-        for why in catalog.refused:
-            if why.startswith(key):
-                raise CorruptObject(why)
+        if snapshot_id in catalog.refused:
+            raise catalog.refused[snapshot_id]
         hint = (f"the newest is {ids[-1]!r} ({len(ids)} in all)" if ids
                 else "there are none yet: push first")
         raise SnapshotNotFound(f"no snapshot {snapshot_id!r} in {self._remote.where}; {hint}")
