@@ -1,7 +1,9 @@
 """Client-side encryption: the master key, sealed objects and keyed content ids.
 
-Not wired into push/restore yet; this is the layer they will call.  Key objects (the master
-key wrapped under each passphrase) live in :mod:`s3sync.keys`.
+Push, restore, check and prune reach it through :class:`s3sync.sealing.Codec`, which a
+:class:`~s3sync.store.RemoteStore` given a passphrase builds once it has unlocked the master
+key.  Key objects (the master key wrapped under each passphrase) live in :mod:`s3sync.keys`,
+stored under ``<prefix>/keys/`` (:mod:`s3sync.layout`).
 
 How it works
 ------------
