@@ -145,7 +145,8 @@ class Driver:
             backends=self.backends, default_size=self.settings.default_size)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
                                 backends=self.backends, volume=name,
-                                default_bucket=self.settings.s3_bucket)
+                                default_bucket=self.settings.s3_bucket,
+                                passphrase_set=bool(self.settings.s3_env.get("S3_PASSPHRASE")))
         stored = {k: str(v) for k, v in (raw_options or {}).items()}
         if options.s3 is not None:
             # Persist the bucket resolved now: a later S3_BUCKET change must not move it.

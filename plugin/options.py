@@ -18,7 +18,8 @@ from plugin.names import VOLUME_NAME
 
 MAX_ID = 2**32 - 2
 _ABILITY = {"size": "enforce a size limit", "fs": "choose a filesystem"}
-CREDENTIAL_HINTS = ("secret", "password", "passwd", "token", "access_key", "credential")
+CREDENTIAL_HINTS = ("secret", "password", "passwd", "passphrase", "token", "access_key",
+                    "credential")
 
 
 SNAPSHOT_MAX = 200
@@ -48,6 +49,8 @@ class S3Policy:
     restore: str = "latest"
     """``latest``, ``never`` or a remote snapshot id."""
     keep: int = 30
+    encrypt: bool = False
+    """Seal everything uploaded under the plugin's ``S3_PASSPHRASE`` (``s3sync.crypto``)."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "s3_sync": _s3_sync,
     "s3_restore": _s3_restore,
     "s3_keep": _positive,
+    "s3_encrypt": _bool,
 }
 VALID_KEYS = ("backend", *PARSERS)
 """The keys every backend takes; a backend adds its own (``Backend.options``)."""
@@ -280,11 +284,14 @@ def parse_options(
     backends: Mapping[str, Any] | Collection[str],
     volume: str = "",
     default_bucket: str = "",
+    passphrase_set: bool | None = None,
 ) -> VolumeOptions:
     """Parse driver options into :class:`VolumeOptions`.
 
     Raises :class:`InvalidOption` naming the offending key for unknown keys, credentials,
-    bad values and unknown backends.
+    bad values and unknown backends.  ``passphrase_set`` (Create passes it; a stored record
+    parsed again does not, so unsetting ``S3_PASSPHRASE`` never hides a volume) refuses
+    ``s3_encrypt=true`` without ``S3_PASSPHRASE``.
     """
     opts = normalise(raw)
     for key in opts:
@@ -292,7 +299,7 @@ def parse_options(
             raise InvalidOption(
                 f"option {key!r} looks like a credential; credentials are never volume options: "
                 "set them once with `docker plugin set pyvol AWS_ACCESS_KEY_ID=... "
-                "AWS_SECRET_ACCESS_KEY=...`"
+                "AWS_SECRET_ACCESS_KEY=...` (and S3_PASSPHRASE=... for -o s3_encrypt=true)"
             )
     catalog = _catalog(backends)
     backend = _choose_backend(opts, default_backend, catalog)
@@ -339,10 +346,16 @@ def parse_options(
                 "S3 sync needs a bucket: add -o s3_bucket=NAME, or set a default with "
                 "`docker plugin set pyvol S3_BUCKET=NAME`"
             )
+        encrypt = p.get("s3_encrypt", False)
+        if encrypt and passphrase_set is False:
+            raise InvalidOption(
+                "option s3_encrypt=true needs a passphrase: set it once with "
+                "`docker plugin set pyvol S3_PASSPHRASE=...` (keep a copy: without it the "
+                "volume's S3 snapshots can never be read)")
         sync, every = p.get("s3_sync", ("on-unmount", None))
         s3 = S3Policy(bucket=bucket, prefix=p.get("s3_prefix") or volume, sync=sync,
                       every=every, restore=p.get("s3_restore", "latest"),
-                      keep=p.get("s3_keep", S3Policy.keep))
+                      keep=p.get("s3_keep", S3Policy.keep), encrypt=encrypt)
     return VolumeOptions(
         backend=backend, uid=p.get("uid"), gid=p.get("gid"), mode=p.get("mode", 0o755),
         source=p.get("from"), snapshot=snapshot, s3=s3, params=tuple(params),
