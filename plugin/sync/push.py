@@ -110,7 +110,7 @@ class Pusher:
             return
         self.transfers.start(volume, "syncing")
         try:
-            remote = self.remotes.get(record.bucket, record.prefix)
+            remote = self.remotes.get(record.bucket, record.prefix, record.encrypt)
             with self.snapshots.view(volume, snapshot) as view:
                 pushed = remote.push(view, self.transfers.reporter(volume, "syncing"))
         except Exception as exc:

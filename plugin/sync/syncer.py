@@ -27,7 +27,7 @@ from plugin.sync.scheduler import Backoff, Scheduler
 from snapshots.store import SnapshotStore
 
 if TYPE_CHECKING:
-    from s3sync import CheckReport, RemoteSnapshot
+    from s3sync import CheckReport, RemoteSnapshot, RemoteStore
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,11 @@ class Syncer:
     def request_push(self, volume: str, policy: S3Policy, data: VolumeContent) -> None:
         self.pusher.request(volume, policy, data)
 
+    def _remote(self, policy: S3Policy) -> RemoteStore:
+        return self.remotes.get(policy.bucket, policy.prefix, policy.encrypt)
+
     def remote_list(self, policy: S3Policy) -> list[RemoteSnapshot]:
-        snaps: list[RemoteSnapshot] = self.remotes.get(policy.bucket, policy.prefix).list()
+        snaps: list[RemoteSnapshot] = self._remote(policy).list()
         return snaps
 
     def restore_in_place(self, volume: str, policy: S3Policy, snapshot_id: str,
@@ -185,11 +188,11 @@ class Syncer:
         self.restorer.in_place(volume, policy, snapshot_id, content)
 
     def delete_remote(self, volume: str, policy: S3Policy) -> None:
-        self.remotes.get(policy.bucket, policy.prefix).delete_all()
+        self._remote(policy).delete_all()
         self.queue.forget(volume)
         self.checks.forget(volume)
 
     def check(self, volume: str, policy: S3Policy, read_data: bool) -> CheckReport:
         """Check the volume's remote copy (``pyvol sync check``); the result shows in Status."""
         return self.checks.run(volume, (policy.bucket, policy.prefix),
-                               self.remotes.get(policy.bucket, policy.prefix), read_data)
+                               self._remote(policy), read_data)
