@@ -79,6 +79,13 @@ def test_encrypted_round_trip_and_a_second_host_with_the_passphrase(
     second = other.push(DirectoryView(src))
     assert second.uploaded_bytes < 100_000
     assert contents(restore_into(store, tmp_path, "d3")) == contents(src)
+    # Prune reads sealed manifests and trees to know which packs are still used.
+    report = other.prune(1)
+    assert report.removed == (first.id,) and report.swept
+    assert other.verify(read_data=True).ok
+    assert contents(restore_into(other, tmp_path, "d4")) == contents(src)
+    assert other.delete_all() > 0
+    assert objects(client, bucket) == {}  # the key objects too
 
 
 def test_nothing_secret_or_plain_is_in_the_bucket(make_store: MakeStore, moto: MotoServer,
