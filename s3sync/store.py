@@ -11,6 +11,10 @@ once, on its first operation, and keeps it in memory only; the first push into a
 prefix creates the master key and its first key object.  Refused, before anything is
 written: an encrypted prefix without a passphrase or with a wrong one, and a passphrase for a
 prefix that already holds unencrypted snapshots.  Plain stores work exactly as before.
+
+Not handled yet: two hosts whose first pushes into one empty prefix overlap can each create a
+master key (``keys.py`` wants key changes under an exclusive lock, which ``locks.py`` does not
+offer); each host then writes blobs and manifests the other refuses as "wrong key".
 """
 
 from __future__ import annotations
