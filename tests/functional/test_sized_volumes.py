@@ -11,13 +11,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sync_support import SyncServer, mount, sync_servers, unmount, wait_for
+from sync_support import SyncServer, mount, unmount, wait_for
+
+from tests.support.mounts import loops_under
+from tests.support.processes import CAP_SYS_RESOURCE, has_capability
 
 if TYPE_CHECKING:
     from s3_fixtures import MotoServer
@@ -40,22 +42,6 @@ if (_why := _loops_available()) is not None and os.environ.get("CI") == "true":
     raise RuntimeError(f"{_why}; CI=true requires the sized-volume tests to run")
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 
-
-def _release_mounts(under: Path) -> None:
-    """Detach what a failed test left mounted under ``under`` (killed servers unmount
-    nothing); the loop devices then free themselves."""
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for target in sorted((m for m in mounts if m.startswith(f"{under}/")), reverse=True):
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    try:
-        with sync_servers(tmp_path) as start:
-            yield start
-    finally:
-        _release_mounts(tmp_path)
 
 
 @pytest.fixture
@@ -93,15 +79,6 @@ def fill(path: Path, limit: int) -> int:
     raise AssertionError(f"wrote {written} bytes into a volume limited below that")
 
 
-def loops_backing(image_name: str) -> list[str]:
-    """Loop devices whose backing file is a volume image of this name."""
-    found = []
-    for dev in Path("/sys/block").glob("loop*"):
-        backing = dev / "loop" / "backing_file"
-        if backing.exists() and backing.read_text().strip().endswith(f"/images/{image_name}"):
-            found.append(dev.name)
-    return found
-
 
 def test_size_alone_picks_the_image_backend_and_inspect_shows_the_limit(
         server: SyncServer) -> None:
@@ -136,13 +113,6 @@ def test_writing_past_the_limit_fails_with_enospc_and_keeps_what_was_written(
     assert used >= written
     unmount(server.client, "full", "m2")
 
-
-def _can_grow_ext4_online() -> bool:
-    """Growing a mounted ext4 needs CAP_SYS_RESOURCE (these tests run the server as root)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) & (1 << 24))
-    return False
 
 
 def test_resize_grows_a_mounted_xfs_volume_online_and_refuses_to_shrink(
@@ -181,7 +151,7 @@ def test_an_ext4_volume_grows_while_mounted_only_with_cap_sys_resource(
     data = mount(server.client, "grow4", "m1")
     (data / "a").write_bytes(b"before")
     done = server.cli("resize", "grow4", "96M")
-    if _can_grow_ext4_online():
+    if has_capability(CAP_SYS_RESOURCE):
         assert done.stdout == "grow4: resized to 96 MiB (online)\n", done.stderr
     else:
         assert done.returncode == 1
@@ -190,7 +160,7 @@ def test_an_ext4_volume_grows_while_mounted_only_with_cap_sys_resource(
     unmount(server.client, "grow4", "m1")
     done = server.cli("resize", "grow4", "128M")
     assert done.returncode == 0, done.stderr
-    how = "online" if _can_grow_ext4_online() else "offline"
+    how = "online" if has_capability(CAP_SYS_RESOURCE) else "offline"
     assert done.stdout == f"grow4: resized to 128 MiB ({how})\n"
     data = mount(server.client, "grow4", "m2")
     vfs = os.statvfs(data)
@@ -262,15 +232,16 @@ def test_a_sized_volume_survives_a_restart_and_a_kill_without_a_second_loop_devi
     create(server, "keep", size="64M")
     data = mount(server.client, "keep", "m1")
     (data / "f").write_text("kept")
-    assert len(loops_backing("keep")) == 1
+    images = tmp_path / "root" / "images"
+    assert len(loops_under(images)) == 1
     server.kill9()
     again = start(tmp_path / "root", {})
     assert status(again, "keep")["mounts"] == 1
     data = Path(again.client.ok("VolumeDriver.Path", {"Name": "keep"})["Mountpoint"])
     assert (data / "f").read_text() == "kept"
-    assert len(loops_backing("keep")) == 1  # the image's device was found and reused
+    assert len(loops_under(images)) == 1  # the image's device was found and reused
     unmount(again.client, "keep", "m1")
-    wait_for(lambda: not loops_backing("keep"), 10, "the loop device to be released")
+    wait_for(lambda: not loops_under(images), 10, "the loop device to be released")
     again.stop()
     third = start(tmp_path / "root", {})
     assert status(third, "keep")["size_limit"] == "64 MiB"
