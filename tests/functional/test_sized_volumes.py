@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,3 +302,24 @@ def test_a_sized_volume_whose_record_was_lost_is_adopted_with_its_size(
     assert status(again, "empty")["backend"] == "image"  # empty, but complete: kept
     assert (mount(again.client, "orphan", "m2") / "f").read_text() == "mine"
     unmount(again.client, "orphan", "m2")
+
+
+def test_a_resize_runs_outside_the_volume_lock_and_remove_meanwhile_fails_at_once(
+        start: Start, tmp_path: Path) -> None:
+    release = tmp_path / "release-resize"
+    server = start(tmp_path / "root", {"PYVOL_TEST_HOLD_AT": f"resize={release}"})
+    create(server, "slow", size="64M")
+    done: list[subprocess.CompletedProcess[str]] = []
+    worker = threading.Thread(target=lambda: done.append(server.cli("resize", "slow", "96M")))
+    worker.start()
+    try:
+        wait_for(Path(f"{release}.held").exists, 10, "the resize to reach its hold point")
+        err = server.client.fails("VolumeDriver.Remove", {"Name": "slow"})
+        assert err.startswith("volume 'slow' cannot be removed now: the resize of volume "
+                              "'slow' is in progress"), err
+        assert status(server, "slow")["size_limit"] == "64 MiB"  # Get answers meanwhile
+    finally:
+        release.touch()
+        worker.join(60)
+    assert done[0].returncode == 0, done[0].stderr
+    assert status(server, "slow")["size_limit"] == "96 MiB"
