@@ -244,12 +244,10 @@ def with_default_size(raw: Mapping[str, object] | None, *, default_backend: str,
                       backends: Mapping[str, Backend], default_size: str) -> Mapping[str, object]:
     """``raw`` plus ``size=default_size`` if the backend it selects limits sizes and it has no
     size.  Create stores the result, so a later change of the setting moves no volume."""
-    opts = {str(k).strip().lower(): v for k, v in (raw or {}).items()}
+    opts = normalise(raw)
     if not default_size or "size" in opts:
         return raw or {}
-    named = opts.get("backend")
-    backend = backends.get(named.strip() if isinstance(named, str) and named.strip()
-                           else default_backend)
+    backend = backends.get(_choose_backend(opts, default_backend, backends))
     if backend is None or not backend.capabilities.size_limit:
         return raw or {}
     return {**(raw or {}), "size": default_size}

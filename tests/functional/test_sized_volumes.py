@@ -323,3 +323,16 @@ def test_a_resize_runs_outside_the_volume_lock_and_remove_meanwhile_fails_at_onc
         worker.join(60)
     assert done[0].returncode == 0, done[0].stderr
     assert status(server, "slow")["size_limit"] == "96 MiB"
+
+
+def test_default_size_follows_the_backend_the_options_select(
+        start: Start, tmp_path: Path) -> None:
+    """With DEFAULT_BACKEND=local, ``-o fs=xfs`` alone selects the image backend, which then
+    gets DEFAULT_SIZE; a volume that stays local gets no size."""
+    server = start(tmp_path / "root", {"DEFAULT_SIZE": "320M"})
+    create(server, "x", fs="xfs")
+    create(server, "plain")
+    s = status(server, "x")
+    assert (s["backend"], s["size_limit"], s["filesystem"]) == ("image", "320 MiB", "xfs")
+    assert status(server, "plain")["backend"] == "local"
+    assert "size" not in status(server, "plain")["options"]
