@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Protocol
 
+from backends.fs import libc
+
 log = logging.getLogger(__name__)
 
 MNT_DETACH = 2
@@ -55,10 +57,6 @@ class Filesystem(Protocol):
 
     def usage(self, image: Path) -> tuple[int, int] | None:
         """(total bytes, free bytes) from the superblock at rest, or None if it is not there."""
-
-
-def libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def run(args: list[str], package: str, ok: tuple[int, ...] = (0,)) -> None:

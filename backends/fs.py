@@ -196,7 +196,8 @@ def tree_usage(path: Path, cancelled: Callable[[], bool] = lambda: False) -> tup
 _libc: ctypes.CDLL | None = None
 
 
-def _load_libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once (with errno kept for ctypes.get_errno)."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -206,7 +207,7 @@ def _load_libc() -> ctypes.CDLL:
 def bind_mount(source: Path, target: Path) -> None:
     """Bind-mount ``source`` on ``target`` (created if missing)."""
     target.mkdir(parents=True, exist_ok=True)
-    rc = _load_libc().mount(
+    rc = libc().mount(
         str(source).encode(), str(target).encode(), None, MS_BIND | MS_REC, None
     )
     if rc != 0:
@@ -219,7 +220,7 @@ def bind_mount(source: Path, target: Path) -> None:
 
 def unmount(target: Path) -> None:
     """Lazily unmount ``target`` and remove the empty mountpoint; not mounted is fine."""
-    rc = _load_libc().umount2(str(target).encode(), MNT_DETACH)
+    rc = libc().umount2(str(target).encode(), MNT_DETACH)
     if rc != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
@@ -265,7 +266,7 @@ def syncfs(path: Path) -> None:
     """Flush the whole filesystem holding ``path`` (one call instead of an fsync per file)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _load_libc().syncfs(fd) != 0:
+        if libc().syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
     finally:

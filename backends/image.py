@@ -45,12 +45,13 @@ from typing import Any, ClassVar
 from backends import ext4, loop, xfs
 from backends.base import BackendOption, Capabilities, DirSpec, Populate, Resized
 from backends.errors import BackendError
-from backends.filesystems import Filesystem, ToolError, libc, read_head, unmount
+from backends.filesystems import Filesystem, ToolError, read_head, unmount
 from backends.filesystems import mount as mount_fs
 from backends.fs import (
     confined,
     fsync_dir,
     is_mountpoint,
+    libc,
     make_private,
     move_to_bin,
     remove_tree,

@@ -39,7 +39,13 @@ from plugin.locks import Deadline
 from plugin.management import Management
 from plugin.names import validate_volume_name
 from plugin.operations import VolumeGuard
-from plugin.options import S3Policy, VolumeOptions, parse_options, with_default_size
+from plugin.options import (
+    S3Policy,
+    VolumeOptions,
+    normalise,
+    parse_options,
+    with_default_size,
+)
 from plugin.settings import Settings
 from plugin.snapshotting import Snapshotter
 from plugin.state import StateStore, SyncRecord, VolumeRecord
@@ -230,11 +236,11 @@ class Driver:
         """A clone keeps its source's size limit unless ``size`` or ``backend`` says otherwise.
 
         The size is added to the raw options, so it is stored and parsed again like any."""
-        keys = {str(k).strip().lower(): v for k, v in (raw or {}).items()}
+        keys = normalise(raw)
         source = keys.get("from")
-        if not isinstance(source, str) or "size" in keys or "backend" in keys:
+        if source is None or "size" in keys or "backend" in keys:
             return raw
-        record = self.state.get_volume(source.strip().partition("@")[0])
+        record = self.state.get_volume(source.partition("@")[0])
         if record is None:
             return raw
         size = self.backends[record.backend].size(record.name)

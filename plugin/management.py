@@ -41,7 +41,10 @@ class Management:
     def resize(self, name: str, size_text: str) -> dict[str, Any]:
         """Grow a sized volume to ``size_text`` (``pyvol resize``); a shrink is refused.
 
-        Returns how it was done (``online`` while mounted) and the new size."""
+        Runs outside the volume's lock (an offline grow checks the whole filesystem first):
+        meanwhile Remove is refused, and the backend refuses a Mount it cannot serve.  Returns
+        how it was done (``online`` while mounted) and the new size."""
+        op = Operation(f"the resize of volume {name!r}", exclusive=False)
         with self.guard.locked(name):
             record = self.driver.record(name)
             backend = self.driver.backends[record.backend]
@@ -56,12 +59,18 @@ class Management:
                 size = option.parse(size_text.strip())
             except ValueError as exc:
                 raise InvalidOption(f"size {size_text!r}: {exc}") from None
+            self.guard.begin(name, op)
+        with self.guard.running(name, op):
+            hold_point("resize")
             how = backend.resize(name, size)
-            stored = {k: v for k, v in record.options.items() if k.strip().lower() != "size"}
-            stored["size"] = size_text.strip()
-            self.state.set_options(name, stored)
-            log.info("volume %s resized to %s (%s)", name, option.show(size), how)
-            return {"Size": option.show(size), "SizeBytes": size, "How": how}
+            with self.guard.locked(name):
+                record = self.driver.record(name)
+                stored = {k: v for k, v in record.options.items()
+                          if k.strip().lower() != "size"}
+                stored["size"] = size_text.strip()
+                self.state.set_options(name, stored)
+        log.info("volume %s resized to %s (%s)", name, option.show(size), how)
+        return {"Size": option.show(size), "SizeBytes": size, "How": how}
 
     # mount references
 

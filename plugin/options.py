@@ -8,11 +8,11 @@ they are parsed again through :func:`parse_options` whenever a volume is loaded.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from backends.base import BackendOption, Capabilities, DirSpec
+from backends.base import Backend, DirSpec
 from plugin.errors import InvalidOption
 from plugin.names import VOLUME_NAME
 
@@ -210,26 +210,8 @@ VALID_KEYS = ("backend", *PARSERS)
 """The keys every backend takes; a backend adds its own (``Backend.options``)."""
 
 
-class BackendLike(Protocol):
-    capabilities: Capabilities
-    options: tuple[BackendOption, ...]
-
-
-class _Plain:
-    """A backend known only by name (tests): no options of its own, no capabilities."""
-
-    capabilities = Capabilities()
-    options: tuple[BackendOption, ...] = ()
-
-
-def _catalog(backends: Mapping[str, Any] | Collection[str]) -> dict[str, BackendLike]:
-    if isinstance(backends, Mapping):
-        return dict(backends)
-    return {name: _Plain() for name in backends}
-
-
 def _choose_backend(opts: Mapping[str, str], default: str,
-                    backends: Mapping[str, BackendLike]) -> str:
+                    backends: Mapping[str, Backend]) -> str:
     """The named backend, else the default if it takes every backend key given, else the
     first registered backend that does (``-o size=`` alone picks one that can limit)."""
     named = opts.get("backend")
@@ -263,15 +245,13 @@ def normalise(raw: Mapping[str, object] | None) -> dict[str, str]:
 
 
 def with_default_size(raw: Mapping[str, object] | None, *, default_backend: str,
-                      backends: Mapping[str, Any], default_size: str) -> Mapping[str, object]:
+                      backends: Mapping[str, Backend], default_size: str) -> Mapping[str, object]:
     """``raw`` plus ``size=default_size`` if the backend it selects limits sizes and it has no
     size.  Create stores the result, so a later change of the setting moves no volume."""
-    opts = {str(k).strip().lower(): v for k, v in (raw or {}).items()}
+    opts = normalise(raw)
     if not default_size or "size" in opts:
         return raw or {}
-    named = opts.get("backend")
-    backend = backends.get(named.strip() if isinstance(named, str) and named.strip()
-                           else default_backend)
+    backend = backends.get(_choose_backend(opts, default_backend, backends))
     if backend is None or not backend.capabilities.size_limit:
         return raw or {}
     return {**(raw or {}), "size": default_size}
@@ -281,7 +261,7 @@ def parse_options(
     raw: Mapping[str, object] | None,
     *,
     default_backend: str,
-    backends: Mapping[str, Any] | Collection[str],
+    backends: Mapping[str, Backend],
     volume: str = "",
     default_bucket: str = "",
     passphrase_set: bool | None = None,
@@ -301,17 +281,16 @@ def parse_options(
                 "set them once with `docker plugin set pyvol AWS_ACCESS_KEY_ID=... "
                 "AWS_SECRET_ACCESS_KEY=...` (and S3_PASSPHRASE=... for -o s3_encrypt=true)"
             )
-    catalog = _catalog(backends)
-    backend = _choose_backend(opts, default_backend, catalog)
-    if backend not in catalog:
+    backend = _choose_backend(opts, default_backend, backends)
+    if backend not in backends:
         raise InvalidOption(
-            f"option backend={backend!r} names no backend; available: {', '.join(sorted(catalog))}"
+            f"option backend={backend!r} names no backend; available: {', '.join(sorted(backends))}"
         )
-    own = {o.name: o for o in catalog[backend].options}
+    own = {o.name: o for o in backends[backend].options}
     for key in opts:
         if key in VALID_KEYS or key in own:
             continue
-        others = sorted(name for name, b in catalog.items()
+        others = sorted(name for name, b in backends.items()
                         if any(o.name == key for o in b.options))
         if others:
             how = ("omit -o backend" if opts.get("backend") else

@@ -393,18 +393,16 @@ class SnapshotStore:
                cancelled: Cancelled | None = None) -> SnapshotInfo:
         """Snapshot ``data`` as ``volume@name``; complete or absent after a crash.
 
-        ``data`` is the volume's directory, or its content: then a backend offering
-        ``image-reflink`` clones the volume's image (O(1), one instant), and any other is
+        ``data`` is the volume's directory, or its content: then the store's image backend
+        (``images``) clones the volume's image (O(1), one instant), and any other backend is
         read inside its view.  ``progress`` is told how far it is; ``cancelled`` is polled
         between files, and when it turns True the snapshot stops with
         :class:`SnapshotCancelled`, leaving nothing."""
         if isinstance(data, VolumeContent):
-            images = image_cloner(data.backend)
-            if images is None:
+            images = self._images
+            if images is None or image_cloner(data.backend) is not images:
                 with data.view() as path:
                     return self.create(volume, path, name, kind, progress, cancelled)
-            if self._images is None:
-                self._images = images
             return self._commit(volume, name, kind, lambda n: self._capture_image(
                 volume, n, images, progress or (lambda p: None), cancelled or (lambda: False)))
 

@@ -15,7 +15,6 @@ import gc
 import hashlib
 import os
 import struct
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,15 +24,12 @@ from typing import NoReturn
 import pytest
 from loopfs import LoopUnavailable, loop_filesystem, used_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from loop_support import clear_under, loops_under
-
 from backends.base import DirSpec, VolumeContent
 from backends.errors import BackendError
 from backends.image import FIFREEZE, FITHAW, ImageBackend
 from backends.tree import scan
 from snapshots.store import IMAGE, SnapshotStore
-from tests.support.mounts import mounts_under
+from tests.support.mounts import clear_under, loops_under, mounts_under
 from tests.support.waiting import eventually
 
 MiB = 1 << 20

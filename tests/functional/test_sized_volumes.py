@@ -12,12 +12,16 @@ import errno
 import hashlib
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sync_support import SyncServer, mount, sync_servers, unmount, wait_for
+from sync_support import SyncServer, mount, unmount, wait_for
+
+from tests.support.mounts import loops_under
+from tests.support.processes import CAP_SYS_RESOURCE, has_capability
 
 if TYPE_CHECKING:
     from s3_fixtures import MotoServer
@@ -40,22 +44,6 @@ if (_why := _loops_available()) is not None and os.environ.get("CI") == "true":
     raise RuntimeError(f"{_why}; CI=true requires the sized-volume tests to run")
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 
-
-def _release_mounts(under: Path) -> None:
-    """Detach what a failed test left mounted under ``under`` (killed servers unmount
-    nothing); the loop devices then free themselves."""
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for target in sorted((m for m in mounts if m.startswith(f"{under}/")), reverse=True):
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    try:
-        with sync_servers(tmp_path) as start:
-            yield start
-    finally:
-        _release_mounts(tmp_path)
 
 
 @pytest.fixture
@@ -93,15 +81,6 @@ def fill(path: Path, limit: int) -> int:
     raise AssertionError(f"wrote {written} bytes into a volume limited below that")
 
 
-def loops_backing(image_name: str) -> list[str]:
-    """Loop devices whose backing file is a volume image of this name."""
-    found = []
-    for dev in Path("/sys/block").glob("loop*"):
-        backing = dev / "loop" / "backing_file"
-        if backing.exists() and backing.read_text().strip().endswith(f"/images/{image_name}"):
-            found.append(dev.name)
-    return found
-
 
 def test_size_alone_picks_the_image_backend_and_inspect_shows_the_limit(
         server: SyncServer) -> None:
@@ -136,13 +115,6 @@ def test_writing_past_the_limit_fails_with_enospc_and_keeps_what_was_written(
     assert used >= written
     unmount(server.client, "full", "m2")
 
-
-def _can_grow_ext4_online() -> bool:
-    """Growing a mounted ext4 needs CAP_SYS_RESOURCE (these tests run the server as root)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) & (1 << 24))
-    return False
 
 
 def test_resize_grows_a_mounted_xfs_volume_online_and_refuses_to_shrink(
@@ -181,7 +153,7 @@ def test_an_ext4_volume_grows_while_mounted_only_with_cap_sys_resource(
     data = mount(server.client, "grow4", "m1")
     (data / "a").write_bytes(b"before")
     done = server.cli("resize", "grow4", "96M")
-    if _can_grow_ext4_online():
+    if has_capability(CAP_SYS_RESOURCE):
         assert done.stdout == "grow4: resized to 96 MiB (online)\n", done.stderr
     else:
         assert done.returncode == 1
@@ -190,7 +162,7 @@ def test_an_ext4_volume_grows_while_mounted_only_with_cap_sys_resource(
     unmount(server.client, "grow4", "m1")
     done = server.cli("resize", "grow4", "128M")
     assert done.returncode == 0, done.stderr
-    how = "online" if _can_grow_ext4_online() else "offline"
+    how = "online" if has_capability(CAP_SYS_RESOURCE) else "offline"
     assert done.stdout == f"grow4: resized to 128 MiB ({how})\n"
     data = mount(server.client, "grow4", "m2")
     vfs = os.statvfs(data)
@@ -262,15 +234,16 @@ def test_a_sized_volume_survives_a_restart_and_a_kill_without_a_second_loop_devi
     create(server, "keep", size="64M")
     data = mount(server.client, "keep", "m1")
     (data / "f").write_text("kept")
-    assert len(loops_backing("keep")) == 1
+    images = tmp_path / "root" / "images"
+    assert len(loops_under(images)) == 1
     server.kill9()
     again = start(tmp_path / "root", {})
     assert status(again, "keep")["mounts"] == 1
     data = Path(again.client.ok("VolumeDriver.Path", {"Name": "keep"})["Mountpoint"])
     assert (data / "f").read_text() == "kept"
-    assert len(loops_backing("keep")) == 1  # the image's device was found and reused
+    assert len(loops_under(images)) == 1  # the image's device was found and reused
     unmount(again.client, "keep", "m1")
-    wait_for(lambda: not loops_backing("keep"), 10, "the loop device to be released")
+    wait_for(lambda: not loops_under(images), 10, "the loop device to be released")
     again.stop()
     third = start(tmp_path / "root", {})
     assert status(third, "keep")["size_limit"] == "64 MiB"
@@ -329,3 +302,37 @@ def test_a_sized_volume_whose_record_was_lost_is_adopted_with_its_size(
     assert status(again, "empty")["backend"] == "image"  # empty, but complete: kept
     assert (mount(again.client, "orphan", "m2") / "f").read_text() == "mine"
     unmount(again.client, "orphan", "m2")
+
+
+def test_a_resize_runs_outside_the_volume_lock_and_remove_meanwhile_fails_at_once(
+        start: Start, tmp_path: Path) -> None:
+    release = tmp_path / "release-resize"
+    server = start(tmp_path / "root", {"PYVOL_TEST_HOLD_AT": f"resize={release}"})
+    create(server, "slow", size="64M")
+    done: list[subprocess.CompletedProcess[str]] = []
+    worker = threading.Thread(target=lambda: done.append(server.cli("resize", "slow", "96M")))
+    worker.start()
+    try:
+        wait_for(Path(f"{release}.held").exists, 10, "the resize to reach its hold point")
+        err = server.client.fails("VolumeDriver.Remove", {"Name": "slow"})
+        assert err.startswith("volume 'slow' cannot be removed now: the resize of volume "
+                              "'slow' is in progress"), err
+        assert status(server, "slow")["size_limit"] == "64 MiB"  # Get answers meanwhile
+    finally:
+        release.touch()
+        worker.join(60)
+    assert done[0].returncode == 0, done[0].stderr
+    assert status(server, "slow")["size_limit"] == "96 MiB"
+
+
+def test_default_size_follows_the_backend_the_options_select(
+        start: Start, tmp_path: Path) -> None:
+    """With DEFAULT_BACKEND=local, ``-o fs=xfs`` alone selects the image backend, which then
+    gets DEFAULT_SIZE; a volume that stays local gets no size."""
+    server = start(tmp_path / "root", {"DEFAULT_SIZE": "320M"})
+    create(server, "x", fs="xfs")
+    create(server, "plain")
+    s = status(server, "x")
+    assert (s["backend"], s["size_limit"], s["filesystem"]) == ("image", "320 MiB", "xfs")
+    assert status(server, "plain")["backend"] == "local"
+    assert "size" not in status(server, "plain")["options"]

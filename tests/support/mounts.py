@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
+
+from tests.support.waiting import eventually
 
 
 def _mountpoints() -> list[str]:
@@ -30,3 +33,24 @@ def release_mounts_under(path: Path) -> None:
     the loop device)."""
     for target in reversed(mounts_under(path)):
         subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
+def loops_under(path: Path) -> list[int]:
+    """Loop devices whose backing file lies under ``path``."""
+    prefix = os.path.realpath(path) + "/"
+    found = []
+    for entry in Path("/sys/block").glob("loop*"):
+        with contextlib.suppress(OSError):
+            backing = (entry / "loop" / "backing_file").read_text().strip()
+            if backing.startswith(prefix):
+                found.append(int(entry.name[4:]))
+    return sorted(found)
+
+
+def clear_under(path: Path) -> tuple[list[str], list[int]]:
+    """Detach every mount under ``path``, wait for its loop devices to free themselves, and
+    return what was left behind (mounts, devices) for the test to fail on."""
+    mounts = mounts_under(path)
+    release_mounts_under(path)
+    eventually(lambda: not loops_under(path))
+    return mounts, loops_under(path)

@@ -50,3 +50,15 @@ def rss(pid: int) -> int:
 def reset_peak(pid: int) -> None:
     """Make VmHWM start again from the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+CAP_SYS_RESOURCE = 24
+"""What growing a mounted ext4 needs (EXT4_IOC_RESIZE_FS)."""
+
+
+def has_capability(bit: int) -> bool:
+    """Whether capability ``bit`` is in this process's effective set."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    raise AssertionError("no CapEff in /proc/self/status")

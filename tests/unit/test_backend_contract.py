@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loop_support import HAS_LOOP, clear_under
+from loop_support import HAS_LOOP
 
 from backends import REGISTRY, Backend
 from backends.base import DirSpec, Populate
 from backends.errors import BackendError, UnsafePath
 from backends.sizes import MiB
+from tests.support.mounts import clear_under
 
 Factory = Callable[[Path], Backend]
 VOLUME = "crashvol"

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loop_support import clear_under, loops_under, needs_loop
+from loop_support import needs_loop
 
 from backends import REGISTRY, ext4, loop
 from backends.base import DirSpec
@@ -27,7 +27,8 @@ from backends.image import ImageBackend, SizeShrink, VolumeInUse
 from backends.sizes import GiB, MiB, format_size
 from plugin.errors import InvalidOption
 from plugin.options import parse_options
-from tests.support.mounts import mounts_at, mounts_under
+from tests.support.mounts import clear_under, loops_under, mounts_at, mounts_under
+from tests.support.processes import CAP_SYS_RESOURCE, has_capability
 from tests.support.waiting import eventually
 
 pytestmark = needs_loop
@@ -36,14 +37,6 @@ FILESYSTEMS = ("ext4", "xfs")
 SMALL = {"ext4": 64 * MiB, "xfs": 320 * MiB}
 """A small volume of each filesystem (XFS: mkfs.xfs refuses under 300 MiB)."""
 
-
-def has_cap_sys_resource() -> bool:
-    """CAP_SYS_RESOURCE (bit 24) in this process's effective set: what growing a mounted
-    ext4 needs."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) >> 24 & 1)
-    raise AssertionError("no CapEff in /proc/self/status")
 
 
 @pytest.fixture
@@ -344,7 +337,7 @@ def test_shrink_is_refused_with_what_to_do(backend: ImageBackend, fs: str) -> No
 def test_online_resize_while_a_file_is_open(backend: ImageBackend, fs: str) -> None:
     """XFS always grows online; ext4 only where this process holds CAP_SYS_RESOURCE, and
     otherwise says so and points at -o fs=xfs."""
-    online = fs == "xfs" or has_cap_sys_resource()
+    online = fs == "xfs" or has_capability(CAP_SYS_RESOURCE)
     backend.create("v", sized(SMALL[fs], fs))
     path = backend.mount("v")
     before = statvfs_total(path)

@@ -8,15 +8,16 @@ from types import MappingProxyType
 import pytest
 
 from backends.base import BackendOption, Capabilities, DirSpec
+from backends.local import LocalBackend
 from plugin.errors import InvalidOption
 from plugin.options import VALID_KEYS, VolumeOptions, parse_options
 from plugin.settings import Settings
 
-BACKENDS = ("local",)
+BACKENDS = {"local": LocalBackend}
 
 
 def parse(raw: object, default_backend: str = "local",
-          backends: tuple[str, ...] = BACKENDS) -> VolumeOptions:
+          backends: object = BACKENDS) -> VolumeOptions:
     return parse_options(raw, default_backend=default_backend,  # type: ignore[arg-type]
                          backends=backends)
 
@@ -192,7 +193,7 @@ def test_input_never_mutated() -> None:
 
 
 def test_default_backend_used_and_overridable() -> None:
-    both = ("local", "other")
+    both = {"local": LocalBackend, "other": LocalBackend}
     assert parse({}, default_backend="other", backends=both).backend == "other"
     assert parse({"backend": "local"}, default_backend="other", backends=both).backend == "local"
     assert parse({"backend": " local "}, default_backend="other", backends=both).backend == "local"
@@ -207,7 +208,7 @@ def test_default_backend_from_plugin_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("raw", [{"backend": "nope"}, {"BACKEND": "nope"}])
 def test_unknown_backend_names_it_and_lists_available(raw: dict[str, str]) -> None:
-    message = refused(raw, backends=("local", "other"))
+    message = refused(raw, backends={"local": LocalBackend, "other": LocalBackend})
     assert "'nope'" in message
     assert "available: local, other" in message
 

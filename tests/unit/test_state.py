@@ -154,7 +154,7 @@ def test_raw_options_round_trip_through_a_second_store(db_path: Path) -> None:
         assert dict(got.options) == raw  # stored raw, exactly as Docker sent them
         def reparse(opts: object) -> object:
             return parse_options(opts, default_backend="local",  # type: ignore[arg-type]
-                                 backends=["local"])
+                                 backends={"local": LocalBackend})
         assert reparse(got.options) == reparse(raw)
         assert second.mount_count("v") == 3
         assert second.drop_mount("v", "id1") == (True, 2)
@@ -176,7 +176,8 @@ def test_second_driver_sees_same_volumes_options_and_mounts(
     first.mount("a", "id1")
     first.mount("a", "id2")
     before = {v.name: first.get(v.name) for v in first.list_volumes()}
-    parsed_at_create = parse_options(raw_a, default_backend="local", backends=["local"])
+    parsed_at_create = parse_options(raw_a, default_backend="local",
+                                     backends={"local": LocalBackend})
 
     second = make_driver()
     second.recover()
