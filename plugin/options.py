@@ -257,6 +257,18 @@ def with_default_size(raw: Mapping[str, object] | None, *, default_backend: str,
     return {**(raw or {}), "size": default_size}
 
 
+def with_default_encrypt(raw: Mapping[str, object] | None, *,
+                         passphrase_set: bool) -> Mapping[str, object]:
+    """``raw`` plus ``s3_encrypt=true`` if it syncs to S3, does not say ``s3_encrypt`` and
+    ``S3_PASSPHRASE`` is set.  Create stores the result, so setting or unsetting the passphrase
+    later never switches an existing volume between encrypted and plain (and a prefix someone
+    filled with plain snapshots cannot talk a new volume out of encrypting: that is refused)."""
+    opts = normalise(raw)
+    if not passphrase_set or "s3_encrypt" in opts or not any(k.startswith("s3_") for k in opts):
+        return raw or {}
+    return {**(raw or {}), "s3_encrypt": "true"}
+
+
 def parse_options(
     raw: Mapping[str, object] | None,
     *,

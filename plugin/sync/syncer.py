@@ -155,6 +155,7 @@ class Syncer:
             "prefix": policy.prefix,
             "mode": policy.sync if policy.sync != "periodic" else f"every {policy.every}s",
             "keep": policy.keep,
+            "encrypted": policy.encrypt,
         }
         if record is not None:
             status["last_push"] = (

@@ -10,7 +10,7 @@ import pytest
 from backends.base import BackendOption, Capabilities, DirSpec
 from backends.local import LocalBackend
 from plugin.errors import InvalidOption
-from plugin.options import VALID_KEYS, VolumeOptions, parse_options
+from plugin.options import VALID_KEYS, VolumeOptions, parse_options, with_default_encrypt
 from plugin.settings import Settings
 
 BACKENDS = {"local": LocalBackend}
@@ -248,3 +248,21 @@ def test_s3_encrypt_without_a_passphrase_is_refused_at_create_saying_what_to_set
     assert _s3({"s3_encrypt": "false"}, passphrase_set=False).s3 is not None
     # A stored record parsed again (no passphrase_set) still loads if the setting was unset.
     assert _s3({"s3_encrypt": "true"}, passphrase_set=None).s3.encrypt  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("raw", "passphrase_set", "wanted"), [
+    ({"s3_bucket": "b"}, True, {"s3_bucket": "b", "s3_encrypt": "true"}),
+    ({"S3_Keep": "3"}, True, {"S3_Keep": "3", "s3_encrypt": "true"}),
+    ({"s3_bucket": "b", "s3_encrypt": "false"}, True, {"s3_bucket": "b", "s3_encrypt": "false"}),
+    ({"s3_bucket": "b"}, False, {"s3_bucket": "b"}),
+    ({"size": "1G"}, True, {"size": "1G"}),
+    (None, True, {}),
+])
+def test_s3_encrypt_defaults_on_for_synced_volumes_when_a_passphrase_is_set(
+        raw: dict[str, str] | None, passphrase_set: bool, wanted: dict[str, str]) -> None:
+    got = with_default_encrypt(raw, passphrase_set=passphrase_set)
+    assert dict(got) == wanted
+    if raw and any(k.lower().startswith("s3_") for k in raw):
+        parsed = _s3(dict(got), passphrase_set=passphrase_set)
+        assert parsed.s3 is not None
+        assert parsed.s3.encrypt is (got.get("s3_encrypt") == "true")
