@@ -74,3 +74,39 @@ def test_an_encrypted_volume_round_trips_and_keeps_its_passphrase_to_itself(
     assert all(PASSPHRASE not in text for text in shown)
     assert PASSPHRASE not in first.log_text()
     assert files_containing(tmp_path / "host-a", PASSPHRASE.encode()) == []
+
+
+def test_with_a_passphrase_set_synced_volumes_encrypt_unless_told_not_to(
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    plain_host = start(tmp_path / "old", s3_settings(moto.url, S3_BUCKET=bucket))
+    create(plain_host, "old", s3_prefix="old")
+    build_tree(mount(plain_host.client, "old", M1), "old")
+    unmount(plain_host.client, "old", M1)
+    assert "last_error" not in wait_pushed(plain_host.client, "old")
+    plain_host.stop()
+
+    server = start(tmp_path / "root", s3_settings(moto.url, S3_BUCKET=bucket,
+                                                  S3_PASSPHRASE=PASSPHRASE))
+    create(server, "secret", s3_keep="3")
+    create(server, "clear", s3_encrypt="false")
+    assert s3_status(server.client, "secret")["encrypted"] is True
+    assert s3_status(server.client, "clear")["encrypted"] is False
+    for name in ("secret", "clear"):
+        build_tree(mount(server.client, name, M1), name)
+        unmount(server.client, name, M1)
+        assert "last_error" not in wait_pushed(server.client, name)
+    keys = {o["Key"].split("/")[0] for o in moto.client().list_objects_v2(
+        Bucket=bucket).get("Contents", []) if "/keys/" in o["Key"]}
+    assert keys == {"secret"}
+
+    # A plain prefix from before is never read as encrypted, nor a new volume made plain
+    # by it: restoring it by name needs the user to say s3_encrypt=false.
+    create(server, "old", s3_prefix="old")
+    status = wait_for(lambda: (s := s3_status(server.client, "old"))["state"] == "error" and s,
+                      15, "the restore of a plain prefix into an encrypted volume to fail")
+    assert "unencrypted" in status["last_error"]["message"]
+    assert "s3_encrypt=false" in status["last_error"]["message"]
+    server.client.ok("VolumeDriver.Remove", {"Name": "old"})
+    create(server, "old", s3_prefix="old", s3_encrypt="false")
+    wait_for(lambda: s3_status(server.client, "old")["state"] == "idle", 15, "the restore")
+    assert (mount(server.client, "old", M1) / "docs").is_dir()
