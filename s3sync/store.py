@@ -89,8 +89,9 @@ class RemoteStore:
             if objects:
                 if not self._passphrase:
                     raise WrongPassphrase(
-                        f"{where} is encrypted (it holds key objects under keys/) and no "
-                        f"passphrase was given: set {PASSPHRASE_SETTING} to its passphrase")
+                        f"{where} is encrypted (it holds key objects under keys/) and this "
+                        f"volume is not: create it with -o s3_encrypt=true, with "
+                        f"{PASSPHRASE_SETTING} set to the prefix's passphrase")
                 try:
                     _, master = keys_mod.unlock(objects, self._passphrase, where)
                 except WrongPassphrase as exc:
@@ -102,8 +103,10 @@ class RemoteStore:
                 if plain:
                     raise S3SyncError(
                         f"{where} holds {len(plain)} unencrypted snapshot(s) and no key "
-                        f"objects: an encrypted store needs a prefix of its own; use another "
-                        f"prefix, or unset {PASSPHRASE_SETTING} to use this one unencrypted")
+                        "objects, and an encrypted volume never reads or writes a plain prefix: "
+                        "to use it unencrypted, create the volume with -o s3_encrypt=false; to "
+                        "move it to encryption, copy it into a new volume with a prefix of its "
+                        "own (-o from=VOLUME -o s3_encrypt=true)")
                 if not push:
                     return remote  # nothing to read yet; the first push creates the key
                 master = new_master()

@@ -112,7 +112,8 @@ def test_a_missing_or_wrong_passphrase_is_refused_and_writes_nothing(
     make_store(moto.url, bucket, tmp_path / "c1", passphrase=PASSPHRASE).push(DirectoryView(src))
     before = objects(client, bucket)
     store = make_store(moto.url, bucket, tmp_path / "c2", passphrase=passphrase)
-    cause = "no passphrase was given" if passphrase is None else "opens none of its 1 keys"
+    cause = ("this volume is not: create it with -o s3_encrypt=true" if passphrase is None
+             else "opens none of its 1 keys")
     for attempt in (store.list, lambda: store.push(DirectoryView(src)),
                     lambda: store.verify(read_data=True), lambda: store.prune(1)):
         with pytest.raises(WrongPassphrase, match=cause) as raised:
@@ -133,7 +134,7 @@ def test_a_passphrase_for_a_prefix_with_unencrypted_snapshots_is_refused(
     make_store(moto.url, bucket, tmp_path / "c1").push(DirectoryView(src))
     before = objects(client, bucket)
     store = make_store(moto.url, bucket, tmp_path / "c2", passphrase=PASSPHRASE)
-    with pytest.raises(S3SyncError, match=r"unencrypted snapshot.*unset S3_PASSPHRASE"):
+    with pytest.raises(S3SyncError, match=r"unencrypted snapshot.*-o s3_encrypt=false"):
         store.push(DirectoryView(src))
     with pytest.raises(S3SyncError, match="unencrypted snapshot"):
         store.list()
