@@ -13,10 +13,11 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import botocore.exceptions as bx
@@ -27,6 +28,7 @@ from s3sync.errors import (
     AccessDenied,
     BadEndpoint,
     BucketMissing,
+    ConditionalWritesUnsupported,
     CorruptObject,
     EndpointUnreachable,
     S3SyncError,
@@ -81,6 +83,18 @@ class ObjectInfo:
     size: int
     modified: datetime
     """The store's own clock (LastModified), timezone-aware."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """One read of an object: its bytes, the ETag naming that write, and the store's clock."""
+
+    data: bytes
+    etag: str
+    modified: datetime
+    """When this version was written (LastModified), on the store's clock."""
+    now: datetime
+    """When the store answered (its ``Date`` header): the store's clock, not this host's."""
 
 
 class Bucket:
@@ -195,6 +209,98 @@ class Bucket:
         """Prove the endpoint answers, the credentials work and the bucket exists."""
         self._run("checking the bucket", lambda: self._client.head_bucket(Bucket=self.name))
 
+    # -- conditional writes (leases) ------------------------------------------------------
+
+    def get_with_etag(self, key: str, limit: int = 1 << 16) -> Versioned | None:
+        """The object with its ETag and the store's clock, or None if it does not exist.
+
+        Objects over ``limit`` bytes are refused (:class:`CorruptObject`) before their body is
+        read: the bucket is hostile input.
+        """
+        def op() -> Versioned | None:
+            try:
+                resp = self._client.get_object(Bucket=self.name, Key=key)
+            except bx.ClientError as exc:
+                if _code(exc)[0] in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+            with resp["Body"] as body:
+                if resp.get("ContentLength", 0) > limit:
+                    raise CorruptObject(
+                        f"object {key} in {self.where} is {resp['ContentLength']} bytes, over "
+                        f"the {limit} this object may have: delete or replace it")
+                data = body.read(limit + 1)
+            if len(data) > limit:
+                raise CorruptObject(f"object {key} in {self.where} is over {limit} bytes: "
+                                    "delete or replace it")
+            return Versioned(data, resp["ETag"], resp["LastModified"],
+                             _server_date(resp["ResponseMetadata"], self.where))
+        return self._run(f"reading {key}", op)
+
+    def put_if_absent(self, key: str, body: bytes) -> str | None:
+        """Create ``key`` only if no object has that key (If-None-Match: *).
+
+        The new ETag, or None if an object was there (or a racing conditional write was).
+        """
+        return self._conditional(key, body, None)
+
+    def put_if_match(self, key: str, body: bytes, etag: str) -> str | None:
+        """Replace ``key`` only if its current version has ``etag`` (If-Match).
+
+        The new ETag, or None if the object changed or is gone.
+        """
+        return self._conditional(key, body, etag)
+
+    def server_time(self) -> datetime:
+        """The store's clock (the ``Date`` header of a HEAD of the bucket)."""
+        resp = self._run("reading the store's clock",
+                         lambda: self._client.head_bucket(Bucket=self.name))
+        return _server_date(resp["ResponseMetadata"], self.where)
+
+    def probe_conditional_writes(self, key: str) -> None:
+        """Prove the endpoint enforces If-None-Match and If-Match on PUT, using object ``key``.
+
+        Raises :class:`ConditionalWritesUnsupported` if either condition that must fail
+        succeeds: such an endpoint would let two hosts both believe they hold a lease.
+        """
+        self.put(key, b"pyvol conditional-write probe")
+        refused = "multi-host volumes need an S3 endpoint that enforces conditional writes " \
+            "(AWS S3, MinIO and Ceph RGW do); use one, or keep each volume on one host"
+        if self.put_if_absent(key, b"must not replace the probe") is not None:
+            raise ConditionalWritesUnsupported(
+                f"{self.where} ignored If-None-Match: * (it replaced the existing {key}): "
+                + refused)
+        if self.put_if_match(key, b"must not replace the probe", '"0"') is not None:
+            raise ConditionalWritesUnsupported(
+                f"{self.where} ignored If-Match with a wrong ETag (it replaced {key}): "
+                + refused)
+
+    def _conditional(self, key: str, body: bytes, etag: str | None) -> str | None:
+        header = "If-None-Match" if etag is None else "If-Match"
+
+        def op() -> str | None:
+            try:
+                if etag is None:
+                    resp = self._client.put_object(Bucket=self.name, Key=key, Body=body,
+                                                   ContentLength=len(body), IfNoneMatch="*")
+                else:
+                    resp = self._client.put_object(Bucket=self.name, Key=key, Body=body,
+                                                   ContentLength=len(body), IfMatch=etag)
+            except bx.ClientError as exc:
+                code, status = _code(exc)
+                # 409 ConditionalRequestConflict: a racing conditional write won (AWS).
+                if status in (409, 412) or code in ("PreconditionFailed", "NoSuchKey",
+                                                    "ConditionalRequestConflict"):
+                    return None
+                if status == 501 or code == "NotImplemented":
+                    raise ConditionalWritesUnsupported(
+                        f"{self.where} does not implement {header} on PUT ({code}): "
+                        "multi-host volumes need an S3 endpoint that enforces conditional "
+                        "writes (AWS S3, MinIO and Ceph RGW do)") from None
+                raise
+            return resp["ETag"]
+        return self._run(f"writing {key} ({header})", op)
+
     # -- retries and errors --------------------------------------------------------------
 
     def _run(self, what: str, op: Callable[[], T], retry: bool = True) -> T:
@@ -273,3 +379,13 @@ def transient(exc: BaseException) -> bool:
         code, status = _code(exc)
         return status >= 500 or status == 429 or code in THROTTLE_CODES
     return isinstance(exc, UNREACHABLE + STREAM_ERRORS)
+
+
+def _server_date(meta: Mapping[str, Any], where: str) -> datetime:
+    date = meta.get("HTTPHeaders", {}).get("date", "")
+    try:
+        when = parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        raise S3SyncError(f"{where} sent no valid Date header ({date[:40]!r}); leases are "
+                          "timed by the store's clock: use an endpoint that sends one") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

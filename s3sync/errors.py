@@ -68,3 +68,7 @@ class BadKeyObject(S3SyncError):
 
 class LastKey(S3SyncError):
     """Removing this key would leave the store with no key: the data could never be read."""
+
+
+class ConditionalWritesUnsupported(S3SyncError):
+    """The endpoint ignores or refuses If-None-Match / If-Match on PUT: no lease can be safe."""
