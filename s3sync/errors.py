@@ -72,3 +72,19 @@ class LastKey(S3SyncError):
 
 class ConditionalWritesUnsupported(S3SyncError):
     """The endpoint ignores or refuses If-None-Match / If-Match on PUT: no lease can be safe."""
+
+
+class BadHostId(S3SyncError):
+    """The host id file in the data directory is malformed or unreadable."""
+
+
+class BadLeaseObject(CorruptObject):
+    """A volume's lease object is malformed, of an unknown version, or too big."""
+
+
+class LeaseHeld(S3SyncError):
+    """Another host holds the volume's live lease; the message names it and its state."""
+
+
+class LeaseLost(S3SyncError):
+    """This host no longer holds a lease it took: taken over, broken by hand or gone."""

@@ -5,6 +5,8 @@
     <prefix>/locks/<kind>-<uuid> empty marker of a running push or prune
     <prefix>/keys/<key-id>      the master key wrapped under one passphrase (``keys.py``);
                                 present only in an encrypted store, and then always
+    <prefix>/lease              which host may have the volume mounted (``lease.py``)
+    <prefix>/lease-probe        scratch object proving the store enforces conditional writes
 
 Every listing is of one of these four folders (``<prefix>/snapshots/`` ...), never of a bare
 prefix: a volume with prefix ``team`` must never see, let alone delete, the objects of one
@@ -30,6 +32,8 @@ class Layout:
         self.data = f"{self.root}data/"
         self.locks = f"{self.root}locks/"
         self.keys = f"{self.root}keys/"
+        self.lease = f"{self.root}lease"
+        self.lease_probe = f"{self.root}lease-probe"
 
     def snapshot(self, snapshot_id: str) -> str:
         return self.snapshots + snapshot_id
