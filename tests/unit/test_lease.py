@@ -45,7 +45,7 @@ class FakeBucket:
         self.objects: dict[str, tuple[bytes, str, datetime]] = {}
         self.now = EPOCH
         self.writes = 0
-        self.before_put: Callable[[], None] | None = None
+        self.before_put: Callable[[], object] | None = None
         self.lose_reply = False
         """The next write lands but its reply is lost; the retry answers 412."""
         self.fail_after_write = False
@@ -232,7 +232,8 @@ def test_unparseable_lease_objects_are_refused_by_name(body: bytes, bucket: Fake
 
 
 def valid() -> dict[str, object]:
-    return json.loads(encode(Record(3, "mounted", A, EPOCH, 30.0, "", "0" * 32)))
+    doc: dict[str, object] = json.loads(encode(Record(3, "mounted", A, EPOCH, 30.0, "", "0" * 32)))
+    return doc
 
 
 @pytest.mark.parametrize(("field", "value", "complaint"), [
@@ -385,8 +386,10 @@ class StubClient:
         if conditional and self.answer != "ignore":
             code, status = (("PreconditionFailed", 412) if self.answer == "412"
                             else ("NotImplemented", 501))
-            raise bx.ClientError({"Error": {"Code": code, "Message": "m"},  # type: ignore[typeddict-item]
-                                  "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+            raise bx.ClientError(
+                {"Error": {"Code": code, "Message": "m"},
+                 "ResponseMetadata": {"HTTPStatusCode": status}},  # type: ignore[typeddict-item]
+                "PutObject")
         return {"ETag": '"e"'}
 
 
