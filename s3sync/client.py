@@ -77,6 +77,14 @@ class ObjectMissing(CorruptObject):
     """GET or HEAD of a key that does not exist."""
 
 
+class ObjectTooBig(CorruptObject):
+    """An object over the size its reader allows; ``etag`` names that version of it."""
+
+    def __init__(self, message: str, etag: str) -> None:
+        super().__init__(message)
+        self.etag = etag
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -214,7 +222,7 @@ class Bucket:
     def get_with_etag(self, key: str, limit: int = 1 << 16) -> Versioned | None:
         """The object with its ETag and the store's clock, or None if it does not exist.
 
-        Objects over ``limit`` bytes are refused (:class:`CorruptObject`) before their body is
+        Objects over ``limit`` bytes are refused (:class:`ObjectTooBig`) before their body is
         read: the bucket is hostile input.
         """
         def op() -> Versioned | None:
@@ -226,13 +234,14 @@ class Bucket:
                 raise
             with resp["Body"] as body:
                 if resp.get("ContentLength", 0) > limit:
-                    raise CorruptObject(
+                    raise ObjectTooBig(
                         f"object {key} in {self.where} is {resp['ContentLength']} bytes, over "
-                        f"the {limit} this object may have: delete or replace it")
+                        f"the {limit} this object may have: delete or replace it",
+                        resp["ETag"])
                 data = body.read(limit + 1)
             if len(data) > limit:
-                raise CorruptObject(f"object {key} in {self.where} is over {limit} bytes: "
-                                    "delete or replace it")
+                raise ObjectTooBig(f"object {key} in {self.where} is over {limit} bytes: "
+                                   "delete or replace it", resp["ETag"])
             return Versioned(data, resp["ETag"], resp["LastModified"],
                              _server_date(resp["ResponseMetadata"], self.where))
         return self._run(f"reading {key}", op)

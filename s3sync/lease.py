@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, get_args
 
-from s3sync.client import Versioned
+from s3sync.client import ObjectTooBig, Versioned
 from s3sync.errors import BadLeaseObject, LeaseHeld, LeaseLost, StoreBusy
 from s3sync.hostid import HOST_ID, Host
 from s3sync.layout import Layout
@@ -249,7 +249,11 @@ class Lease:
 
         Raises :class:`BadLeaseObject` if the object is malformed.
         """
-        return self._parse(self.bucket.get_with_etag(self.key, MAX_OBJECT))
+        try:
+            raw = self.bucket.get_with_etag(self.key, MAX_OBJECT)
+        except ObjectTooBig:
+            raise _bad(self.key, f"is over {MAX_OBJECT} bytes") from None
+        return self._parse(raw)
 
     def take(self, state: State = "mounted", progress: str = "", *, floor: int = 0) -> Tenure:
         """Hold the lease, as a new tenure (a new generation).
@@ -285,18 +289,22 @@ class Lease:
         there was none (then nothing is written).
         """
         for _ in range(RACE_ROUNDS):
-            raw = self.bucket.get_with_etag(self.key, MAX_OBJECT)
-            if raw is None:
-                return None
+            before: LeaseInfo | None = None
             try:
-                before: LeaseInfo | None = self._parse(raw)
+                raw = self.bucket.get_with_etag(self.key, MAX_OBJECT)
+                if raw is None:
+                    return None
+                etag = raw.etag
+                before = self._parse(raw)
+            except ObjectTooBig as exc:
+                etag = exc.etag
             except BadLeaseObject:
-                before = None
+                pass
             last = before.generation if before is not None else 0
             ttl = before.record.ttl if before is not None else self.ttl
             record = Record(max(last, floor) + 1, "free", None, None, ttl, "",
                             secrets.token_hex(16))
-            if self._put(record, raw.etag) is not None:
+            if self._put(record, etag) is not None:
                 return before
         raise StoreBusy(f"the lease of {self.volume} ({self.bucket.where}, {self.key}) kept "
                         f"changing under {RACE_ROUNDS} attempts to break it: try again")

@@ -134,6 +134,16 @@ def test_a_malformed_lease_object_is_refused_by_name_and_can_be_broken(
     assert lease(moto, bucket, A).take().generation == 9
 
 
+def test_an_oversized_lease_object_is_refused_unread_and_can_be_broken(
+        moto: MotoServer, bucket: str) -> None:
+    client: Any = moto.client()
+    client.put_object(Bucket=bucket, Key=KEY, Body=b"{" * 10_000_000)
+    with pytest.raises(BadLeaseObject, match="lease object vol/lease is over 4096 bytes"):
+        lease(moto, bucket, A).show()
+    assert lease(moto, bucket, B).break_(floor=1) is None
+    assert lease(moto, bucket, A).take().generation == 3
+
+
 class Racer:
     """One lease_racer process: a host of its own, driven over its stdin and stdout."""
 

@@ -15,12 +15,11 @@ import botocore.exceptions as bx
 import pytest
 
 from s3sync import RetryPolicy, S3Config
-from s3sync.client import Bucket, Versioned
+from s3sync.client import Bucket, ObjectTooBig, Versioned
 from s3sync.errors import (
     BadHostId,
     BadLeaseObject,
     ConditionalWritesUnsupported,
-    CorruptObject,
     LeaseHeld,
     LeaseLost,
     TransientFailure,
@@ -60,7 +59,7 @@ class FakeBucket:
             return None
         data, etag, modified = found
         if len(data) > limit:
-            raise CorruptObject(f"object {key} is over {limit} bytes")
+            raise ObjectTooBig(f"object {key} is over {limit} bytes", etag)
         return Versioned(data, etag, modified, self.now.replace(microsecond=0))
 
     def put_if_absent(self, key: str, body: bytes) -> str | None:
@@ -265,10 +264,12 @@ def test_malformed_lease_fields_are_refused_by_name(field: str, value: object, c
     assert bucket.writes == 0
 
 
-def test_an_oversized_lease_object_is_refused_before_it_is_read(bucket: FakeBucket) -> None:
+def test_an_oversized_lease_object_is_refused_and_can_be_broken(bucket: FakeBucket) -> None:
     bucket.put(KEY, b" " * (MAX_OBJECT + 1))
-    with pytest.raises(CorruptObject, match="vol/lease"):
-        lease(bucket, A).show()
+    with pytest.raises(BadLeaseObject, match=f"lease object vol/lease is over {MAX_OBJECT}"):
+        lease(bucket, A).take()
+    assert lease(bucket, A).break_(floor=2) is None
+    assert stored(bucket).generation == 3
 
 
 def test_break_replaces_a_malformed_lease_above_the_floor(bucket: FakeBucket) -> None:
