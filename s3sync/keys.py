@@ -36,7 +36,7 @@ import binascii
 import json
 import os
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -224,8 +224,10 @@ def unwrap(blob: bytes, passphrase: Passphrase, key_id: str) -> Master:
 
 
 def unlock(objects: Mapping[str, bytes], passphrase: Passphrase | None,
-           where: str) -> tuple[str, Master]:
-    """``(key id, master)`` from the first key object (newest first) that ``passphrase`` opens.
+           where: str, accept: Callable[[Master], bool] | None = None) -> tuple[str, Master]:
+    """``(key id, master)`` from the first key object (newest first) that ``passphrase`` opens
+    and whose master ``accept`` takes (``keyring.py``: the one that opens the store's config;
+    another is a lost creation race's leftover, or planted).
 
     ``where`` names the store (or volume) in errors.  Raises :class:`WrongPassphrase` if no
     passphrase is given or none opens, and :class:`BadKeyObject` if the store holds no usable
@@ -249,13 +251,23 @@ def unlock(objects: Mapping[str, bytes], passphrase: Passphrase | None,
     if not parsed:
         raise BadKeyObject(f"{where} has no usable key object: " + "; ".join(damaged))
     parsed.sort(key=lambda p: (p.info.created, p.info.id), reverse=True)
+    foreign = []
     for p in parsed:
         try:
             material = _kek(passphrase, p.salt, p.info.cost).decrypt(p.nonce, p.wrapped, p.aad)
         except InvalidTag:
             continue
-        return p.info.id, Master.from_material(material)
+        master = Master.from_material(material)
+        if accept is not None and not accept(master):
+            foreign.append(p.info.id)
+            continue
+        return p.info.id, master
     note = f"; damaged and skipped: {'; '.join(damaged)}" if damaged else ""
+    if foreign:
+        raise WrongPassphrase(
+            f"{where}: the passphrase opens key(s) {', '.join(foreign)}, but they hold another "
+            "master key than the store's config (left by a host that lost the race to create "
+            f"the store, or planted) and none of its other keys{note}")
     raise WrongPassphrase(f"{where}: the passphrase opens none of its {len(parsed)} keys{note}")
 
 
