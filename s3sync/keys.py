@@ -35,6 +35,7 @@ import base64
 import binascii
 import json
 import os
+import threading
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -117,10 +118,17 @@ def _secret(passphrase: Passphrase) -> bytes:
     return bytes(passphrase)
 
 
+_KDF_LOCK: Final = threading.Lock()
+"""One Argon2id derivation at a time in this process: two at once in two threads never
+return (``cryptography`` 50 on OpenSSL; found by the two-host race test), and each already
+uses several lanes."""
+
+
 def _kek(passphrase: Passphrase, salt: bytes, cost: KdfCost) -> AESGCM:
     kdf = Argon2id(salt=salt, length=KEY_BYTES, iterations=cost.iterations, lanes=cost.lanes,
                    memory_cost=cost.memory_kib)
-    return AESGCM(kdf.derive(_secret(passphrase)))
+    with _KDF_LOCK:
+        return AESGCM(kdf.derive(_secret(passphrase)))
 
 
 def _aad(fields: Mapping[str, object]) -> bytes:
