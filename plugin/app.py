@@ -121,10 +121,10 @@ def _sync_delete_remote(d: Driver, b: Body) -> Body:
     return {}
 
 
-def _key(info: KeyInfo, current: str = "") -> Body:
+def _key(info: KeyInfo, current: str | None = None) -> Body:
     """A key as the CLI shows it: never a secret."""
     wire: Body = {"id": info.id, "created": info.created.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if current:
+    if current is not None:
         wire["current"] = info.id == current
     return wire
 

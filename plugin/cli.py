@@ -172,6 +172,10 @@ def _sync_key(args: argparse.Namespace, words: list[str]) -> int:
         for key in answer["Keys"]:
             mark = "\topened by S3_PASSPHRASE" if key.get("current") else ""
             print(f"{key['id']}\t{key['created']}{mark}")
+        if answer["Keys"] and not any(key.get("current") for key in answer["Keys"]):
+            print(f"warning: the plugin's S3_PASSPHRASE opens none of {words[1]}'s keys: "
+                  "set it to one of their passphrases (docker plugin set) before the plugin "
+                  "restarts", file=sys.stderr)
         for key_id, why in (answer.get("Damaged") or {}).items():
             print(f"warning: key {key_id} is damaged: {why}", file=sys.stderr)
         return 0

@@ -61,7 +61,8 @@ class KeyList:
     damaged: dict[str, str]
     """Key object id -> why it cannot be read."""
     current: str
-    """The id of the key this store's passphrase opened."""
+    """The id of the key this store's passphrase opens; empty if its key was removed since
+    this store unlocked (it keeps the master in memory, but a restart would be refused)."""
 
 
 PASSPHRASE_SETTING = "S3_PASSPHRASE"  # noqa: S105 -- a setting's name, not a secret
@@ -171,8 +172,12 @@ class RemoteStore:
         with self._keys_lock:
             listing = keys_mod.list_keys(self._ring)
             if self._key_id not in {k.id for k in listing.keys}:
-                self._key_id, _ = keyring.unlock(self._ring, self._passphrase,
-                                                 self._remote.where)
+                # Removed since (by another host, mid-rotation): which one opens now, if any?
+                try:
+                    self._key_id, _ = keyring.unlock(self._ring, self._passphrase,
+                                                     self._remote.where)
+                except WrongPassphrase:
+                    self._key_id = ""
                 listing = keys_mod.list_keys(self._ring)
         return KeyList(listing.keys, listing.damaged, self._key_id)
 
