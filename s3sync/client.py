@@ -160,7 +160,7 @@ class Bucket:
                         f"{self.where} does not support conditional writes (If-None-Match, "
                         f"{code}) while creating {key}: pyvol needs them to create an "
                         "encrypted store's key safely; use an S3 store that supports them "
-                        "(AWS S3, MinIO, Ceph RGW 19+, ...)") from None
+                        "(AWS S3 and MinIO do)") from None
                 raise
             return True
         return self._run(f"creating {key}", op)
