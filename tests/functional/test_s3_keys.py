@@ -152,3 +152,47 @@ def test_the_last_key_and_plain_stores(make_store: MakeStore, moto: MotoServer, 
         refused.push(DirectoryView(src))
     assert store.delete_all() > 0
     assert keys_in(client, bucket, "vol") == []
+
+
+def test_concurrent_key_changes_lose_no_key(make_store: MakeStore, moto: MotoServer,
+                                            bucket: str, tmp_path: Path) -> None:
+    src = tree(tmp_path / "src", "concurrent")
+    first = make_store(moto.url, bucket, tmp_path / "c1", passphrase=PASSPHRASE)
+    first.push(DirectoryView(src))
+    first.add_key(NEW)
+    second = make_store(moto.url, bucket, tmp_path / "c2", passphrase=NEW)
+    stores = [first, second, make_store(moto.url, bucket, tmp_path / "c3", passphrase=NEW)]
+
+    def run(jobs: list[Any]) -> list[Any]:
+        results: list[Any] = [None] * len(jobs)
+
+        def one(i: int) -> None:
+            try:
+                results[i] = jobs[i]()
+            except Exception as exc:
+                results[i] = exc
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return results
+
+    # Six adds at once from three stores (in one process they share a key lock; across hosts
+    # each add is an object of its own, so none can overwrite another).
+    added = run([lambda s=s, n=n: s.add_key(f"extra {n}") for n, s in enumerate(stores * 2)])
+    assert all(not isinstance(a, Exception) for a in added), added
+    ids = {k.id for k in first.keys().keys}
+    assert {a.id for a in added} <= ids and len(ids) == 8
+
+    # Each host removes every key but its own at once: both hosts' keys survive.
+    current = {first.keys().current, second.keys().current}
+    others = sorted(ids - current)
+    results = run([lambda k=k, s=s: s.remove_key(k) for k in others for s in stores[:2]])
+    assert all(r is None or "no key" in str(r) for r in results), results
+    assert {k.id for k in first.keys().keys} == current
+    for store in stores:
+        dst = tmp_path / f"dst-{id(store)}"
+        dst.mkdir()
+        store.restore("latest", dst)
+        assert contents(dst) == contents(src)
