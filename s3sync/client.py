@@ -181,6 +181,15 @@ class Bucket:
             return data
         return self._run(f"downloading {key}", op)
 
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes (one HEAD), or None if there is no such object."""
+        try:
+            resp = self._run("reading an object's size",
+                             lambda: self._client.head_object(Bucket=self.name, Key=key))
+        except ObjectMissing:
+            return None
+        return int(resp["ContentLength"])
+
     def list(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix``, one retried LIST call per page of 1000."""
         found: list[ObjectInfo] = []

@@ -69,7 +69,11 @@ class BucketKeyring:
         for info in self.bucket.list(self.layout.keys):
             if self.layout.own_key(info.key):
                 try:
-                    found[Layout.tail(info.key, self.layout.keys)] = self.bucket.get(info.key)
+                    if info.size > keys_mod.MAX_BYTES:  # read only enough to refuse it
+                        blob = self.bucket.get(info.key, 0, keys_mod.MAX_BYTES + 1)
+                    else:
+                        blob = self.bucket.get(info.key)
+                    found[Layout.tail(info.key, self.layout.keys)] = blob
                 except ObjectMissing:
                     continue  # removed since the listing
         return found
@@ -81,6 +85,14 @@ class BucketKeyring:
         self.bucket.delete([self.layout.key(key_id)])
 
     def config_object(self) -> bytes | None:
+        size = self.bucket.size(self.layout.config)
+        if size is None:
+            return None
+        if size > CONFIG_MAX:
+            raise BadKeyObject(
+                f"{self.bucket.where}: {self.layout.config} is {size} bytes, more than a config "
+                f"has ({CONFIG_MAX}): planted or overwritten; restore it from a copy, or delete "
+                "it if this prefix holds no data of yours")
         try:
             return self.bucket.get(self.layout.config)
         except ObjectMissing:

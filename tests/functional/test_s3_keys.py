@@ -196,3 +196,21 @@ def test_concurrent_key_changes_lose_no_key(make_store: MakeStore, moto: MotoSer
         dst.mkdir()
         store.restore("latest", dst)
         assert contents(dst) == contents(src)
+
+
+def test_planted_giants_in_keys_and_config_are_refused_unread(
+        make_store: MakeStore, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    from s3sync.errors import BadKeyObject
+
+    client: Any = moto.client()
+    src = tree(tmp_path / "src", "giants")
+    store = make_store(moto.url, bucket, tmp_path / "c1", passphrase=PASSPHRASE)
+    store.push(DirectoryView(src))
+    giant = "f" * 32
+    client.put_object(Bucket=bucket, Key=f"vol/keys/{giant}", Body=b"{" * (8 << 20))
+    assert store.keys().damaged == {
+        giant: f"key object {giant} is unusable: 4097 bytes, more than a key object has (4096)"}
+    client.put_object(Bucket=bucket, Key="vol/config", Body=b"x" * (8 << 20))
+    other = make_store(moto.url, bucket, tmp_path / "c2", passphrase=PASSPHRASE)
+    with pytest.raises(BadKeyObject, match=r"vol/config is 8388608 bytes, more than a config"):
+        other.list()
