@@ -24,9 +24,10 @@ Not secret, and not authenticated until the object is opened: ``id``, ``created`
 cost, which :func:`describe` reads for ``key ls``.  Trying a passphrase costs one KDF run per
 key object (:func:`unlock`); there is no passphrase hint, which would leak.
 
-Concurrency: :func:`add_key` and :func:`remove_key` are read-check-write; the caller holds the
-store's exclusive lock (:mod:`s3sync.locks`), or two concurrent removals could each see the
-other's key and leave none.
+Concurrency: :func:`add_key` writes a new object and never conflicts.  :func:`remove_key` is
+read-check-write, so two concurrent removals could each see the other's key and leave none:
+:class:`s3sync.store.RemoteStore` serialises them in its process (a lock per store) and, across
+hosts, never removes the key its own passphrase opens, so each host's key survives.
 """
 
 from __future__ import annotations
