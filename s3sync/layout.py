@@ -5,6 +5,9 @@
     <prefix>/locks/<kind>-<uuid> empty marker of a running push or prune
     <prefix>/keys/<key-id>      the master key wrapped under one passphrase (``keys.py``);
                                 present only in an encrypted store, and then always
+    <prefix>/config             sealed (kind ``config``) under the master key: which of the
+                                key objects are this store's (``keyring.py``); written once,
+                                by the first push, with If-None-Match
 
 Every listing is of one of these four folders (``<prefix>/snapshots/`` ...), never of a bare
 prefix: a volume with prefix ``team`` must never see, let alone delete, the objects of one
@@ -30,6 +33,7 @@ class Layout:
         self.data = f"{self.root}data/"
         self.locks = f"{self.root}locks/"
         self.keys = f"{self.root}keys/"
+        self.config = f"{self.root}config"
 
     def snapshot(self, snapshot_id: str) -> str:
         return self.snapshots + snapshot_id

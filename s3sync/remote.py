@@ -116,23 +116,6 @@ class Remote:
         return {Layout.tail(o.key, self.layout.data): o.size
                 for o in self.bucket.list(self.layout.data) if self.layout.own_pack(o.key)}
 
-    def key_objects(self) -> dict[str, bytes]:
-        """Every key object under ``keys/``, by id (:class:`s3sync.keys.KeyStore`)."""
-        found: dict[str, bytes] = {}
-        for info in self.bucket.list(self.layout.keys):
-            if self.layout.own_key(info.key):
-                try:
-                    found[Layout.tail(info.key, self.layout.keys)] = self.bucket.get(info.key)
-                except ObjectMissing:
-                    continue  # removed since the listing
-        return found
-
-    def put_key_object(self, key_id: str, blob: bytes) -> None:
-        self.bucket.put(self.layout.key(key_id), blob)
-
-    def delete_key_object(self, key_id: str) -> None:
-        self.bucket.delete([self.layout.key(key_id)])
-
     def manifest(self, snapshot_id: str) -> Manifest:
         key = self.layout.snapshot(snapshot_id)
         data = self.cache.manifest(snapshot_id)

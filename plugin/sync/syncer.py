@@ -28,6 +28,8 @@ from snapshots.store import SnapshotStore
 
 if TYPE_CHECKING:
     from s3sync import CheckReport, RemoteSnapshot, RemoteStore
+    from s3sync.keys import KeyInfo
+    from s3sync.store import KeyList
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +199,14 @@ class Syncer:
         """Check the volume's remote copy (``pyvol sync check``); the result shows in Status."""
         return self.checks.run(volume, (policy.bucket, policy.prefix),
                                self._remote(policy), read_data)
+
+    # passphrases of an encrypted volume's S3 copy (`pyvol sync key ...`)
+
+    def key_add(self, policy: S3Policy, passphrase: str) -> KeyInfo:
+        return self._remote(policy).add_key(passphrase)
+
+    def key_list(self, policy: S3Policy) -> KeyList:
+        return self._remote(policy).keys()
+
+    def key_remove(self, policy: S3Policy, key_id: str) -> None:
+        self._remote(policy).remove_key(key_id)
