@@ -231,7 +231,7 @@ class Management:
         s3 = self._s3(volume)[1]
         if not s3.encrypt:
             raise InvalidOption(
-                f"volume {volume!r} is not encrypted (created without -o s3_encrypt=true): "
+                f"volume {volume!r} is not encrypted (it was created with s3_encrypt=false): "
                 "its S3 copy has no passphrases to manage")
         return s3
 

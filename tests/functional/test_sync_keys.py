@@ -109,11 +109,11 @@ def test_key_commands_through_the_cli(start: StartSync, moto: MotoServer, bucket
                                       tmp_path: Path) -> None:
     env = s3_settings(moto.url, S3_BUCKET=bucket, S3_PASSPHRASE=OLD)
     server = start(tmp_path / "root", env)
-    create(server, "plain", s3_bucket=bucket)
+    create(server, "plain", s3_bucket=bucket, s3_encrypt="false")
     plain = server.cli("sync", "key", "ls", "plain")
     assert plain.returncode == 1
-    assert plain.stderr == ("pyvol: volume 'plain' is not encrypted (created without "
-                            "-o s3_encrypt=true): its S3 copy has no passphrases to manage\n")
+    assert plain.stderr == ("pyvol: volume 'plain' is not encrypted (it was created "
+                            "with s3_encrypt=false): its S3 copy has no passphrases to manage\n")
 
     create(server, "vault", s3_encrypt="true")
     early = server.cli("sync", "key", "add", "vault", stdin=NEW + "\n")
