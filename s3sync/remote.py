@@ -26,6 +26,9 @@ SPAN_MAX = 8 << 20
 
 log = logging.getLogger(__name__)
 
+Plain = bytes | bytearray
+"""A verified blob's content (unsealing gives a ``bytearray``: not copied again)."""
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -159,20 +162,20 @@ class Remote:
 
     def tree(self, manifest: Manifest) -> Tree:
         found = self.fetch(manifest.tree + manifest.patches, manifest.snapshot.id)
-        return parse_tree([found[(r.pack, r.offset)] for r in manifest.tree],
-                          [found[(r.pack, r.offset)] for r in manifest.patches],
+        return parse_tree([bytes(found[(r.pack, r.offset)]) for r in manifest.tree],
+                          [bytes(found[(r.pack, r.offset)]) for r in manifest.patches],
                           manifest.snapshot.id)
 
-    def fetch(self, refs: Iterable[ChunkRef], snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch(self, refs: Iterable[ChunkRef], snapshot_id: str) -> dict[tuple[str, int], Plain]:
         """Plain content of every blob in ``refs``, keyed by (pack, offset), verified."""
         spans = plan(refs)
-        found: dict[tuple[str, int], bytes] = {}
+        found: dict[tuple[str, int], Plain] = {}
         with ThreadPoolExecutor(self.workers) as pool:
             for result in pool.map(lambda s: self.fetch_span(s, snapshot_id), spans):
                 found.update(result)
         return found
 
-    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], Plain]:
         key = self.layout.pack(span.pack)
         try:
             data = self.bucket.get(key, span.start, span.end)
@@ -181,7 +184,7 @@ class Remote:
                 f"snapshot {snapshot_id} needs {key}, which is missing from {self.where}: "
                 "restore another snapshot; the next push uploads lost content again") from None
         view = memoryview(data)
-        out: dict[tuple[str, int], bytes] = {}
+        out: dict[tuple[str, int], Plain] = {}
         for ref in span.refs:
             stored = view[ref.offset - span.start:ref.offset - span.start + ref.length]
             try:

@@ -52,8 +52,8 @@ class Codec:
             return stored
         return crypto.seal(self._master, "blob", digest, stored)
 
-    def open_blob(self, stored: blobs.Buffer, size: int, digest: str) -> bytes:
-        """Plain content of a stored blob.
+    def open_blob(self, stored: blobs.Buffer, size: int, digest: str) -> bytes | bytearray:
+        """Plain content of a stored blob (a new buffer, not a view of ``stored``).
 
         ``ValueError`` if it does not match ``digest``; :class:`TamperedObject` if sealed and
         it does not authenticate as blob ``digest`` (the caller names the pack).
@@ -61,7 +61,7 @@ class Codec:
         if self._master is None:
             return blobs.unpack(stored, size, digest)
         inner = crypto.unseal(self._master, "blob", digest, stored)
-        data = blobs.decompress(inner, size) if len(inner) < size else bytes(inner)
+        data = blobs.decompress(inner, size) if len(inner) < size else inner  # no copy
         if len(data) != size or not hmac.compare_digest(self.content_id(data), digest):
             raise ValueError("content does not match its keyed id")
         return data
