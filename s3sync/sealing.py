@@ -47,10 +47,18 @@ class Codec:
 
     def store_blob(self, digest: str, plain: blobs.Buffer) -> blobs.Buffer:
         """What a pack holds for the blob ``plain`` named ``digest``."""
-        stored = blobs.pack_form(plain)
+        return self.seal_packed(digest, blobs.pack_form(plain))
+
+    def seal_packed(self, digest: str, packed: blobs.Buffer) -> blobs.Buffer:
+        """What a pack holds for the blob named ``digest`` whose pack form
+        (:func:`s3sync.blobs.pack_form`) is ``packed``."""
         if self._master is None:
-            return stored
-        return crypto.seal(self._master, "blob", digest, stored)
+            return packed
+        return crypto.seal(self._master, "blob", digest, packed)
+
+    def sealed_length(self, size: int) -> int:
+        """Length of :meth:`seal_packed`'s result for a pack form of ``size`` bytes."""
+        return size if self._master is None else size + crypto.overhead(size)
 
     def open_blob(self, stored: blobs.Buffer, size: int, digest: str) -> bytes | bytearray:
         """Plain content of a stored blob (a new buffer, not a view of ``stored``).
