@@ -175,14 +175,23 @@ class Remote:
                 found.update(result)
         return found
 
-    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], Plain]:
+    def fetch_span(self, span: Span, snapshot_id: str,
+                   pack_size: int | None = None) -> dict[tuple[str, int], Plain]:
+        """The verified blobs of ``span``; a span that covers the whole pack (its listed
+        ``pack_size``) is one plain GET, with no range for the server to cut out."""
         key = self.layout.pack(span.pack)
+        whole = span.start == 0 and span.end == pack_size
         try:
-            data = self.bucket.get(key, span.start, span.end)
+            data = self.bucket.get(key) if whole else self.bucket.get(key, span.start, span.end)
         except ObjectMissing:
             raise CorruptObject(
                 f"snapshot {snapshot_id} needs {key}, which is missing from {self.where}: "
                 "restore another snapshot; the next push uploads lost content again") from None
+        if whole and len(data) != span.end:
+            raise CorruptObject(
+                f"object {key} in {self.where} is {len(data)} bytes, not the {span.end} it "
+                f"was when listed: snapshot {snapshot_id} cannot be restored from it: restore "
+                "another snapshot, or push again to write a good copy")
         view = memoryview(data)
         out: dict[tuple[str, int], Plain] = {}
         for ref in span.refs:

@@ -42,7 +42,7 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
             f"snapshot {manifest.snapshot.id} needs {len(missing)} object(s) missing from "
             f"{remote.where} or cut short (e.g. {remote.layout.pack(missing[0])}): restore "
             "another snapshot; the next push uploads lost content again")
-    fetcher = Prefetcher(remote, tree, manifest.snapshot.id, pool)
+    fetcher = Prefetcher(remote, tree, manifest.snapshot.id, pool, sizes)
     total = sum(e.size for e in tree.entries if e.kind == "file")
     done = 0
 
@@ -150,8 +150,9 @@ class Prefetcher:
     """
 
     def __init__(self, remote: Remote, tree: Tree, snapshot_id: str,
-                 pool: ThreadPoolExecutor) -> None:
+                 pool: ThreadPoolExecutor, sizes: dict[str, int] | None = None) -> None:
         self._remote = remote
+        self._sizes = sizes or {}
         self._snapshot = snapshot_id
         self._pool = pool
         order = [r for e in tree.entries if e.kind == "file" for r in tree.chunks[e.path]]
@@ -185,7 +186,8 @@ class Prefetcher:
         if i not in self._futures and self._uses[i] > 0:
             self._held += self._spans[i].plain
             span: Span = self._spans[i]
-            self._futures[i] = self._pool.submit(self._remote.fetch_span, span, self._snapshot)
+            self._futures[i] = self._pool.submit(self._remote.fetch_span, span, self._snapshot,
+                                                 self._sizes.get(span.pack))
 
     def take(self, ref: ChunkRef) -> Plain:
         i = self._where[(ref.pack, ref.offset)]

@@ -21,7 +21,8 @@ class FakeRemote:
     def __init__(self) -> None:
         self.fetched: list[tuple[str, int]] = []
 
-    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch_span(self, span: Span, snapshot_id: str,
+                   pack_size: int | None = None) -> dict[tuple[str, int], bytes]:
         self.fetched.append((span.pack, span.start))
         return {(r.pack, r.offset): r.hash.encode()[:8] * (r.size // 8) for r in span.refs}
 
