@@ -321,3 +321,15 @@ def test_blobs_sealed_one_by_one_open_from_ranges_of_a_pack(master: crypto.Maste
     first_id, _, first_length = refs[1]
     assert refused(master, pack[refs[2][1]:refs[2][1] + first_length], kind="blob",
                    name=first_id).cause == "wrong name"
+
+
+@pytest.mark.parametrize("length", [1, 32, 33, 74, 100])
+def test_object_keys_are_rfc5869_hkdf_sha256(length: int) -> None:
+    """The fast HKDF gives exactly the bytes of cryptography's HKDF (the format depends on it)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    for _ in range(20):
+        ikm, salt = os.urandom(32), os.urandom(crypto.SALT)
+        expected = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt,
+                        info=b"pyvol/object").derive(ikm)
+        assert crypto._hkdf_sha256(ikm, salt, length) == expected
