@@ -44,6 +44,7 @@ from plugin.options import (
     VolumeOptions,
     normalise,
     parse_options,
+    with_default_encrypt,
     with_default_size,
 )
 from plugin.settings import Settings
@@ -146,12 +147,15 @@ class Driver:
         it is done).  Until then the volume is invisible to Get and List.
         """
         validate_volume_name(name)
-        raw_options = with_default_size(
+        passphrase_set = bool(self.settings.s3_env.get("S3_PASSPHRASE"))
+        raw_options = with_default_encrypt(with_default_size(
             self._inherit_size(raw_options), default_backend=self.settings.default_backend,
-            backends=self.backends, default_size=self.settings.default_size)
+            backends=self.backends, default_size=self.settings.default_size),
+            passphrase_set=passphrase_set)
         options = parse_options(raw_options, default_backend=self.settings.default_backend,
                                 backends=self.backends, volume=name,
-                                default_bucket=self.settings.s3_bucket)
+                                default_bucket=self.settings.s3_bucket,
+                                passphrase_set=passphrase_set)
         stored = {k: str(v) for k, v in (raw_options or {}).items()}
         if options.s3 is not None:
             # Persist the bucket resolved now: a later S3_BUCKET change must not move it.

@@ -18,7 +18,8 @@ from plugin.names import VOLUME_NAME
 
 MAX_ID = 2**32 - 2
 _ABILITY = {"size": "enforce a size limit", "fs": "choose a filesystem"}
-CREDENTIAL_HINTS = ("secret", "password", "passwd", "token", "access_key", "credential")
+CREDENTIAL_HINTS = ("secret", "password", "passwd", "passphrase", "token", "access_key",
+                    "credential")
 
 
 SNAPSHOT_MAX = 200
@@ -48,6 +49,8 @@ class S3Policy:
     restore: str = "latest"
     """``latest``, ``never`` or a remote snapshot id."""
     keep: int = 30
+    encrypt: bool = False
+    """Seal everything uploaded under the plugin's ``S3_PASSPHRASE`` (``s3sync.crypto``)."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "s3_sync": _s3_sync,
     "s3_restore": _s3_restore,
     "s3_keep": _positive,
+    "s3_encrypt": _bool,
 }
 VALID_KEYS = ("backend", *PARSERS)
 """The keys every backend takes; a backend adds its own (``Backend.options``)."""
@@ -253,6 +257,18 @@ def with_default_size(raw: Mapping[str, object] | None, *, default_backend: str,
     return {**(raw or {}), "size": default_size}
 
 
+def with_default_encrypt(raw: Mapping[str, object] | None, *,
+                         passphrase_set: bool) -> Mapping[str, object]:
+    """``raw`` plus ``s3_encrypt=true`` if it syncs to S3, does not say ``s3_encrypt`` and
+    ``S3_PASSPHRASE`` is set.  Create stores the result, so setting or unsetting the passphrase
+    later never switches an existing volume between encrypted and plain (and a prefix someone
+    filled with plain snapshots cannot talk a new volume out of encrypting: that is refused)."""
+    opts = normalise(raw)
+    if not passphrase_set or "s3_encrypt" in opts or not any(k.startswith("s3_") for k in opts):
+        return raw or {}
+    return {**(raw or {}), "s3_encrypt": "true"}
+
+
 def parse_options(
     raw: Mapping[str, object] | None,
     *,
@@ -260,11 +276,14 @@ def parse_options(
     backends: Mapping[str, Backend],
     volume: str = "",
     default_bucket: str = "",
+    passphrase_set: bool | None = None,
 ) -> VolumeOptions:
     """Parse driver options into :class:`VolumeOptions`.
 
     Raises :class:`InvalidOption` naming the offending key for unknown keys, credentials,
-    bad values and unknown backends.
+    bad values and unknown backends.  ``passphrase_set`` (Create passes it; a stored record
+    parsed again does not, so unsetting ``S3_PASSPHRASE`` never hides a volume) refuses
+    ``s3_encrypt=true`` without ``S3_PASSPHRASE``.
     """
     opts = normalise(raw)
     for key in opts:
@@ -272,7 +291,7 @@ def parse_options(
             raise InvalidOption(
                 f"option {key!r} looks like a credential; credentials are never volume options: "
                 "set them once with `docker plugin set pyvol AWS_ACCESS_KEY_ID=... "
-                "AWS_SECRET_ACCESS_KEY=...`"
+                "AWS_SECRET_ACCESS_KEY=...` (and S3_PASSPHRASE=... for -o s3_encrypt=true)"
             )
     backend = _choose_backend(opts, default_backend, backends)
     if backend not in backends:
@@ -318,10 +337,16 @@ def parse_options(
                 "S3 sync needs a bucket: add -o s3_bucket=NAME, or set a default with "
                 "`docker plugin set pyvol S3_BUCKET=NAME`"
             )
+        encrypt = p.get("s3_encrypt", False)
+        if encrypt and passphrase_set is False:
+            raise InvalidOption(
+                "option s3_encrypt=true needs a passphrase: set it once with "
+                "`docker plugin set pyvol S3_PASSPHRASE=...` (keep a copy: without it the "
+                "volume's S3 snapshots can never be read)")
         sync, every = p.get("s3_sync", ("on-unmount", None))
         s3 = S3Policy(bucket=bucket, prefix=p.get("s3_prefix") or volume, sync=sync,
                       every=every, restore=p.get("s3_restore", "latest"),
-                      keep=p.get("s3_keep", S3Policy.keep))
+                      keep=p.get("s3_keep", S3Policy.keep), encrypt=encrypt)
     return VolumeOptions(
         backend=backend, uid=p.get("uid"), gid=p.get("gid"), mode=p.get("mode", 0o755),
         source=p.get("from"), snapshot=snapshot, s3=s3, params=tuple(params),

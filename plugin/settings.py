@@ -24,7 +24,8 @@ class Settings:
     s3_bucket: str = ""
     """Default bucket for volumes created with ``-o s3_sync`` but no ``s3_bucket``."""
     s3_env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    """S3 endpoint and credentials (``S3_*``, ``AWS_*``); never logged or shown."""
+    """S3 endpoint, credentials and ``S3_PASSPHRASE`` (``S3_*``, ``AWS_*``); never logged or
+    shown."""
 
     @classmethod
     def from_env(

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS sync (
     last_ok_at TEXT,
     last_id TEXT,
     last_error TEXT,
-    last_error_at TEXT
+    last_error_at TEXT,
+    encrypt INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS checks (
     volume TEXT PRIMARY KEY,
@@ -86,6 +87,8 @@ class SyncRecord:
     last_id: str | None = None
     last_error: str | None = None
     last_error_at: str | None = None
+    encrypt: bool = False
+    """The volume's ``s3_encrypt``: a pending push of a removed volume still seals."""
 
 
 SYNC_FIELDS = tuple(SyncRecord.__dataclass_fields__)
@@ -129,6 +132,9 @@ class StateStore:
             if "creating" not in columns:  # a database of an older pyvol
                 self._db.execute(
                     "ALTER TABLE volumes ADD COLUMN creating INTEGER NOT NULL DEFAULT 0")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(sync)")}
+            if "encrypt" not in columns:  # a database of a pyvol without encryption
+                self._db.execute("ALTER TABLE sync ADD COLUMN encrypt INTEGER NOT NULL DEFAULT 0")
             self._volumes: dict[str, VolumeRecord] = {}
             self._creating: dict[str, VolumeRecord] = {}
             for row in self._db.execute(
@@ -387,6 +393,7 @@ class StateStore:
 def _sync(row: tuple[object, ...]) -> SyncRecord:
     data = dict(zip(SYNC_FIELDS, row, strict=True))
     data["pending"] = bool(data["pending"])
+    data["encrypt"] = bool(data["encrypt"])
     return SyncRecord(**data)  # type: ignore[arg-type]
 
 

@@ -2,8 +2,10 @@
 
 Structure (cheap: one LIST of ``data/``, manifests from the local cache, tree parts fetched):
 every object under ``snapshots/`` is a valid manifest (else a *warning*: it is skipped by
-every operation), every tree part and patch decodes and passes the restore rules, and every
-blob a snapshot references lies in a pack that exists and is long enough to hold it.
+every operation; in an encrypted store one that fails authentication -- tampered, replayed
+or planted -- is a *problem*), every tree part and patch decodes and passes the restore
+rules, and every blob a snapshot references lies in a pack that exists and is long enough
+to hold it.
 
 With ``read_data`` every referenced blob is downloaded (span by span, memory bounded by the
 pool's width times :data:`~s3sync.remote.SPAN_MAX`) and checked against its hash.
@@ -20,9 +22,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from s3sync import blobs
 from s3sync.client import ObjectMissing
-from s3sync.errors import CorruptObject, S3SyncError
+from s3sync.errors import CorruptObject, S3SyncError, TamperedObject
 from s3sync.manifest import ChunkRef
 from s3sync.remote import Remote, Span, plan
 
@@ -57,7 +58,9 @@ class CheckReport:
 def check(remote: Remote, read_data: bool, pool: ThreadPoolExecutor) -> CheckReport:
     report = CheckReport(read_data=read_data)
     catalog = remote.catalog()
-    report.warnings = list(catalog.skipped)
+    refused = [str(exc) for exc in catalog.refused.values()]
+    report.warnings = [s for s in catalog.skipped if s not in refused]
+    report.problems.extend(refused)
     report.snapshots = len(catalog.manifests)
     sizes = remote.pack_sizes()
     report.packs = len(sizes)
@@ -123,8 +126,11 @@ def _verify(remote: Remote, span: Span) -> list[tuple[ChunkRef, str]]:
     bad: list[tuple[ChunkRef, str]] = []
     for ref in span.refs:
         try:
-            blobs.unpack(view[ref.offset - span.start:ref.offset - span.start + ref.length],
-                         ref.size, ref.hash)
+            remote.codec.open_blob(
+                view[ref.offset - span.start:ref.offset - span.start + ref.length],
+                ref.size, ref.hash)
+        except TamperedObject as exc:
+            bad.append((ref, f"is refused ({exc.cause}: {exc})"))
         except ValueError as exc:
             bad.append((ref, f"is corrupt ({exc})"))
     return bad

@@ -44,3 +44,40 @@ class StoreBusy(S3SyncError):
 
 class TransientFailure(S3SyncError):
     """The store kept failing (5xx, throttling, dropped connections) past the retry budget."""
+
+
+class TamperedObject(CorruptObject):
+    """A sealed object failed authentication: forged, modified, truncated, swapped or replayed.
+
+    ``name`` is the object's name and ``cause`` one of :data:`s3sync.crypto.Cause`.
+    """
+
+    def __init__(self, message: str, name: str, cause: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.cause = cause
+
+
+class WrongPassphrase(S3SyncError):
+    """No key object of the store opens with the passphrase given (or none was given)."""
+
+
+class BadKeyObject(S3SyncError):
+    """A key object is malformed, of an unknown version, or was renamed; or none exists."""
+
+
+class LastKey(S3SyncError):
+    """Removing this key would leave the store with no key: the data could never be read."""
+
+
+class ConditionalWriteUnsupported(S3SyncError):
+    """The endpoint rejects, or visibly ignores, ``If-None-Match: *`` on a PUT: two hosts
+    could then each create a different master key for one store."""
+
+
+class KeyInUse(S3SyncError):
+    """The key to remove is the one this store's own passphrase opens."""
+
+
+class NotEncrypted(S3SyncError):
+    """A key operation on a store that holds no key (plain, or not pushed to yet)."""

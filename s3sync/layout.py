@@ -3,14 +3,18 @@
     <prefix>/snapshots/<id>     manifest of one snapshot (zstd JSON), written last by a push
     <prefix>/data/<pack-hash>   pack: blobs back to back, named by the BLAKE3 of its bytes
     <prefix>/locks/<kind>-<uuid> empty marker of a running push or prune
+    <prefix>/keys/<key-id>      the master key wrapped under one passphrase (``keys.py``);
+                                present only in an encrypted store, and then always
+    <prefix>/config             sealed (kind ``config``) under the master key: which of the
+                                key objects are this store's (``keyring.py``); written once,
+                                by the first push, with If-None-Match
 
-
-Every listing is of one of these three folders (``<prefix>/snapshots/`` ...), never of a bare
+Every listing is of one of these four folders (``<prefix>/snapshots/`` ...), never of a bare
 prefix: a volume with prefix ``team`` must never see, let alone delete, the objects of one
 with prefix ``team/db`` (``team/db/...``), nor those of ``team/data/x`` (whose keys start with
 ``team/data/``).  So listings also keep only keys whose tail is a name this layout writes
-(:meth:`Layout.own_pack`, :meth:`Layout.own_lock`; snapshot ids are checked by the manifest
-module).
+(:meth:`Layout.own_pack`, :meth:`Layout.own_lock`, :meth:`Layout.own_key`; snapshot ids are
+checked by the manifest module).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import re
 
 PACK_ID = re.compile(r"[0-9a-f]{64}")
+KEY_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class Layout:
@@ -27,6 +32,8 @@ class Layout:
         self.snapshots = f"{self.root}snapshots/"
         self.data = f"{self.root}data/"
         self.locks = f"{self.root}locks/"
+        self.keys = f"{self.root}keys/"
+        self.config = f"{self.root}config"
 
     def snapshot(self, snapshot_id: str) -> str:
         return self.snapshots + snapshot_id
@@ -36,6 +43,12 @@ class Layout:
 
     def lock(self, name: str) -> str:
         return self.locks + name
+
+    def key(self, key_id: str) -> str:
+        return self.keys + key_id
+
+    def own_key(self, key: str) -> bool:
+        return key.startswith(self.keys) and KEY_ID.fullmatch(key[len(self.keys):]) is not None
 
     def own_pack(self, key: str) -> bool:
         return key.startswith(self.data) and PACK_ID.fullmatch(key[len(self.data):]) is not None

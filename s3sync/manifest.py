@@ -36,7 +36,8 @@ is written.  Push and restore apply the same rules (:func:`pushable` on the way 
   records a hard link's xattrs on its file).
 * **sizes**: a file's size is the sum of its blob sizes; every other kind has size 0 and no
   blobs.  A blob is at most :data:`blobs.CHUNK_MAX` plain bytes and stored in at most that
-  many (a push stores raw what does not compress), so memory per blob is bounded whatever the
+  many (a push stores raw what does not compress) plus, in an encrypted store, what sealing
+  adds (:func:`s3sync.crypto.overhead`), so memory per blob is bounded whatever the
   manifest declares; tree parts are at most :data:`TREE_PART_MAX`, manifests decompress to at
   most :data:`MANIFEST_MAX`.
 * **names**: a path is ``/``-separated components, none empty, ``.`` or ``..``, none longer
@@ -60,6 +61,7 @@ from typing import Any, NamedTuple
 
 from backends.tree import Entry
 from s3sync import blobs
+from s3sync.crypto import overhead
 from s3sync.errors import CorruptObject
 
 FORMAT = "pyvol-s3/1"
@@ -173,14 +175,15 @@ def _aware(text: str) -> datetime:
 
 def _ref(raw: Sequence[Any], most: int = blobs.CHUNK_MAX) -> ChunkRef:
     """A blob reference as stored; refused unless a push could have written it: hashes and
-    pack names are 64 hex digits, ``0 < length <= size <= most``."""
+    pack names are 64 hex digits, ``0 < length <= size <= most`` (plus what sealing adds to
+    ``length`` in an encrypted store)."""
     if not isinstance(raw, list) or len(raw) != 5:
         raise ValueError(f"bad blob reference {str(raw)[:200]}")
     digest, pack, offset, length, size = raw
     if not (isinstance(digest, str) and isinstance(pack, str)
             and HASH.fullmatch(digest) and HASH.fullmatch(pack)
             and all(type(n) is int for n in (offset, length, size))
-            and 0 <= offset < 1 << 62 and 0 < length <= size):
+            and 0 <= offset < 1 << 62 and 0 < length <= size + overhead(size)):
         raise ValueError(f"bad blob reference {str(raw)[:200]}")
     if size > most:
         raise ValueError(f"blob {digest} declares {size} bytes, more than any push writes "

@@ -33,7 +33,6 @@ from s3sync.manifest import (
     Manifest,
     RemoteSnapshot,
     Tree,
-    encode_manifest,
     encode_patch,
     new_snapshot_id,
     pushable,
@@ -42,6 +41,7 @@ from s3sync.manifest import (
 )
 from s3sync.packs import PackWriter
 from s3sync.remote import Remote
+from s3sync.sealing import Codec
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,12 @@ def push(remote: Remote, view: TreeView, progress: Progress | None,
             state.patches = list(newest.patches) if newest_parts else []
             state.patched = tree.patched
 
-        writer = PackWriter(bucket, layout, pool, packs, in_flight=remote.workers)
+        writer = PackWriter(bucket, layout, pool, packs, in_flight=remote.workers,
+                            codec=remote.codec)
         files: dict[str, Cached] = {}
         try:
-            walked, size, count = _walk(view, state, index, writer, files, progress)
+            walked, size, count = _walk(view, state, index, writer, files, progress,
+                                        remote.codec)
             writer.seal()
             digests, texts = _records(walked, writer)
             for path, cached in files.items():
@@ -113,10 +115,10 @@ def push(remote: Remote, view: TreeView, progress: Progress | None,
                     patched <= max(PATCH_MIN, len(digests) // PATCH_SHARE):
                 patch = encode_patch([texts(p) for p in changed], deleted)
                 tree_refs = list(state.tree)
-                patch_refs = [*state.patches, _add(patch, index, writer)]
+                patch_refs = [*state.patches, _add(patch, index, writer, remote.codec)]
             else:
                 parts = split_parts([(p, texts(p)) for p in digests])
-                tree_refs = [_add(part, index, writer) for part in parts]
+                tree_refs = [_add(part, index, writer, remote.codec) for part in parts]
                 patch_refs, patched = [], 0
             writer.finish()
         except BaseException:
@@ -131,7 +133,7 @@ def push(remote: Remote, view: TreeView, progress: Progress | None,
                                   files=count, uploaded_bytes=writer.uploaded_bytes)
         manifest = Manifest(snapshot, held.started, tuple(writer.resolve(r) for r in tree_refs),
                             tuple(writer.resolve(r) for r in patch_refs))
-        data = encode_manifest(manifest)
+        data = remote.codec.encode_manifest(manifest)
         try:
             bucket.put(layout.snapshot(snapshot.id), data)
         except BaseException:
@@ -147,9 +149,9 @@ def _digest(text: bytes) -> str:
     return blobs.digest(text)[:32]
 
 
-def _add(blob: bytes, index: dict[str, ChunkRef], writer: PackWriter) -> ChunkRef:
+def _add(blob: bytes, index: dict[str, ChunkRef], writer: PackWriter, codec: Codec) -> ChunkRef:
     """Store a tree part or patch unless the store already has it."""
-    digest = blobs.digest(blob)
+    digest = codec.content_id(blob)
     ref = index.get(digest)
     if ref is None:
         ref = index[digest] = writer.add(digest, blobs.pack_form(blob), len(blob))
@@ -189,7 +191,8 @@ def _records(walked: Walked, writer: PackWriter,
 
 
 def _walk(view: TreeView, state: FileState, index: dict[str, ChunkRef], writer: PackWriter,
-          files: dict[str, Cached], progress: Progress | None) -> tuple[Walked, int, int]:
+          files: dict[str, Cached], progress: Progress | None,
+          codec: Codec) -> tuple[Walked, int, int]:
     entries = _pushable(view.entries())
     total = sum(e.size for e in entries if e.kind == "file")
     done = size = count = 0
@@ -208,7 +211,7 @@ def _walk(view: TreeView, state: FileState, index: dict[str, ChunkRef], writer: 
             refs, known = cached.refs, cached.record
         else:
             try:
-                refs = _read(view, entry, index, writer)
+                refs = _read(view, entry, index, writer, codec)
             except OSError as exc:
                 if exc.errno in VANISHED:
                     vanished.add(entry.path)  # deleted or replaced since the scan
@@ -252,14 +255,15 @@ def _pushable(entries: Sequence[Entry]) -> list[Entry]:
 
 
 def _read(view: TreeView, entry: Entry, index: dict[str, ChunkRef],
-          writer: PackWriter) -> list[ChunkRef]:
+          writer: PackWriter, codec: Codec) -> list[ChunkRef]:
     refs: list[ChunkRef] = []
     with view.open(entry) as stream:
         for piece in blobs.cut(stream, entry.size):
-            digest = blobs.digest(piece)
+            digest = codec.content_id(piece)
             ref = index.get(digest)
             if ref is None:
-                ref = index[digest] = writer.add(digest, blobs.pack_form(piece), len(piece))
+                ref = index[digest] = writer.add(digest, blobs.pack_form(piece),
+                                                 len(piece))
             refs.append(ref)
     return refs
 

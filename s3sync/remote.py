@@ -1,7 +1,8 @@
 """Reading what pushes wrote: snapshot listings, manifests, blobs and trees.
 
 Blobs are fetched per pack, with nearby blobs merged into one ranged GET, and every blob is
-checked against its BLAKE3 hash before anyone sees it.
+checked against its BLAKE3 hash (keyed, after unsealing, in an encrypted store: ``sealing.py``)
+before anyone sees it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from s3sync import blobs
 from s3sync.cache import Cache
 from s3sync.client import Bucket, ObjectMissing
-from s3sync.errors import CorruptObject, SnapshotNotFound
+from s3sync.errors import CorruptObject, SnapshotNotFound, TamperedObject
 from s3sync.layout import Layout
-from s3sync.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, decode_manifest, parse_tree
+from s3sync.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, parse_tree
+from s3sync.sealing import Codec
 
 MERGE_GAP = 1 << 20
 """Blobs of one pack closer than this are fetched by one ranged GET."""
@@ -25,6 +26,9 @@ SPAN_MAX = 8 << 20
 
 log = logging.getLogger(__name__)
 
+Plain = bytes | bytearray
+"""A verified blob's content (unsealing gives a ``bytearray``: not copied again)."""
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -32,6 +36,9 @@ class Catalog:
     """Valid snapshots, oldest first by their recorded creation time."""
     skipped: list[str]
     """Objects under ``snapshots/`` that are not valid snapshots: "key: why"."""
+    refused: dict[str, TamperedObject] = field(default_factory=dict)
+    """Snapshot id -> why: the part of ``skipped`` that failed authentication in an
+    encrypted store (tampered, replayed or planted), problems rather than mere junk."""
 
     @property
     def latest(self) -> Manifest | None:
@@ -48,6 +55,8 @@ class Remote:
     workers: int
     skipped: list[str] = field(default_factory=list)
     """What the last :meth:`catalog` skipped (updated in place), for Status warnings."""
+    codec: Codec = field(default_factory=Codec)
+    """Plain, or sealed under the store's master key once it is unlocked (``store.py``)."""
 
     @property
     def where(self) -> str:
@@ -75,11 +84,16 @@ class Remote:
             else:
                 skipped.append(f"{info.key}: not a snapshot (its name is no snapshot id)")
 
+        refused: dict[str, TamperedObject] = {}
+
         def load(snapshot_id: str) -> Manifest | str:
             try:
                 return self.manifest(snapshot_id)
             except SnapshotNotFound:
                 return ""  # deleted since the listing (a prune): not a problem
+            except TamperedObject as exc:
+                refused[snapshot_id] = exc
+                return str(exc)
             except CorruptObject as exc:
                 return str(exc)
 
@@ -89,6 +103,8 @@ class Remote:
                 for snapshot_id, got in zip(ids, pool.map(load, ids), strict=True):
                     if isinstance(got, Manifest):
                         found.append(got)
+                    elif snapshot_id in refused:
+                        skipped.append(got)  # names the object already
                     elif got:
                         skipped.append(f"{self.layout.snapshot(snapshot_id)}: {got}")
         found.sort(key=lambda m: (m.snapshot.created, m.snapshot.id))
@@ -96,7 +112,7 @@ class Remote:
         if skipped:
             log.warning("%s: skipped %d object(s) that are not valid snapshots, e.g. %s",
                         self.where, len(skipped), skipped[0])
-        return Catalog(found, skipped)
+        return Catalog(found, skipped, refused)
 
     def pack_sizes(self) -> dict[str, int]:
         """Every pack of this store with its size in bytes (one LIST of ``data/``)."""
@@ -113,10 +129,10 @@ class Remote:
                 raise SnapshotNotFound(
                     f"snapshot {snapshot_id!r} is not in {self.where}: list the snapshots "
                     "and pick one, or use 'latest'") from None
-            manifest = decode_manifest(data, key)
+            manifest = self.codec.decode_manifest(data, snapshot_id, key)
             self.cache.keep_manifest(snapshot_id, data)
         else:
-            manifest = decode_manifest(data, key)
+            manifest = self.codec.decode_manifest(data, snapshot_id, key)
         if manifest.snapshot.id != snapshot_id:
             raise CorruptObject(f"manifest {key} names snapshot {manifest.snapshot.id!r}; "
                                 "it was moved or overwritten: restore another snapshot")
@@ -129,33 +145,48 @@ class Remote:
 
     def tree(self, manifest: Manifest) -> Tree:
         found = self.fetch(manifest.tree + manifest.patches, manifest.snapshot.id)
-        return parse_tree([found[(r.pack, r.offset)] for r in manifest.tree],
-                          [found[(r.pack, r.offset)] for r in manifest.patches],
+        return parse_tree([bytes(found[(r.pack, r.offset)]) for r in manifest.tree],
+                          [bytes(found[(r.pack, r.offset)]) for r in manifest.patches],
                           manifest.snapshot.id)
 
-    def fetch(self, refs: Iterable[ChunkRef], snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch(self, refs: Iterable[ChunkRef], snapshot_id: str) -> dict[tuple[str, int], Plain]:
         """Plain content of every blob in ``refs``, keyed by (pack, offset), verified."""
         spans = plan(refs)
-        found: dict[tuple[str, int], bytes] = {}
+        found: dict[tuple[str, int], Plain] = {}
         with ThreadPoolExecutor(self.workers) as pool:
             for result in pool.map(lambda s: self.fetch_span(s, snapshot_id), spans):
                 found.update(result)
         return found
 
-    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch_span(self, span: Span, snapshot_id: str,
+                   pack_size: int | None = None) -> dict[tuple[str, int], Plain]:
+        """The verified blobs of ``span``; a span that covers the whole pack (its listed
+        ``pack_size``) is one plain GET, with no range for the server to cut out."""
         key = self.layout.pack(span.pack)
+        whole = span.start == 0 and span.end == pack_size
         try:
-            data = self.bucket.get(key, span.start, span.end)
+            data = self.bucket.get(key) if whole else self.bucket.get(key, span.start, span.end)
         except ObjectMissing:
             raise CorruptObject(
                 f"snapshot {snapshot_id} needs {key}, which is missing from {self.where}: "
                 "restore another snapshot; the next push uploads lost content again") from None
+        if whole and len(data) != span.end:
+            raise CorruptObject(
+                f"object {key} in {self.where} is {len(data)} bytes, not the {span.end} it "
+                f"was when listed: snapshot {snapshot_id} cannot be restored from it: restore "
+                "another snapshot, or push again to write a good copy")
         view = memoryview(data)
-        out: dict[tuple[str, int], bytes] = {}
+        out: dict[tuple[str, int], Plain] = {}
         for ref in span.refs:
             stored = view[ref.offset - span.start:ref.offset - span.start + ref.length]
             try:
-                out[(ref.pack, ref.offset)] = blobs.unpack(stored, ref.size, ref.hash)
+                out[(ref.pack, ref.offset)] = self.codec.open_blob(stored, ref.size, ref.hash)
+            except TamperedObject as exc:
+                raise TamperedObject(
+                    f"object {key} is refused: the blob at offset {ref.offset} does not "
+                    f"authenticate ({exc.cause}: {exc}); snapshot {snapshot_id} cannot be "
+                    "restored from it: restore another snapshot, or push again to write a "
+                    "good copy", key, exc.cause) from None
             except ValueError as exc:
                 raise CorruptObject(
                     f"object {key} is corrupt: the blob at offset {ref.offset} ({exc}); "

@@ -21,7 +21,7 @@ from plugin.state import StateStore
 from plugin.sync.queue import PushQueue, push_state
 from plugin.sync.remotes import Remotes, Transfers
 from plugin.sync.scheduler import Backoff
-from plugin.testhooks import fail_point
+from plugin.testhooks import fail_point, hold_point
 from snapshots.store import SnapshotStore, default_name
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,15 @@ class Pusher:
             return
         self.transfers.start(volume, "syncing")
         try:
-            remote = self.remotes.get(record.bucket, record.prefix)
+            remote = self.remotes.get(record.bucket, record.prefix, record.encrypt)
+            report = self.transfers.reporter(volume, "syncing")
+
+            def progress(done: int, total: int) -> None:
+                report(done, total)
+                hold_point("s3:upload")  # test hook: a push held mid-upload, its locks held
+
             with self.snapshots.view(volume, snapshot) as view:
-                pushed = remote.push(view, self.transfers.reporter(volume, "syncing"))
+                pushed = remote.push(view, progress)
         except Exception as exc:
             self._failed(volume, str(exc), None)
             return

@@ -72,7 +72,7 @@ class PushQueue:
         if record is None or (record.bucket, record.prefix) != (policy.bucket, policy.prefix):
             record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
                                 keep=policy.keep)
-        record = replace(record, keep=policy.keep)
+        record = replace(record, keep=policy.keep, encrypt=policy.encrypt)
         if policy.restore != "never":
             record = replace(record, restoring=policy.restore, last_error=None,
                              last_error_at=None)
@@ -84,10 +84,11 @@ class PushQueue:
         record = self.state.get_sync(volume)
         if record is None or (record.bucket, record.prefix) != (policy.bucket, policy.prefix):
             record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
-                                keep=policy.keep)
+                                keep=policy.keep, encrypt=policy.encrypt)
             self.state.put_sync(record)
-        elif record.keep != policy.keep:  # a volume created again with another s3_keep
-            record = replace(record, keep=policy.keep)
+        elif (record.keep, record.encrypt) != (policy.keep, policy.encrypt):
+            # a volume created again with another s3_keep or s3_encrypt
+            record = replace(record, keep=policy.keep, encrypt=policy.encrypt)
             self.state.put_sync(record)
         return record
 

@@ -25,28 +25,40 @@ class Remotes:
         self.root = root
         self.env = env
         self._config: S3Config | None = None
-        self._stores: dict[tuple[str, str], RemoteStore] = {}
+        self._stores: dict[tuple[str, str, bool], RemoteStore] = {}
         self._guard = threading.Lock()
         make_private(root / "s3cache")
 
-    def get(self, bucket: str, prefix: str) -> RemoteStore:
-        """The store of ``s3://bucket/prefix``, with its local cache; made on first use."""
-        from s3sync import RemoteStore, S3Config
+    def get(self, bucket: str, prefix: str, encrypt: bool) -> RemoteStore:
+        """The store of ``s3://bucket/prefix``, with its local cache; made on first use.
+
+        ``encrypt`` (the volume's ``s3_encrypt``) hands it ``S3_PASSPHRASE``; refused if that
+        is not set, so an encrypted volume never pushes in the clear.  Without it the store is
+        plain, and refuses a prefix that holds key objects.
+        """
+        from s3sync import RemoteStore, S3Config, S3SyncError
 
         with self._guard:
             if self._config is None:
                 self._config = S3Config.from_env(self.env)
-            key = (bucket, prefix)
+            key = (bucket, prefix, encrypt)
             if key not in self._stores:
+                passphrase = self.env.get("S3_PASSPHRASE") if encrypt else None
+                if encrypt and not passphrase:
+                    raise S3SyncError(
+                        f"s3://{bucket}/{prefix} belongs to a volume created with "
+                        "-o s3_encrypt=true, and S3_PASSPHRASE is not set: set it with "
+                        "`docker plugin set pyvol S3_PASSPHRASE=...`")
                 digest = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:32]
                 cache = self.root / "s3cache" / digest
                 cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._stores[key] = RemoteStore(self._config, bucket, prefix, cache)
+                self._stores[key] = RemoteStore(self._config, bucket, prefix, cache,
+                                                passphrase=passphrase)
             return self._stores[key]
 
     def cached(self, where: tuple[str, str]) -> RemoteStore | None:
         """The store of (bucket, prefix) if one was made (Status never makes one)."""
-        return self._stores.get(where)
+        return self._stores.get((*where, True)) or self._stores.get((*where, False))
 
 
 class Transfers:

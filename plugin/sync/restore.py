@@ -87,7 +87,7 @@ class Restorer:
                          "removed volume of the same name", volume, pending)
                 self.queue.restored(volume, at_create=True, remote_id=None)
                 return
-            remote = self.remotes.get(policy.bucket, policy.prefix)
+            remote = self.remotes.get(policy.bucket, policy.prefix, policy.encrypt)
             snaps = remote.list()
             if wanted == "latest":
                 target = snaps[-1] if snaps else None

@@ -27,7 +27,9 @@ from plugin.sync.scheduler import Backoff, Scheduler
 from snapshots.store import SnapshotStore
 
 if TYPE_CHECKING:
-    from s3sync import CheckReport, RemoteSnapshot
+    from s3sync import CheckReport, RemoteSnapshot, RemoteStore
+    from s3sync.keys import KeyInfo
+    from s3sync.store import KeyList
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class Syncer:
             "prefix": policy.prefix,
             "mode": policy.sync if policy.sync != "periodic" else f"every {policy.every}s",
             "keep": policy.keep,
+            "encrypted": policy.encrypt,
         }
         if record is not None:
             status["last_push"] = (
@@ -176,8 +179,11 @@ class Syncer:
     def request_push(self, volume: str, policy: S3Policy, data: VolumeContent) -> None:
         self.pusher.request(volume, policy, data)
 
+    def _remote(self, policy: S3Policy) -> RemoteStore:
+        return self.remotes.get(policy.bucket, policy.prefix, policy.encrypt)
+
     def remote_list(self, policy: S3Policy) -> list[RemoteSnapshot]:
-        snaps: list[RemoteSnapshot] = self.remotes.get(policy.bucket, policy.prefix).list()
+        snaps: list[RemoteSnapshot] = self._remote(policy).list()
         return snaps
 
     def restore_in_place(self, volume: str, policy: S3Policy, snapshot_id: str,
@@ -185,11 +191,22 @@ class Syncer:
         self.restorer.in_place(volume, policy, snapshot_id, content)
 
     def delete_remote(self, volume: str, policy: S3Policy) -> None:
-        self.remotes.get(policy.bucket, policy.prefix).delete_all()
+        self._remote(policy).delete_all()
         self.queue.forget(volume)
         self.checks.forget(volume)
 
     def check(self, volume: str, policy: S3Policy, read_data: bool) -> CheckReport:
         """Check the volume's remote copy (``pyvol sync check``); the result shows in Status."""
         return self.checks.run(volume, (policy.bucket, policy.prefix),
-                               self.remotes.get(policy.bucket, policy.prefix), read_data)
+                               self._remote(policy), read_data)
+
+    # passphrases of an encrypted volume's S3 copy (`pyvol sync key ...`)
+
+    def key_add(self, policy: S3Policy, passphrase: str) -> KeyInfo:
+        return self._remote(policy).add_key(passphrase)
+
+    def key_list(self, policy: S3Policy) -> KeyList:
+        return self._remote(policy).keys()
+
+    def key_remove(self, policy: S3Policy, key_id: str) -> None:
+        self._remote(policy).remove_key(key_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from e2e_support import (
     ok,
     plugin_field,
     pyvol,
+    pyvol_command,
 )
 
 from tests.support.trees import files_containing, picture
@@ -57,12 +59,14 @@ chown 1234:5678 random.bin
 touch -d '2020-01-02 03:04:05' docs/note.txt random.bin
 """
 CHECKSUMS = "cd /data && find . -type f | sort | xargs sha256sum"
+PASSPHRASE = "e2e passphrase 5d1c, never shown"
 
 
 @dataclass(frozen=True)
 class S3Setup:
     bucket: str
     secret: str
+    passphrase: str
     moto: MotoServer
     dockerd_log: Path
     log_offset: int
@@ -88,12 +92,12 @@ def s3(pyvol_plugin: Installed, moto: MotoServer) -> Iterator[S3Setup]:
                   for item in json.loads(plugin_field("{{json .Settings.Env}}")))
     wanted = {"S3_ENDPOINT_URL": moto.url, "AWS_REGION": "us-east-1",
               "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-              "S3_BUCKET": bucket}
+              "S3_BUCKET": bucket, "S3_PASSPHRASE": PASSPHRASE}
     log = Path(os.readlink(f"/proc/{dockerd_pid()}/fd/2"))
     offset = log.stat().st_size if log.is_file() else 0
     _configure(wanted)
     try:
-        yield S3Setup(bucket, SECRET_KEY, moto, log, offset)
+        yield S3Setup(bucket, SECRET_KEY, PASSPHRASE, moto, log, offset)
     finally:
         pyvol_plugin.ensure_enabled()
         _configure({key: before.get(key, "") for key in wanted})
@@ -130,8 +134,9 @@ def test_push_on_unmount_then_remove_and_create_again_restores_the_data(
     # -o s3_sync alone: the bucket is the plugin's S3_BUCKET setting.
     vol = scenario.create("sync", "-o", "s3_sync=on-unmount")
     status = _wait_idle(vol, previous="")
+    # S3_PASSPHRASE is set, so the volume encrypts without being told to.
     assert status == {"state": "idle", "bucket": s3.bucket, "prefix": vol,
-                      "mode": "on-unmount", "keep": 30, "last_push": None}
+                      "mode": "on-unmount", "keep": 30, "encrypted": True, "last_push": None}
 
     ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", WRITE_TREE, "sh", "first"))
     status = _wait_idle(vol)
@@ -155,7 +160,9 @@ def test_push_on_unmount_then_remove_and_create_again_restores_the_data(
 
 
 def test_restore_an_older_remote_snapshot_in_place(scenario: Scenario, s3: S3Setup) -> None:
-    vol = scenario.create("older", "-o", f"s3_bucket={s3.bucket}", "-o", "s3_keep=5")
+    vol = scenario.create("older", "-o", f"s3_bucket={s3.bucket}", "-o", "s3_keep=5",
+                          "-o", "s3_encrypt=false")
+    assert _s3(vol)["encrypted"] is False
     last = _wait_idle(vol, previous="")["last_push"]
     ids = []
     for tag in ("one", "two"):
@@ -203,7 +210,7 @@ def test_errors_reach_the_user_and_secrets_stay_hidden(scenario: Scenario, s3: S
     names = ok(docker("volume", "ls", "-q", "--filter", f"driver={DRIVER}")).split()
     assert vol in names and synced in names
     shown = ok(docker("volume", "inspect", *names))
-    assert s3.secret not in shown
+    assert s3.secret not in shown and s3.passphrase not in shown
     plugin_id = plugin_field("{{.Id}}")
     with s3.dockerd_log.open("rb") as f:
         f.seek(s3.log_offset)
@@ -211,5 +218,67 @@ def test_errors_reach_the_user_and_secrets_stay_hidden(scenario: Scenario, s3: S
                  if f"plugin={plugin_id}" in line]
     assert any("pushed remote snapshot" in line for line in lines), \
         "no plugin log lines found: the check would prove nothing"
-    assert not [line for line in lines if s3.secret in line]
+    assert not [line for line in lines if s3.secret in line or s3.passphrase in line]
     assert files_containing(scenario.plugin.data, s3.secret.encode()) == []
+    assert files_containing(scenario.plugin.data, s3.passphrase.encode()) == []
+
+
+def test_an_encrypted_volume_is_synced_removed_and_restored_by_name(
+        scenario: Scenario, s3: S3Setup) -> None:
+    vol = scenario.create("sealed", "-o", "s3_sync=on-unmount", "-o", "s3_encrypt=true")
+    assert _wait_idle(vol, previous="")["encrypted"] is True
+    marker = f"plain text that must not reach the bucket {scenario.plugin.token}"
+    ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c",
+                    WRITE_TREE + f'echo "{marker}" > /data/docs/secret.txt', "sh", "first"))
+    pushed = _wait_idle(vol)
+    assert "last_error" not in pushed
+    sums = ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", CHECKSUMS))
+
+    client: Any = s3.moto.client()
+    listed = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=f"{vol}/")
+              .get("Contents", [])]
+    assert any(key.startswith(f"{vol}/keys/") for key in listed), listed
+    assert any(key.startswith(f"{vol}/data/") for key in listed), listed
+    for key in listed:
+        try:
+            body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            continue  # a lock marker removed since the listing
+        assert marker.encode() not in body and b"note.txt" not in body, key
+        assert s3.passphrase.encode() not in body, key
+    checked = ok(pyvol("sync", "check", vol, "--read-data"))
+    assert "structure and data ok" in checked
+
+    # A second passphrase, from stdin; the plugin's own key cannot be removed, the new one can.
+    [current] = ok(pyvol("sync", "key", "ls", vol)).splitlines()
+    current_id, _, mark = current.split("\t")
+    assert mark == "opened by S3_PASSPHRASE"
+    added = ok(subprocess.run([*pyvol_command(), "sync", "key", "add", vol],
+                              input="second one\n", capture_output=True, text=True, timeout=60,
+                              check=False))
+    new_id = added.split()[2]
+    rows = ok(pyvol("sync", "key", "ls", vol)).splitlines()
+    assert sorted(row.split("\t")[0] for row in rows) == sorted([current_id, new_id])
+    refused = fails(pyvol("sync", "key", "rm", vol, current_id))
+    assert "S3_PASSPHRASE" in refused and "docker plugin set" in refused, refused
+    assert ok(pyvol("sync", "key", "rm", vol, new_id)).strip() == \
+        f"removed key {new_id} from {vol}"
+    assert "second one" not in ok(docker("volume", "inspect", vol))
+
+    ok(docker("volume", "rm", vol))
+    assert ok(docker("volume", "create", "-d", ALIAS, "-o", "s3_sync=on-unmount", vol)).strip() \
+        == vol
+    assert ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", CHECKSUMS)) == sums
+    assert ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "cat", "/data/docs/secret.txt")) \
+        == marker + "\n"
+    assert _s3(vol)["encrypted"] is True
+
+    # Asked to read it unencrypted, the same name is refused and the volume stays empty.
+    ok(docker("volume", "rm", vol))
+    ok(docker("volume", "create", "-d", ALIAS, "-o", "s3_encrypt=false", vol))
+    wait_for(lambda: _s3(vol)["state"] == "error", 30, "the plain restore to be refused",
+             pause=POLL)
+    assert "S3_PASSPHRASE" in _s3(vol)["last_error"]["message"]
+    stderr = fails(scenario.run("-v", f"{vol}:/data", BUSYBOX, "true"))
+    assert "has not completed" in stderr, stderr
+    assert list(scenario.plugin.volume_dir(vol).iterdir()) == []

@@ -319,7 +319,7 @@ def bucket(moto: MotoServer) -> str:
 class MakeStore(Protocol):
     def __call__(self, url: str, bucket: str, cache: Path, *, key: str = ...,
                  secret: str = ..., retry: RetryPolicy | None = ..., workers: int = ...,
-                 prefix: str = ...) -> RemoteStore: ...
+                 prefix: str = ..., passphrase: str | None = ...) -> RemoteStore: ...
 
 
 @pytest.fixture
@@ -329,9 +329,9 @@ def make_store() -> MakeStore:
 
     def make(url: str, bucket: str, cache: Path, *, key: str = ACCESS_KEY,
              secret: str = SECRET_KEY, retry: RetryPolicy | None = None, workers: int = 8,
-             prefix: str = "vol") -> RemoteStore:
+             prefix: str = "vol", passphrase: str | None = None) -> RemoteStore:
         config = S3Config(endpoint_url=url, region="us-east-1", access_key_id=key,
                           secret_access_key=secret)
         return RemoteStore(config, bucket, prefix, cache, retry=retry or RetryPolicy(),
-                           workers=workers)
+                           workers=workers, passphrase=passphrase)
     return make

@@ -64,14 +64,15 @@ class SyncServer(PluginProcess):
         env.update(self.env)
         return env
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """The ``pyvol`` CLI against this server, as a user runs it."""
+    def cli(self, *args: str, timeout: float = 60,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The ``pyvol`` CLI against this server, as a user runs it (``stdin``: piped in)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_"))}
         env.pop("PYVOL_SOCKET", None)
         return subprocess.run(
             [sys.executable, "-m", "plugin.cli", "--socket", str(self.socket), *args],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
-            stdin=subprocess.DEVNULL)
+            **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -10,7 +10,7 @@ import pytest
 from backends.base import BackendOption, Capabilities, DirSpec
 from backends.local import LocalBackend
 from plugin.errors import InvalidOption
-from plugin.options import VALID_KEYS, VolumeOptions, parse_options
+from plugin.options import VALID_KEYS, VolumeOptions, parse_options, with_default_encrypt
 from plugin.settings import Settings
 
 BACKENDS = {"local": LocalBackend}
@@ -159,6 +159,7 @@ def test_a_bad_backend_option_value_names_the_key() -> None:
 @pytest.mark.parametrize("key", [
     "password", "PASSWORD", "passwd", "secret", "aws_secret_access_key", "AWS_ACCESS_KEY_ID",
     "access-key", "Secret-Key", "token", "api-token", "credentials", "s3_credential",
+    "s3_passphrase", "Passphrase",
 ])
 def test_credential_keys_refused_pointing_at_plugin_set(key: str) -> None:
     message = refused({key: "hunter2-very-secret"})
@@ -227,3 +228,41 @@ def test_snapshot_names_are_capped_so_every_derived_file_name_fits() -> None:
         with pytest.raises(InvalidName, match="use 1-200 characters"):
             validate_snapshot_name("s" * length)
     assert len(f".{'s' * 200}.json.tmp".encode()) <= 255
+
+
+def _s3(raw: dict[str, str], passphrase_set: bool | None) -> VolumeOptions:
+    return parse_options({"s3_bucket": "b", **raw}, default_backend="local", backends=BACKENDS,
+                         volume="v", passphrase_set=passphrase_set)
+
+
+@pytest.mark.parametrize(("value", "wanted"), [("true", True), ("on", True), ("false", False)])
+def test_s3_encrypt_is_a_boolean_and_off_by_default(value: str, wanted: bool) -> None:
+    assert _s3({"s3_encrypt": value}, passphrase_set=True).s3.encrypt is wanted  # type: ignore[union-attr]
+    assert _s3({}, passphrase_set=False).s3.encrypt is False  # type: ignore[union-attr]
+
+
+def test_s3_encrypt_without_a_passphrase_is_refused_at_create_saying_what_to_set() -> None:
+    with pytest.raises(InvalidOption, match="S3_PASSPHRASE") as err:
+        _s3({"s3_encrypt": "true"}, passphrase_set=False)
+    assert "docker plugin set" in str(err.value)
+    assert _s3({"s3_encrypt": "false"}, passphrase_set=False).s3 is not None
+    # A stored record parsed again (no passphrase_set) still loads if the setting was unset.
+    assert _s3({"s3_encrypt": "true"}, passphrase_set=None).s3.encrypt  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("raw", "passphrase_set", "wanted"), [
+    ({"s3_bucket": "b"}, True, {"s3_bucket": "b", "s3_encrypt": "true"}),
+    ({"S3_Keep": "3"}, True, {"S3_Keep": "3", "s3_encrypt": "true"}),
+    ({"s3_bucket": "b", "s3_encrypt": "false"}, True, {"s3_bucket": "b", "s3_encrypt": "false"}),
+    ({"s3_bucket": "b"}, False, {"s3_bucket": "b"}),
+    ({"size": "1G"}, True, {"size": "1G"}),
+    (None, True, {}),
+])
+def test_s3_encrypt_defaults_on_for_synced_volumes_when_a_passphrase_is_set(
+        raw: dict[str, str] | None, passphrase_set: bool, wanted: dict[str, str]) -> None:
+    got = with_default_encrypt(raw, passphrase_set=passphrase_set)
+    assert dict(got) == wanted
+    if raw and any(k.lower().startswith("s3_") for k in raw):
+        parsed = _s3(dict(got), passphrase_set=passphrase_set)
+        assert parsed.s3 is not None
+        assert parsed.s3.encrypt is (got.get("s3_encrypt") == "true")

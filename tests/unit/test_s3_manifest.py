@@ -150,10 +150,12 @@ def test_a_patch_deleting_an_unknown_path_is_corrupt() -> None:
 
 
 def test_blob_references_larger_than_a_push_writes_are_refused() -> None:
+    from s3sync.crypto import overhead
     from s3sync.manifest import _ref
 
     assert _ref([H, P, 0, 5, blobs.CHUNK_MAX]).size == blobs.CHUNK_MAX
-    for bad in ([H, P, 0, 5, blobs.CHUNK_MAX + 1], [H, P, 0, 6, 5], [H, "x", 0, 5, 5],
+    assert _ref([H, P, 0, 5 + overhead(5), 5]).length == 5 + overhead(5)  # a sealed blob
+    for bad in ([H, P, 0, 5, blobs.CHUNK_MAX + 1], [H, P, 0, 6 + overhead(5), 5], [H, "x", 0, 5, 5],
                 [H, P, -1, 5, 5], [H, P, True, 5, 5], [H, P, 0, 5]):
         with pytest.raises(ValueError):
             _ref(bad)

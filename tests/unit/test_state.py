@@ -294,6 +294,32 @@ def test_a_database_of_an_older_pyvol_gains_the_creating_flag(db_path: Path) -> 
     store.close()
 
 
+def test_a_sync_table_of_an_older_pyvol_gains_the_encrypt_flag(db_path: Path) -> None:
+    import sqlite3
+
+    from plugin.state import SyncRecord
+
+    db_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(db_path)
+    old.execute("CREATE TABLE sync (volume TEXT PRIMARY KEY, bucket TEXT NOT NULL, "
+                "prefix TEXT NOT NULL, keep INTEGER NOT NULL, pending INTEGER NOT NULL "
+                "DEFAULT 0, snapshot TEXT, restoring TEXT, last_ok_at TEXT, last_id TEXT, "
+                "last_error TEXT, last_error_at TEXT)")
+    old.execute("INSERT INTO sync (volume, bucket, prefix, keep, pending) "
+                "VALUES ('v', 'b', 'v', 3, 1)")
+    old.commit()
+    old.close()
+    store = StateStore(db_path)
+    assert store.get_sync("v") == SyncRecord(volume="v", bucket="b", prefix="v", keep=3,
+                                             pending=True)
+    sealed = SyncRecord(volume="w", bucket="b", prefix="w", keep=3, encrypt=True)
+    store.put_sync(sealed)
+    store.close()
+    again = StateStore(db_path)
+    assert again.get_sync("w") == sealed
+    again.close()
+
+
 def test_the_last_check_is_kept_per_volume_and_location_across_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     store = StateStore(path)
