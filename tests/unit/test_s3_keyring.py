@@ -9,28 +9,20 @@ import pytest
 
 from s3sync import crypto, keyring, keys
 from s3sync.errors import BadKeyObject, ConditionalWriteUnsupported, WrongPassphrase
+from tests.support.keystores import DictKeys
 
 PASS = "correct horse battery staple"
 WHERE = "s3://b, prefix vol/"
 
 
-class DictRing:
+class DictRing(DictKeys):
     """A Keyring in memory, with an honest conditional write (or one that ignores it)."""
 
     def __init__(self, honest: bool = True) -> None:
-        self.objects: dict[str, bytes] = {}
+        super().__init__()
         self.config: bytes | None = None
         self.honest = honest
         self.before_config: list[object] = []
-
-    def key_objects(self) -> dict[str, bytes]:
-        return dict(self.objects)
-
-    def put_key_object(self, key_id: str, blob: bytes) -> None:
-        self.objects[key_id] = blob
-
-    def delete_key_object(self, key_id: str) -> None:
-        del self.objects[key_id]
 
     def config_object(self) -> bytes | None:
         return self.config
