@@ -24,6 +24,7 @@ from typing import Any
 from functional_support import LISTEN_DEADLINE, REPO, Plugin, PluginProcess
 
 from tests.support.mounts import release_mounts_under
+from tests.support.trees import picture
 from tests.support.waiting import wait_for
 
 LAUNCHER = """\
@@ -199,3 +200,14 @@ def build_tree(root: Path, tag: str, big: int = 0) -> None:
     os.chmod(root / "docs" / "note.txt", 0o2640)
     for i, path in enumerate(sorted(root.rglob("*"))):
         os.utime(path, ns=(1_600_000_000_000_000_000 + i * 1001,) * 2, follow_symlinks=False)
+
+
+def write_tree(plugin: Plugin, name: str, mount_id: str, tag: str,
+               big: int = 0) -> dict[str, Any]:
+    """Mount ``name``, fill it with :func:`build_tree`, unmount it (which queues a push);
+    the tree's picture as it was written."""
+    data = mount(plugin, name, mount_id)
+    build_tree(data, tag, big)
+    written = picture(data)
+    unmount(plugin, name, mount_id)
+    return written

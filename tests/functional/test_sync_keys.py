@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from sync_support import build_tree, create, mount, s3_settings, s3_status, unmount, wait_pushed
+from sync_support import (
+    create,
+    mount,
+    s3_settings,
+    s3_status,
+    unmount,
+    wait_pushed,
+    write_tree,
+)
 
 from tests.support.trees import files_containing, picture
 from tests.support.waiting import wait_for
@@ -49,10 +57,7 @@ def test_a_passphrase_rotates_while_a_push_runs(
     create(first, "vault", s3_encrypt="true")
     wait_for(lambda: s3_status(first.client, "vault")["state"] == "idle", 10,
              "the restore check at create")
-    data = mount(first.client, "vault", M1)
-    build_tree(data, "v1", big=1_000_000)
-    expected = picture(data)
-    unmount(first.client, "vault", M1)
+    expected = write_tree(first.client, "vault", M1, "v1", big=1_000_000)
     wait_for(Path(f"{release}.held").exists, 30, "the push to be held mid-upload")
 
     # While it is held: a new passphrase through the CLI, the old one removed by a host
