@@ -128,13 +128,10 @@ def opens_config(master: Master, blob: bytes, where: str) -> bool:
     return True
 
 
-def _opens(blob: bytes, where: str, master: Master) -> bool:
-    return opens_config(master, blob, where)
-
-
 def encrypted(ring: Keyring) -> bool:
     """Whether the store holds key objects or a ``config`` (it is, or was made, encrypted)."""
-    return bool(ring.key_objects()) or ring.config_object() is not None
+    # config first: one small object, where key objects are each downloaded to be listed.
+    return ring.config_object() is not None or bool(ring.key_objects())
 
 
 def unlock(ring: Keyring, passphrase: Passphrase | None, where: str,
@@ -150,7 +147,8 @@ def unlock(ring: Keyring, passphrase: Passphrase | None, where: str,
         config = ring.config_object()
         if config is not None:
             return keys_mod.unlock(objects, passphrase, where,
-                                   accept=functools.partial(_opens, config, where))
+                                   accept=functools.partial(opens_config, blob=config,
+                                                            where=where))
         key_id, master = keys_mod.unlock(objects, passphrase, where)
         if not write or ring.put_config_if_absent(seal_config(master)):
             return key_id, master
