@@ -253,7 +253,7 @@ class Management:
             raise KeyInUse(
                 f"key {key_id} of volume {volume!r} is the one the plugin's S3_PASSPHRASE "
                 f"opens, so it stays.  To rotate: `pyvol sync key add {volume}` (the new "
-                "passphrase), then `docker plugin disable pyvol && docker plugin set pyvol "
+                "passphrase), then `docker plugin disable -f pyvol && docker plugin set pyvol "
                 "S3_PASSPHRASE=NEW && docker plugin enable pyvol`, then "
                 f"`pyvol sync key rm {volume} {key_id}`") from None
         log.info("volume %s: removed S3 key %s", volume, key_id)

@@ -75,7 +75,7 @@ def test_a_passphrase_rotates_while_a_push_runs(
     assert refused.returncode == 1
     assert f"key {old_id} of volume 'vault' is the one the plugin's S3_PASSPHRASE opens" \
         in refused.stderr
-    assert "docker plugin disable pyvol && docker plugin set pyvol S3_PASSPHRASE=NEW" \
+    assert "docker plugin disable -f pyvol && docker plugin set pyvol S3_PASSPHRASE=NEW" \
         in refused.stderr
     rotated = make_store(moto.url, bucket, tmp_path / "rotator", prefix="vault", passphrase=NEW)
     rotated.remove_key(old_id)
