@@ -133,10 +133,11 @@ class Pusher:
         # A push requested while this one ran has its own snapshot (or is about to take it):
         # it stays pending, and its snapshot stays.
         newer = current.snapshot != snapshot
-        if self.state.get_volume(volume) is None and not newer:
+        if not newer and self.queue.forget_if_removed(volume):
             # The volume was removed while this push was pending: its last data is now safe.
+            # (A volume of the same name being created meanwhile keeps the record, and with
+            # it the restore it asked for, and this snapshot, which its restore may read.)
             drop_sync_snapshots(self.snapshots, volume, pushed=snapshot, keep=set())
-            self.queue.forget(volume)
             return
         drop_sync_snapshots(self.snapshots, volume, pushed=snapshot,
                             keep={snapshot, current.snapshot})

@@ -18,7 +18,7 @@ from plugin.errors import VolumeBusy
 from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import S3Policy
-from plugin.state import StateStore, SyncRecord
+from plugin.state import StateStore, SyncChange
 from plugin.sync.push import Pusher
 from plugin.sync.queue import PushQueue, push_state
 from plugin.sync.remotes import Remotes, Transfers
@@ -55,8 +55,9 @@ class Syncer:
 
     # a volume's life
 
-    def record_for_create(self, volume: str, policy: S3Policy) -> SyncRecord:
-        """The sync record Create commits with the volume's (see PushQueue.for_create)."""
+    def record_for_create(self, volume: str, policy: S3Policy) -> SyncChange:
+        """How Create makes the sync record it commits with the volume's (see
+        PushQueue.for_create)."""
         return self.queue.for_create(volume, policy)
 
     def on_create(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
