@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from backends.fs import remove_tree
-from backends.tree import SPARSE_BLOCK, Entry, materialize
+from backends.tree import SPARSE_BLOCK, Entry, all_zero, materialize
 from s3sync.errors import CorruptObject, S3SyncError
 from s3sync.manifest import ChunkRef, Manifest, Tree
 from s3sync.remote import Plain, Remote, Span, plan
@@ -110,7 +110,7 @@ class SparseWriter:
         pos = run = 0
         while pos < length:
             end = min(pos + SPARSE_BLOCK, length)
-            if data.count(0, pos, end) == end - pos:
+            if all_zero(data, pos, end):
                 if run < pos:
                     self._queue(view[run:pos])
                 self.flush()
