@@ -46,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,15 +222,30 @@ class Cell:
 
 @dataclass
 class Results:
-    cells: dict[tuple[str, str, str], Cell] = field(default_factory=dict)
+    """Every round's cell; the table shows, per cell, the round with the median time."""
+
+    rounds: dict[tuple[str, str, str], list[Cell]] = field(default_factory=dict)
+
+    def add(self, key: tuple[str, str, str], cell: Cell) -> None:
+        self.rounds.setdefault(key, []).append(cell)
+
+    @property
+    def cells(self) -> dict[tuple[str, str, str], Cell]:
+        out = {}
+        for key, cells in self.rounds.items():
+            ordered = sorted(cells, key=lambda c: c.seconds)
+            middle = ordered[(len(ordered) - 1) // 2]
+            out[key] = Cell(middle.seconds, middle.uploaded, all(c.ok for c in cells))
+        return out
 
 
 def bench_tree(label: str, src: Path, change: Callable[[], None], tool_list: list[Tool],
-               moto: MotoServer, relay: Relay, work: Path, results: Results) -> None:
+               moto: MotoServer, relay: Relay, work: Path, results: Results,
+               round_no: int = 0) -> None:
     s3 = moto.client()
     buckets = {}
     for tool in tool_list:
-        bucket = f"bench-{label[0]}-{tool.name.split()[0].lower()}"
+        bucket = f"bench-{label[0]}{round_no}-{tool.name.split()[0].lower()}"
         s3.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
         buckets[tool.name] = bucket
         if tool.setup is not None:
@@ -241,7 +257,7 @@ def bench_tree(label: str, src: Path, change: Callable[[], None], tool_list: lis
             seconds = run(tool.push(src, buckets[tool.name]), tool.env,
                           cwd=src if tool.cwd_is_src else None, daemon=tool.daemon)
             uploaded = relay.reset().uploaded
-            results.cells[(label, scenario, tool.name)] = Cell(seconds, uploaded)
+            results.add((label, scenario, tool.name), Cell(seconds, uploaded))
             print(f"  {label:10} {scenario:16} {tool.name:12} {seconds:7.2f}s "
                   f"{uploaded / MiB:9.2f} MiB", flush=True)
 
@@ -251,13 +267,13 @@ def bench_tree(label: str, src: Path, change: Callable[[], None], tool_list: lis
     push_all("1% change push")
     expected = digest_tree(src)
     for tool in tool_list:
-        dst = work / f"restore-{label[0]}-{tool.name.split()[0]}"
+        dst = work / f"restore-{label[0]}{round_no}-{tool.name.split()[0]}"
         dst.mkdir()
         relay.reset()
         seconds = run(tool.restore(dst, buckets[tool.name]), tool.env, daemon=tool.daemon)
         relay.reset()
         ok = digest_tree(dst) == expected
-        results.cells[(label, "full restore", tool.name)] = Cell(seconds, 0, ok)
+        results.add((label, "full restore", tool.name), Cell(seconds, 0, ok))
         print(f"  {label:10} {'full restore':16} {tool.name:12} {seconds:7.2f}s "
               f"{'ok' if ok else 'MISMATCH'}", flush=True)
 
@@ -361,6 +377,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small trees, for a dry run")
     parser.add_argument("--only", default="", help="comma-separated tool names to run")
     parser.add_argument("--trees", default="ab", help="which trees: a, b or ab")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each tree this many times (fresh trees and buckets) and show "
+                             "each cell's median: one run on a shared machine moves cells by "
+                             "up to 3x")
     parser.add_argument("--pyvol", nargs=5, metavar=("MODE", "OP", "PATH", "BUCKET", "CACHE"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -388,18 +408,26 @@ def main() -> None:
         print("tools:", ", ".join(t.name for t in tool_list), flush=True)
         labels = []
         if "a" in args.trees:
-            src = work / "small"
-            make_small(src, 1000 if args.quick else 10_000, rng)
             labels.append("a: 10k files")
-            bench_tree(labels[-1], src, lambda: change_small(src, rng), tool_list, moto, relay,
-                       work, results)
         if "b" in args.trees:
-            src = work / "large"
-            make_large(src, 8, (8 if args.quick else 64) * MiB)
             labels.append("b: 8x64MiB")
-            bench_tree(labels[-1], src, lambda: change_large(src, rng), tool_list, moto, relay,
-                       work, results)
+        for round_no in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {round_no + 1} of {args.rounds}", flush=True)
+            for label in labels:
+                src = work / "tree"
+                shutil.rmtree(src, ignore_errors=True)
+                if label.startswith("a"):
+                    make_small(src, 1000 if args.quick else 10_000, rng)
+                    bench_tree(label, src, partial(change_small, src, rng), tool_list, moto,
+                               relay, work, results, round_no)
+                else:
+                    make_large(src, 8, (8 if args.quick else 64) * MiB)
+                    bench_tree(label, src, partial(change_large, src, rng), tool_list, moto,
+                               relay, work, results, round_no)
         print()
+        if args.rounds > 1:
+            print(f"each cell: the median of {args.rounds} rounds")
         print(table(results, tool_list, labels))
         if any(t.name == ENC for t in tool_list):
             print(f"\n{ENC}'s first full push of each tree includes creating its key: one "
