@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -21,6 +21,9 @@ from backends.errors import BackendError
 from backends.priority import lowered
 from plugin.driver import Driver, VolumeInfo
 from plugin.errors import InvalidOption, InvalidRequest, PyvolError
+
+if TYPE_CHECKING:
+    from s3sync.keys import KeyInfo
 
 log = logging.getLogger("pyvol.api")
 
@@ -118,6 +121,33 @@ def _sync_delete_remote(d: Driver, b: Body) -> Body:
     return {}
 
 
+def _key(info: KeyInfo, current: str | None = None) -> Body:
+    """A key as the CLI shows it: never a secret."""
+    wire: Body = {"id": info.id, "created": info.created.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if current is not None:
+        wire["current"] = info.id == current
+    return wire
+
+
+def _sync_key_add(d: Driver, b: Body) -> Body:
+    passphrase = _field(b, "Passphrase")
+    assert passphrase is not None  # noqa: S101 -- required
+    return {"Key": _key(d.management.sync_key_add(_volume_arg(b), passphrase))}
+
+
+def _sync_key_list(d: Driver, b: Body) -> Body:
+    listing = d.management.sync_key_list(_volume_arg(b))
+    return {"Keys": [_key(k, listing.current) for k in listing.keys],
+            "Damaged": listing.damaged}
+
+
+def _sync_key_remove(d: Driver, b: Body) -> Body:
+    key_id = _field(b, "Id")
+    assert key_id is not None  # noqa: S101 -- required
+    d.management.sync_key_remove(_volume_arg(b), key_id)
+    return {}
+
+
 def _create(d: Driver, b: Body) -> Body:
     d.create(_name(b), _opts(b))
     return {}
@@ -163,6 +193,9 @@ ROUTES: dict[str, Handler] = {
     "pyvol/sync/delete-remote": _sync_delete_remote,
     "pyvol/sync/check": lambda d, b: {"Check": d.management.sync_check(
         _volume_arg(b), b.get("ReadData") is True).to_json()},
+    "pyvol/sync/key/add": _sync_key_add,
+    "pyvol/sync/key/list": _sync_key_list,
+    "pyvol/sync/key/remove": _sync_key_remove,
 }
 
 

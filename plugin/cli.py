@@ -141,8 +141,57 @@ def _sync_check(args: argparse.Namespace, volume: str) -> int:
                         f"({what}); the next push uploads again what the volume still has")
 
 
+def _new_passphrase(volume: str) -> str:
+    """The new passphrase: typed twice at a terminal, else the first line of stdin; never an
+    argument, where `ps` and shell history would show it."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"new passphrase for {volume}: ")
+        if first and getpass.getpass("again: ") != first:
+            raise ClientFailure("the two passphrases differ; nothing was changed")
+    else:
+        first = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not first:
+        raise ClientFailure("the new passphrase is empty; nothing was changed")
+    return first
+
+
+def _sync_key(args: argparse.Namespace, words: list[str]) -> int:
+    """``pyvol sync key add VOLUME | ls VOLUME | rm VOLUME ID``."""
+    if words[0] == "add" and len(words) == 2:
+        key = _call(args, "pyvol/sync/key/add",
+                    {"Volume": words[1], "Passphrase": _new_passphrase(words[1])})["Key"]
+        print(f"added key {key['id']} to {words[1]}")
+        return 0
+    if words[0] == "ls" and len(words) == 2:
+        answer = _call(args, "pyvol/sync/key/list", {"Volume": words[1]})
+        if args.json:
+            print(json.dumps(answer, indent=2))
+            return 0
+        for key in answer["Keys"]:
+            mark = "\topened by S3_PASSPHRASE" if key.get("current") else ""
+            print(f"{key['id']}\t{key['created']}{mark}")
+        if answer["Keys"] and not any(key.get("current") for key in answer["Keys"]):
+            print(f"warning: the plugin's S3_PASSPHRASE opens none of {words[1]}'s keys: "
+                  "set it to one of their passphrases (docker plugin set) before the plugin "
+                  "restarts", file=sys.stderr)
+        for key_id, why in (answer.get("Damaged") or {}).items():
+            print(f"warning: key {key_id} is damaged: {why}", file=sys.stderr)
+        return 0
+    if words[0] == "rm" and len(words) == 3:
+        _call(args, "pyvol/sync/key/remove", {"Volume": words[1], "Id": words[2]})
+        print(f"removed key {words[2]} from {words[1]}")
+        return 0
+    raise ClientFailure("usage: pyvol sync key add VOLUME | sync key ls VOLUME | "
+                        "sync key rm VOLUME ID (a new passphrase is read from the terminal, "
+                        "or from stdin)")
+
+
 def _sync(args: argparse.Namespace) -> int:
     words = args.words
+    if words[0] == "key" and len(words) > 1:
+        return _sync_key(args, words[1:])
     if words[0] == "ls" and len(words) == 2:
         snaps = _call(args, "pyvol/sync/list", {"Volume": words[1]})["Snapshots"]
         if args.json:
@@ -165,11 +214,11 @@ def _sync(args: argparse.Namespace) -> int:
         return 0
     if words[0] == "check" and len(words) == 2:
         return _sync_check(args, words[1])
-    if len(words) == 1 and words[0] not in ("ls", "restore", "delete-remote", "check"):
+    if len(words) == 1 and words[0] not in ("ls", "restore", "delete-remote", "check", "key"):
         return _sync_push(args, words[0])
     raise ClientFailure("usage: pyvol sync VOLUME [--wait] | sync ls VOLUME | "
                         "sync restore VOLUME ID | sync delete-remote VOLUME --yes | "
-                        "sync check VOLUME [--read-data]")
+                        "sync check VOLUME [--read-data] | sync key add|ls|rm VOLUME [ID]")
 
 
 def _mounts_reset(args: argparse.Namespace) -> int:
@@ -243,12 +292,14 @@ def parser() -> argparse.ArgumentParser:
 
     sync = sub.add_parser(
         "sync", help="S3 sync: VOLUME (push now), ls VOLUME, restore VOLUME ID, "
-        "delete-remote VOLUME, check VOLUME [--read-data]",
+        "delete-remote VOLUME, check VOLUME [--read-data], key add|ls|rm VOLUME [ID]",
         description="Removing a volume with `docker volume rm` keeps its remote copy; "
-        "`pyvol sync delete-remote VOLUME --yes` deletes it.")
+        "`pyvol sync delete-remote VOLUME --yes` deletes it.  An encrypted volume's "
+        "passphrases: `key add VOLUME` (the new one is read from the terminal, or one line "
+        "of stdin), `key ls VOLUME`, `key rm VOLUME ID`.")
     sync.add_argument("words", nargs="+", metavar="ARG")
     sync.add_argument("--wait", action="store_true", help="push: wait and show progress")
-    sync.add_argument("--json", action="store_true", help="ls: details as JSON")
+    sync.add_argument("--json", action="store_true", help="ls, key ls: details as JSON")
     sync.add_argument("--yes", action="store_true", help="delete-remote: confirm")
     sync.add_argument("--read-data", action="store_true",
                       help="check: download and verify every blob")

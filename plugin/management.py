@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from plugin.options import S3Policy
     from plugin.state import VolumeRecord
     from s3sync import CheckReport, RemoteSnapshot
+    from s3sync.keys import KeyInfo
+    from s3sync.store import KeyList
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +224,36 @@ class Management:
     def sync_check(self, volume: str, read_data: bool = False) -> CheckReport:
         """Check that the volume's remote snapshots are restorable (``pyvol sync check``)."""
         return self.sync.check(volume, self._s3(volume)[1], read_data)
+
+    # passphrases of an encrypted S3 copy: key objects only, never the data; beside pushes
+
+    def _encrypted(self, volume: str) -> S3Policy:
+        s3 = self._s3(volume)[1]
+        if not s3.encrypt:
+            raise InvalidOption(
+                f"volume {volume!r} is not encrypted (it was created with s3_encrypt=false): "
+                "its S3 copy has no passphrases to manage")
+        return s3
+
+    def sync_key_add(self, volume: str, passphrase: str) -> KeyInfo:
+        """One more passphrase for the volume's S3 copy (``pyvol sync key add``)."""
+        return self.sync.key_add(self._encrypted(volume), passphrase)
+
+    def sync_key_list(self, volume: str) -> KeyList:
+        return self.sync.key_list(self._encrypted(volume))
+
+    def sync_key_remove(self, volume: str, key_id: str) -> None:
+        """Remove one passphrase; refused for the last one and for the one the plugin's
+        S3_PASSPHRASE opens (the message gives the rotation recipe)."""
+        from s3sync.errors import KeyInUse
+
+        try:
+            self.sync.key_remove(self._encrypted(volume), key_id)
+        except KeyInUse:
+            raise KeyInUse(
+                f"key {key_id} of volume {volume!r} is the one the plugin's S3_PASSPHRASE "
+                f"opens, so it stays.  To rotate: `pyvol sync key add {volume}` (the new "
+                "passphrase), then `docker plugin disable -f pyvol && docker plugin set pyvol "
+                "S3_PASSPHRASE=NEW && docker plugin enable pyvol`, then "
+                f"`pyvol sync key rm {volume} {key_id}`") from None
+        log.info("volume %s: removed S3 key %s", volume, key_id)

@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -92,6 +92,9 @@ class SyncRecord:
 
 
 SYNC_FIELDS = tuple(SyncRecord.__dataclass_fields__)
+
+SyncChange = Callable[[SyncRecord | None], SyncRecord]
+"""Makes a volume's sync record from the one stored (None: it has none)."""
 
 
 @dataclass(frozen=True)
@@ -210,11 +213,14 @@ class StateStore:
     # volumes
 
     def add_volume(self, record: VolumeRecord, *, creating: bool = False,
-                   sync: SyncRecord | None = None) -> None:
+                   sync: SyncChange | None = None) -> None:
         """Insert a volume record (and its sync record) in one transaction.
 
         ``creating``: the record is written before the data exists; it stays invisible to
         :meth:`get_volume` and :meth:`list_volumes` until :meth:`finish_create`.
+        ``sync`` makes the volume's sync record from the one stored, read in the same
+        transaction: a push of a removed volume of the same name, ending meanwhile on another
+        thread, can neither be overwritten nor overwrite it.
         """
         with self._tx() as db:
             db.execute(
@@ -224,7 +230,7 @@ class StateStore:
                  record.created_at.isoformat(), int(creating)),
             )
             if sync is not None:
-                self._put_sync(db, sync)
+                self._put_sync(db, sync(self._get_sync(db, record.name)))
         (self._creating if creating else self._volumes)[record.name] = record
 
     def set_options(self, name: str, options: Mapping[str, str]) -> VolumeRecord:
@@ -340,6 +346,29 @@ class StateStore:
         db.execute(
             f"INSERT OR REPLACE INTO sync ({', '.join(SYNC_FIELDS)}) "  # noqa: S608
             f"VALUES ({', '.join('?' * len(SYNC_FIELDS))})", values)
+
+    def update_sync(self, volume: str, change: SyncChange) -> SyncRecord:
+        """Read, change and write the volume's sync record in one transaction, so changes made
+        on other threads (a push ending, a Create) are never lost.  ``change`` may raise: then
+        nothing is written."""
+        with self._tx() as db:
+            record = change(self._get_sync(db, volume))
+            self._put_sync(db, record)
+        return record
+
+    def forget_sync_of_removed(self, volume: str) -> bool:
+        """Drop the sync record only if no volume of that name exists, not even one being
+        created; True if it was dropped."""
+        with self._tx() as db:
+            cursor = db.execute("DELETE FROM sync WHERE volume = ? AND NOT EXISTS "
+                                "(SELECT 1 FROM volumes WHERE name = ?)", (volume, volume))
+            return cursor.rowcount > 0
+
+    @staticmethod
+    def _get_sync(db: sqlite3.Connection, volume: str) -> SyncRecord | None:
+        row = db.execute(f"SELECT {', '.join(SYNC_FIELDS)} FROM sync "  # noqa: S608
+                         "WHERE volume = ?", (volume,)).fetchone()
+        return None if row is None else _sync(row)
 
     def get_sync(self, volume: str) -> SyncRecord | None:
         rows = self._read(f"SELECT {', '.join(SYNC_FIELDS)} FROM sync "  # noqa: S608

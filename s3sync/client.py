@@ -28,7 +28,7 @@ from s3sync.errors import (
     AccessDenied,
     BadEndpoint,
     BucketMissing,
-    ConditionalWritesUnsupported,
+    ConditionalWriteUnsupported,
     CorruptObject,
     EndpointUnreachable,
     S3SyncError,
@@ -71,6 +71,10 @@ class _DeleteFailed(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
+
+
+class _Conflict(Exception):
+    """Another conditional write of the same key is in flight: try again."""
 
 
 class ObjectMissing(CorruptObject):
@@ -154,6 +158,34 @@ class Bucket:
         self._run(f"uploading {key}", lambda: self._client.put_object(
             Bucket=self.name, Key=key, Body=body, ContentLength=len(body)))
 
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        """Write ``key`` only if no object has that key (``If-None-Match: *``); whether it was
+        written.  Of two hosts racing to create one key, exactly one gets True.
+
+        A concurrent conditional write of the same key (AWS: 409 ConditionalRequestConflict)
+        is retried like a throttled request.  Raises :class:`ConditionalWriteUnsupported` if
+        the endpoint rejects the condition itself.
+        """
+        def op() -> bool:
+            try:
+                self._client.put_object(Bucket=self.name, Key=key, Body=body,
+                                        ContentLength=len(body), IfNoneMatch="*")
+            except bx.ClientError as exc:
+                code, status = _code(exc)
+                if code == "PreconditionFailed" or status == 412:
+                    return False
+                if code == "ConditionalRequestConflict":
+                    raise _Conflict(code) from None
+                if code in ("NotImplemented", "InvalidArgument") or status == 501:
+                    raise ConditionalWriteUnsupported(
+                        f"{self.where} does not support conditional writes (If-None-Match, "
+                        f"{code}) while creating {key}: pyvol needs them to create an "
+                        "encrypted store's key safely; use an S3 store that supports them "
+                        "(AWS S3 and MinIO do)") from None
+                raise
+            return True
+        return self._run(f"creating {key}", op)
+
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes, or bytes ``[start, end)``; raises :class:`ObjectMissing`."""
         def op() -> bytes:
@@ -169,6 +201,15 @@ class Bucket:
                     f"({len(data)} of {end - start} bytes from offset {start})")
             return data
         return self._run(f"downloading {key}", op)
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes (one HEAD), or None if there is no such object."""
+        try:
+            resp = self._run("reading an object's size",
+                             lambda: self._client.head_object(Bucket=self.name, Key=key))
+        except ObjectMissing:
+            return None
+        return int(resp["ContentLength"])
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix``, one retried LIST call per page of 1000."""
@@ -246,7 +287,7 @@ class Bucket:
                              _server_date(resp["ResponseMetadata"], self.where))
         return self._run(f"reading {key}", op)
 
-    def put_if_absent(self, key: str, body: bytes) -> str | None:
+    def put_new(self, key: str, body: bytes) -> str | None:
         """Create ``key`` only if no object has that key (If-None-Match: *).
 
         The new ETag, or None if an object was there (or a racing conditional write was).
@@ -269,18 +310,18 @@ class Bucket:
     def probe_conditional_writes(self, key: str) -> None:
         """Prove the endpoint enforces If-None-Match and If-Match on PUT, using object ``key``.
 
-        Raises :class:`ConditionalWritesUnsupported` if either condition that must fail
+        Raises :class:`ConditionalWriteUnsupported` if either condition that must fail
         succeeds: such an endpoint would let two hosts both believe they hold a lease.
         """
         self.put(key, b"pyvol conditional-write probe")
         refused = "multi-host volumes need an S3 endpoint that enforces conditional writes " \
             "(AWS S3, MinIO and Ceph RGW do); use one, or keep each volume on one host"
-        if self.put_if_absent(key, b"must not replace the probe") is not None:
-            raise ConditionalWritesUnsupported(
+        if self.put_new(key, b"must not replace the probe") is not None:
+            raise ConditionalWriteUnsupported(
                 f"{self.where} ignored If-None-Match: * (it replaced the existing {key}): "
                 + refused)
         if self.put_if_match(key, b"must not replace the probe", '"0"') is not None:
-            raise ConditionalWritesUnsupported(
+            raise ConditionalWriteUnsupported(
                 f"{self.where} ignored If-Match with a wrong ETag (it replaced {key}): "
                 + refused)
 
@@ -302,7 +343,7 @@ class Bucket:
                                                     "ConditionalRequestConflict"):
                     return None
                 if status == 501 or code == "NotImplemented":
-                    raise ConditionalWritesUnsupported(
+                    raise ConditionalWriteUnsupported(
                         f"{self.where} does not implement {header} on PUT ({code}): "
                         "multi-host volumes need an S3 endpoint that enforces conditional "
                         "writes (AWS S3, MinIO and Ceph RGW do)") from None
@@ -356,6 +397,10 @@ class Bucket:
                     f"{self.where} kept failing ({code}, HTTP {status}) while {what}, "
                     f"{tried}: the store is overloaded or down; try again later")
             return S3SyncError(f"{self.where} rejected {what}: {code} (HTTP {status})")
+        if isinstance(exc, _Conflict):
+            return TransientFailure(
+                f"{self.where} kept answering {exc} while {what}, {tried}: another host is "
+                "writing the same object; try again")
         if isinstance(exc, UNREACHABLE):
             return EndpointUnreachable(
                 f"cannot reach the S3 endpoint {self.config.where} while {what} "
@@ -387,7 +432,7 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, bx.ClientError | _DeleteFailed):
         code, status = _code(exc)
         return status >= 500 or status == 429 or code in THROTTLE_CODES
-    return isinstance(exc, UNREACHABLE + STREAM_ERRORS)
+    return isinstance(exc, UNREACHABLE + STREAM_ERRORS + (_Conflict,))
 
 
 def _server_date(meta: Mapping[str, Any], where: str) -> datetime:

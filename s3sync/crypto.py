@@ -16,9 +16,13 @@ How it works
   different names, and nobody without the key can test whether a bucket holds a given file.
   restic names blobs by an unkeyed SHA-256 (hidden only because its indexes are encrypted);
   pyvol follows Borg and Kopia (HMAC ids) here.
-* **Sealing an object** (:func:`seal`): a random 256-bit salt per object; HKDF-SHA256 of the
-  encryption key with that salt gives the object its own AES-256-GCM key (and the header's
-  checks and mask, below).  The plaintext is cut in :data:`SEGMENT` (1 MiB) segments, each
+* **Sealing an object** (:func:`seal`): a random 256-bit salt per object; BLAKE3's key
+  derivation mode (``derive_key``, with a context string of its own) over the encryption key
+  and that salt gives the object its own AES-256-GCM key (and the header's checks and mask,
+  below).  BLAKE3 ``derive_key`` rather than HKDF-SHA256 because a tree of small files seals
+  every blob as its own object: it costs about 1.6 us per object here, against 31 us for
+  ``cryptography``'s HKDF (which ran in every blob's seal and unseal, half of encryption's
+  cost on a 10,000-file restore).  The plaintext is cut in :data:`SEGMENT` (1 MiB) segments, each
   sealed with nonce = segment number (11 bytes, big-endian) + a final flag (1 byte): the
   STREAM construction of Hoang, Reyhanitabar, Rogaway and Vizar (2015), as Tink's
   AES-GCM-HKDF streaming AEAD and age use it.  Every segment's associated data is the header
@@ -58,7 +62,8 @@ Format, version 1 (:data:`HEADER` = 50 bytes, then segments)::
     salt (32) | key check (8) | version ^ mask[0] | kind ^ mask[1] | name check (8)
     segment 0 ciphertext | tag (16) | segment 1 ... | final segment | tag (16)
 
-    okm = HKDF-SHA256(ikm=enc_key, salt=salt, info="pyvol/object", 74 bytes)
+    okm = BLAKE3-derive_key(context=CONTEXT, material=enc_key + salt), first 74 bytes
+          (CONTEXT = "pyvol 2026-12-02 sealed object keys v1")
     key check = okm[0:8], mask = okm[8:10]  -- kept by every version, to read the version
     AES key = okm[10:42], name-check key = okm[42:74]         -- version 1
     name check = BLAKE3(kind byte + name, key=name-check key)[:8]
@@ -87,9 +92,7 @@ from typing import Final, Literal, get_args
 
 import blake3
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from s3sync.errors import TamperedObject
 
@@ -105,7 +108,8 @@ TAG: Final = 16
 HEADER: Final = SALT + CHECK + 2 + CHECK
 SEGMENT: Final = 1 << 20
 _KINDS: Final[dict[str, int]] = {kind: code for code, kind in enumerate(get_args(Kind), 1)}
-_INFO: Final = b"pyvol/object"
+_CONTEXT: Final = "pyvol 2026-12-02 sealed object keys v1"
+"""BLAKE3 ``derive_key`` context of object keys: globally unique, hard-coded, as BLAKE3 asks."""
 _AT_KEY_CHECK: Final = SALT
 _AT_VERSION: Final = SALT + CHECK
 _AT_NAME_CHECK: Final = _AT_VERSION + 2
@@ -177,8 +181,7 @@ class _ObjectKey:
     __slots__ = ("_name_key", "aead", "key_check", "mask")
 
     def __init__(self, master: Master, salt: bytes) -> None:
-        okm = HKDF(algorithm=hashes.SHA256(), length=CHECK + 2 + 2 * KEY_BYTES, salt=salt,
-                   info=_INFO).derive(master.enc_key)
+        okm = _object_okm(master.enc_key, salt)
         self.key_check = okm[:CHECK]
         self.mask = okm[CHECK:CHECK + 2]
         self.aead = AESGCM(okm[CHECK + 2:CHECK + 2 + KEY_BYTES])
@@ -190,6 +193,14 @@ class _ObjectKey:
     def header(self, salt: bytes, code: int, name: bytes) -> bytes:
         masked = bytes([VERSION ^ self.mask[0], code ^ self.mask[1]])
         return salt + self.key_check + masked + self.name_check(code, name)
+
+
+_OKM: Final = CHECK + 2 + 2 * KEY_BYTES
+
+
+def _object_okm(enc_key: bytes, salt: bytes) -> bytes:
+    """The object's key material: BLAKE3 in its key derivation mode (see the format above)."""
+    return blake3.blake3(enc_key + salt, derive_key_context=_CONTEXT).digest(_OKM)
 
 
 def _nonce(index: int, final: bool) -> bytes:

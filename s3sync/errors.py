@@ -70,8 +70,17 @@ class LastKey(S3SyncError):
     """Removing this key would leave the store with no key: the data could never be read."""
 
 
-class ConditionalWritesUnsupported(S3SyncError):
-    """The endpoint ignores or refuses If-None-Match / If-Match on PUT: no lease can be safe."""
+class ConditionalWriteUnsupported(S3SyncError):
+    """The endpoint rejects, or visibly ignores, ``If-None-Match: *`` on a PUT: two hosts
+    could then each create a different master key for one store."""
+
+
+class KeyInUse(S3SyncError):
+    """The key to remove is the one this store's own passphrase opens."""
+
+
+class NotEncrypted(S3SyncError):
+    """A key operation on a store that holds no key (plain, or not pushed to yet)."""
 
 
 class BadHostId(S3SyncError):

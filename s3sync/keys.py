@@ -24,9 +24,10 @@ Not secret, and not authenticated until the object is opened: ``id``, ``created`
 cost, which :func:`describe` reads for ``key ls``.  Trying a passphrase costs one KDF run per
 key object (:func:`unlock`); there is no passphrase hint, which would leak.
 
-Concurrency: :func:`add_key` and :func:`remove_key` are read-check-write; the caller holds the
-store's exclusive lock (:mod:`s3sync.locks`), or two concurrent removals could each see the
-other's key and leave none.
+Concurrency: :func:`add_key` writes a new object and never conflicts.  :func:`remove_key` is
+read-check-write, so two concurrent removals could each see the other's key and leave none:
+:class:`s3sync.store.RemoteStore` serialises them in its process (a lock per store) and, across
+hosts, never removes the key its own passphrase opens, so each host's key survives.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import base64
 import binascii
 import json
 import os
+import threading
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -117,10 +119,17 @@ def _secret(passphrase: Passphrase) -> bytes:
     return bytes(passphrase)
 
 
+_KDF_LOCK: Final = threading.Lock()
+"""One Argon2id derivation at a time in this process: two at once in two threads never
+return (``cryptography`` 50 on OpenSSL; found by the two-host race test), and each already
+uses several lanes."""
+
+
 def _kek(passphrase: Passphrase, salt: bytes, cost: KdfCost) -> AESGCM:
     kdf = Argon2id(salt=salt, length=KEY_BYTES, iterations=cost.iterations, lanes=cost.lanes,
                    memory_cost=cost.memory_kib)
-    return AESGCM(kdf.derive(_secret(passphrase)))
+    with _KDF_LOCK:
+        return AESGCM(kdf.derive(_secret(passphrase)))
 
 
 def _aad(fields: Mapping[str, object]) -> bytes:
@@ -224,8 +233,10 @@ def unwrap(blob: bytes, passphrase: Passphrase, key_id: str) -> Master:
 
 
 def unlock(objects: Mapping[str, bytes], passphrase: Passphrase | None,
-           where: str) -> tuple[str, Master]:
-    """``(key id, master)`` from the first key object (newest first) that ``passphrase`` opens.
+           where: str, accept: Callable[[Master], bool] | None = None) -> tuple[str, Master]:
+    """``(key id, master)`` from the first key object (newest first) that ``passphrase`` opens
+    and whose master ``accept`` takes (``keyring.py``: the one that opens the store's config;
+    another is a lost creation race's leftover, or planted).
 
     ``where`` names the store (or volume) in errors.  Raises :class:`WrongPassphrase` if no
     passphrase is given or none opens, and :class:`BadKeyObject` if the store holds no usable
@@ -249,13 +260,23 @@ def unlock(objects: Mapping[str, bytes], passphrase: Passphrase | None,
     if not parsed:
         raise BadKeyObject(f"{where} has no usable key object: " + "; ".join(damaged))
     parsed.sort(key=lambda p: (p.info.created, p.info.id), reverse=True)
+    foreign = []
     for p in parsed:
         try:
             material = _kek(passphrase, p.salt, p.info.cost).decrypt(p.nonce, p.wrapped, p.aad)
         except InvalidTag:
             continue
-        return p.info.id, Master.from_material(material)
+        master = Master.from_material(material)
+        if accept is not None and not accept(master):
+            foreign.append(p.info.id)
+            continue
+        return p.info.id, master
     note = f"; damaged and skipped: {'; '.join(damaged)}" if damaged else ""
+    if foreign:
+        raise WrongPassphrase(
+            f"{where}: the passphrase opens key(s) {', '.join(foreign)}, but they hold another "
+            "master key than the store's config (left by a host that lost the race to create "
+            f"the store, or planted) and none of its other keys{note}")
     raise WrongPassphrase(f"{where}: the passphrase opens none of its {len(parsed)} keys{note}")
 
 

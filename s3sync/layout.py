@@ -5,6 +5,9 @@
     <prefix>/locks/<kind>-<uuid> empty marker of a running push or prune
     <prefix>/keys/<key-id>      the master key wrapped under one passphrase (``keys.py``);
                                 present only in an encrypted store, and then always
+    <prefix>/config             sealed (kind ``config``) under the master key: which of the
+                                key objects are this store's (``keyring.py``); written once,
+                                by the first push, with If-None-Match
     <prefix>/lease              which host may have the volume mounted (``lease.py``)
     <prefix>/lease-probe        scratch object proving the store enforces conditional writes
 
@@ -32,6 +35,7 @@ class Layout:
         self.data = f"{self.root}data/"
         self.locks = f"{self.root}locks/"
         self.keys = f"{self.root}keys/"
+        self.config = f"{self.root}config"
         self.lease = f"{self.root}lease"
         self.lease_probe = f"{self.root}lease-probe"
 

@@ -70,7 +70,7 @@ class LeaseBucket(Protocol):
     where: str
 
     def get_with_etag(self, key: str, limit: int = ...) -> Versioned | None: ...
-    def put_if_absent(self, key: str, body: bytes) -> str | None: ...
+    def put_new(self, key: str, body: bytes) -> str | None: ...
     def put_if_match(self, key: str, body: bytes, etag: str) -> str | None: ...
     def server_time(self) -> datetime: ...
 
@@ -313,7 +313,7 @@ class Lease:
         """The new ETag, or None if the lease changed since ``etag`` (and not by this write)."""
         body = encode(record)
         if etag is None:
-            new = self.bucket.put_if_absent(self.key, body)
+            new = self.bucket.put_new(self.key, body)
         else:
             new = self.bucket.put_if_match(self.key, body, etag)
         if new is not None:

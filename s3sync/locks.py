@@ -31,12 +31,14 @@ PRUNE_STALE = timedelta(seconds=2 * REFRESH + 30)
 that crashed, or whose marker delete failed, must not block pushes for :data:`STALE`."""
 PRUNE_WAIT = 60.0
 
-_registry: dict[tuple[str, str, str], threading.Lock] = {}
+_registry: dict[tuple[str, str, str, str], threading.Lock] = {}
 _registry_lock = threading.Lock()
 
 
-def local_lock(endpoint: str, bucket: str, prefix: str) -> threading.Lock:
-    key = (endpoint, bucket, prefix.strip("/"))
+def local_lock(endpoint: str, bucket: str, prefix: str, kind: str = "data") -> threading.Lock:
+    """The lock of one store in this process: ``data`` (push, prune, delete_all) or ``keys``
+    (adding and removing passphrases, which must not wait for a push)."""
+    key = (endpoint, bucket, prefix.strip("/"), kind)
     with _registry_lock:
         return _registry.setdefault(key, threading.Lock())
 

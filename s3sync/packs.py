@@ -1,7 +1,10 @@
 """Pack objects: many blobs in one upload, several uploads in flight.
 
 One PUT per small file is what makes file-by-file sync slow; a pack holds blobs back to back
-until it reaches :data:`PACK_TARGET` bytes and is named by the BLAKE3 hash of its bytes.  A
+until it reaches :data:`PACK_TARGET` bytes and is named by the BLAKE3 hash of its bytes.
+In an encrypted store the writer is given each blob's pack form (``blobs.pack_form``) and
+seals it in the upload thread (a sealed blob's length is known in advance:
+``crypto.overhead``), so the walk goes on reading and hashing meanwhile.  A
 blob added to the open pack gets a provisional reference (pack ``@<n>``) that
 :meth:`PackWriter.resolve` turns into the real name once the pack is sealed.  Sealed packs
 upload from a thread pool; at most ``in_flight`` are held in memory at once.
@@ -16,14 +19,19 @@ from s3sync import blobs
 from s3sync.client import Bucket
 from s3sync.layout import Layout
 from s3sync.manifest import ChunkRef
+from s3sync.sealing import Codec
 
 PACK_TARGET = 8 << 20
 
 
 class PackWriter:
     def __init__(self, bucket: Bucket, layout: Layout, pool: ThreadPoolExecutor,
-                 existing: set[str], in_flight: int = 8) -> None:
+                 existing: set[str], in_flight: int = 8, codec: Codec | None = None) -> None:
         self._bucket = bucket
+        self._codec = codec if codec is not None and codec.encrypted else None
+        self._size = 0
+        self._parts: list[tuple[str, int, int]] = []
+        """Sealed stores: (content id, start, length) of each open blob's pack form."""
         self._layout = layout
         self._pool = pool
         self._existing = existing
@@ -39,13 +47,19 @@ class PackWriter:
         self.uploaded_bytes = 0
         self.new_packs = 0
 
-    def add(self, digest: str, stored: blobs.Buffer, size: int) -> ChunkRef:
-        """Append one blob; raises the first upload failure as soon as it is known."""
+    def add(self, digest: str, packed: blobs.Buffer, size: int) -> ChunkRef:
+        """Append one blob, given its pack form; raises the first upload failure as soon as
+        it is known."""
         if self._error is not None:
             raise self._error
-        ref = ChunkRef(digest, f"@{self._seq}", len(self._buf), len(stored), size)
-        self._buf += stored
-        if len(self._buf) >= PACK_TARGET:
+        length = len(packed)
+        if self._codec is not None:
+            self._parts.append((digest, len(self._buf), length))
+            length = self._codec.sealed_length(length)
+        ref = ChunkRef(digest, f"@{self._seq}", self._size, length, size)
+        self._buf += packed
+        self._size += length
+        if self._size >= PACK_TARGET:
             self.seal()
         return ref
 
@@ -53,21 +67,35 @@ class PackWriter:
         """Close the open pack (if it holds anything) and start its upload."""
         if not self._buf:
             return
-        data = bytes(self._buf)
-        self._buf = bytearray()
+        buf, parts, size = self._buf, self._parts, self._size
+        self._buf, self._parts, self._size = bytearray(), [], 0
         seq, self._seq = self._seq, self._seq + 1
         name: Future[str] = Future()
         self._ids[seq] = name
         self._slots.acquire()
         try:
-            future = self._pool.submit(self._upload, seq, name, data)
+            future = self._pool.submit(self._upload, seq, name, buf, parts, size)
         except BaseException:
             self._slots.release()
             raise
         self._futures.append(future)
 
-    def _upload(self, seq: int, name: Future[str], data: bytes) -> None:
+    def _pack(self, buf: bytearray, parts: list[tuple[str, int, int]], size: int) -> bytes:
+        """The pack's bytes: ``buf`` itself, or each of its blobs sealed, back to back."""
+        if self._codec is None:
+            return bytes(buf)
+        view = memoryview(buf)
+        data = b"".join([self._codec.seal_packed(digest, view[start:start + length])
+                         for digest, start, length in parts])
+        if len(data) != size:  # the refs handed out say where each blob is
+            raise AssertionError(f"sealed pack is {len(data)} bytes, expected {size}")
+        return data
+
+    def _upload(self, seq: int, name: Future[str], buf: bytearray,
+                parts: list[tuple[str, int, int]], size: int) -> None:
         try:
+            data = self._pack(buf, parts, size)
+            del buf
             # Hashed here, not in seal(): the walk goes on reading on the other core.
             pack_id = blobs.digest(data)
             name.set_result(pack_id)

@@ -94,7 +94,8 @@ def push(remote: Remote, view: TreeView, progress: Progress | None,
             state.patches = list(newest.patches) if newest_parts else []
             state.patched = tree.patched
 
-        writer = PackWriter(bucket, layout, pool, packs, in_flight=remote.workers)
+        writer = PackWriter(bucket, layout, pool, packs, in_flight=remote.workers,
+                            codec=remote.codec)
         files: dict[str, Cached] = {}
         try:
             walked, size, count = _walk(view, state, index, writer, files, progress,
@@ -153,7 +154,7 @@ def _add(blob: bytes, index: dict[str, ChunkRef], writer: PackWriter, codec: Cod
     digest = codec.content_id(blob)
     ref = index.get(digest)
     if ref is None:
-        ref = index[digest] = writer.add(digest, codec.store_blob(digest, blob), len(blob))
+        ref = index[digest] = writer.add(digest, blobs.pack_form(blob), len(blob))
     return ref
 
 
@@ -261,7 +262,7 @@ def _read(view: TreeView, entry: Entry, index: dict[str, ChunkRef],
             digest = codec.content_id(piece)
             ref = index.get(digest)
             if ref is None:
-                ref = index[digest] = writer.add(digest, codec.store_blob(digest, piece),
+                ref = index[digest] = writer.add(digest, blobs.pack_form(piece),
                                                  len(piece))
             refs.append(ref)
     return refs

@@ -26,6 +26,9 @@ SPAN_MAX = 8 << 20
 
 log = logging.getLogger(__name__)
 
+Plain = bytes | bytearray
+"""A verified blob's content (unsealing gives a ``bytearray``: not copied again)."""
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -116,23 +119,6 @@ class Remote:
         return {Layout.tail(o.key, self.layout.data): o.size
                 for o in self.bucket.list(self.layout.data) if self.layout.own_pack(o.key)}
 
-    def key_objects(self) -> dict[str, bytes]:
-        """Every key object under ``keys/``, by id (:class:`s3sync.keys.KeyStore`)."""
-        found: dict[str, bytes] = {}
-        for info in self.bucket.list(self.layout.keys):
-            if self.layout.own_key(info.key):
-                try:
-                    found[Layout.tail(info.key, self.layout.keys)] = self.bucket.get(info.key)
-                except ObjectMissing:
-                    continue  # removed since the listing
-        return found
-
-    def put_key_object(self, key_id: str, blob: bytes) -> None:
-        self.bucket.put(self.layout.key(key_id), blob)
-
-    def delete_key_object(self, key_id: str) -> None:
-        self.bucket.delete([self.layout.key(key_id)])
-
     def manifest(self, snapshot_id: str) -> Manifest:
         key = self.layout.snapshot(snapshot_id)
         data = self.cache.manifest(snapshot_id)
@@ -159,29 +145,38 @@ class Remote:
 
     def tree(self, manifest: Manifest) -> Tree:
         found = self.fetch(manifest.tree + manifest.patches, manifest.snapshot.id)
-        return parse_tree([found[(r.pack, r.offset)] for r in manifest.tree],
-                          [found[(r.pack, r.offset)] for r in manifest.patches],
+        return parse_tree([bytes(found[(r.pack, r.offset)]) for r in manifest.tree],
+                          [bytes(found[(r.pack, r.offset)]) for r in manifest.patches],
                           manifest.snapshot.id)
 
-    def fetch(self, refs: Iterable[ChunkRef], snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch(self, refs: Iterable[ChunkRef], snapshot_id: str) -> dict[tuple[str, int], Plain]:
         """Plain content of every blob in ``refs``, keyed by (pack, offset), verified."""
         spans = plan(refs)
-        found: dict[tuple[str, int], bytes] = {}
+        found: dict[tuple[str, int], Plain] = {}
         with ThreadPoolExecutor(self.workers) as pool:
             for result in pool.map(lambda s: self.fetch_span(s, snapshot_id), spans):
                 found.update(result)
         return found
 
-    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch_span(self, span: Span, snapshot_id: str,
+                   pack_size: int | None = None) -> dict[tuple[str, int], Plain]:
+        """The verified blobs of ``span``; a span that covers the whole pack (its listed
+        ``pack_size``) is one plain GET, with no range for the server to cut out."""
         key = self.layout.pack(span.pack)
+        whole = span.start == 0 and span.end == pack_size
         try:
-            data = self.bucket.get(key, span.start, span.end)
+            data = self.bucket.get(key) if whole else self.bucket.get(key, span.start, span.end)
         except ObjectMissing:
             raise CorruptObject(
                 f"snapshot {snapshot_id} needs {key}, which is missing from {self.where}: "
                 "restore another snapshot; the next push uploads lost content again") from None
+        if whole and len(data) != span.end:
+            raise CorruptObject(
+                f"object {key} in {self.where} is {len(data)} bytes, not the {span.end} it "
+                f"was when listed: snapshot {snapshot_id} cannot be restored from it: restore "
+                "another snapshot, or push again to write a good copy")
         view = memoryview(data)
-        out: dict[tuple[str, int], bytes] = {}
+        out: dict[tuple[str, int], Plain] = {}
         for ref in span.refs:
             stored = view[ref.offset - span.start:ref.offset - span.start + ref.length]
             try:

@@ -47,13 +47,21 @@ class Codec:
 
     def store_blob(self, digest: str, plain: blobs.Buffer) -> blobs.Buffer:
         """What a pack holds for the blob ``plain`` named ``digest``."""
-        stored = blobs.pack_form(plain)
-        if self._master is None:
-            return stored
-        return crypto.seal(self._master, "blob", digest, stored)
+        return self.seal_packed(digest, blobs.pack_form(plain))
 
-    def open_blob(self, stored: blobs.Buffer, size: int, digest: str) -> bytes:
-        """Plain content of a stored blob.
+    def seal_packed(self, digest: str, packed: blobs.Buffer) -> blobs.Buffer:
+        """What a pack holds for the blob named ``digest`` whose pack form
+        (:func:`s3sync.blobs.pack_form`) is ``packed``."""
+        if self._master is None:
+            return packed
+        return crypto.seal(self._master, "blob", digest, packed)
+
+    def sealed_length(self, size: int) -> int:
+        """Length of :meth:`seal_packed`'s result for a pack form of ``size`` bytes."""
+        return size if self._master is None else size + crypto.overhead(size)
+
+    def open_blob(self, stored: blobs.Buffer, size: int, digest: str) -> bytes | bytearray:
+        """Plain content of a stored blob (a new buffer, not a view of ``stored``).
 
         ``ValueError`` if it does not match ``digest``; :class:`TamperedObject` if sealed and
         it does not authenticate as blob ``digest`` (the caller names the pack).
@@ -61,7 +69,7 @@ class Codec:
         if self._master is None:
             return blobs.unpack(stored, size, digest)
         inner = crypto.unseal(self._master, "blob", digest, stored)
-        data = blobs.decompress(inner, size) if len(inner) < size else bytes(inner)
+        data = blobs.decompress(inner, size) if len(inner) < size else inner  # no copy
         if len(data) != size or not hmac.compare_digest(self.content_id(data), digest):
             raise ValueError("content does not match its keyed id")
         return data

@@ -5,16 +5,19 @@ changes it.  Each push that changes something becomes a point-in-time snapshot t
 listed and restored.  Every method raises :class:`~s3sync.errors.S3SyncError`
 subclasses with messages that say what to do.
 
-Encryption (``crypto.py``, ``keys.py``, ``sealing.py``): a prefix is encrypted exactly when
-its ``keys/`` folder holds key objects.  Given a passphrase, the store unlocks the master key
-once, on its first operation, and keeps it in memory only; the first push into an empty
-prefix creates the master key and its first key object.  Refused, before anything is
-written: an encrypted prefix without a passphrase or with a wrong one, and a passphrase for a
-prefix that already holds unencrypted snapshots.  Plain stores work exactly as before.
+Encryption (``crypto.py``, ``keys.py``, ``keyring.py``, ``sealing.py``): a prefix is
+encrypted exactly when it holds key objects (``keys/``) or a ``config``.  Given a passphrase,
+the store unlocks the master key once, on its first operation, and keeps it in memory only;
+the first push into an empty prefix creates the master key, its first key object and
+``config`` -- race-free across hosts (``keyring.py``).  Refused, before anything is written:
+an encrypted prefix without a passphrase or with a wrong one, and a passphrase for a prefix
+that already holds unencrypted snapshots.  Plain stores work exactly as before.
 
-Not handled yet: two hosts whose first pushes into one empty prefix overlap can each create a
-master key (``keys.py`` wants key changes under an exclusive lock, which ``locks.py`` does not
-offer); each host then writes blobs and manifests the other refuses as "wrong key".
+Passphrases (:meth:`RemoteStore.add_key`, :meth:`~RemoteStore.keys`,
+:meth:`~RemoteStore.remove_key`) change only key objects, never data, and run beside pushes.
+In this process they are serialised by a lock of their own; across hosts, additions never
+conflict (each is a new object), and a removal never takes the key its own passphrase opens
+(:class:`~s3sync.errors.KeyInUse`), so every host's removals leave at least its own key.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from __future__ import annotations
 import builtins
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backends.priority import lower_priority
 from backends.tree import TreeView
 from s3sync import check as check_mod
+from s3sync import keyring
 from s3sync import keys as keys_mod
 from s3sync import prune as prune_mod
 from s3sync import push as push_mod
@@ -36,8 +40,9 @@ from s3sync.cache import Cache
 from s3sync.check import CheckReport
 from s3sync.client import Bucket
 from s3sync.config import RetryPolicy, S3Config
-from s3sync.crypto import new_master
-from s3sync.errors import S3SyncError, SnapshotNotFound, WrongPassphrase
+from s3sync.crypto import Master
+from s3sync.errors import KeyInUse, NotEncrypted, S3SyncError, SnapshotNotFound, WrongPassphrase
+from s3sync.keys import KeyInfo
 from s3sync.layout import Layout
 from s3sync.locks import local_lock
 from s3sync.manifest import SNAPSHOT_ID, RemoteSnapshot
@@ -45,6 +50,20 @@ from s3sync.prune import PruneReport
 from s3sync.push import Progress
 from s3sync.remote import Catalog, Remote
 from s3sync.sealing import Codec
+
+
+@dataclass(frozen=True)
+class KeyList:
+    """What ``key ls`` shows: never a secret."""
+
+    keys: list[KeyInfo]
+    """Oldest first."""
+    damaged: dict[str, str]
+    """Key object id -> why it cannot be read."""
+    current: str
+    """The id of the key this store's passphrase opens; empty if its key was removed since
+    this store unlocked (it keeps the master in memory, but a restart would be refused)."""
+
 
 PASSPHRASE_SETTING = "S3_PASSPHRASE"  # noqa: S105 -- a setting's name, not a secret
 """What the plugin's users set; named in errors so they say what to do."""
@@ -67,6 +86,10 @@ class RemoteStore:
         self._passphrase = passphrase or None
         self._unlocked = False
         self._unlocking = threading.Lock()
+        self._ring = keyring.BucketKeyring(client, layout)
+        self._keys_lock = local_lock(config.endpoint_url, bucket, prefix, kind="keys")
+        self._master: Master | None = None
+        self._key_id = ""
 
     def __repr__(self) -> str:
         return f"RemoteStore({self._remote.where})"
@@ -78,22 +101,23 @@ class RemoteStore:
 
     def _open(self, push: bool = False) -> Remote:
         """The remote, its master key unlocked if the prefix is encrypted; see the module
-        docstring.  A plain store looks at ``keys/`` again before each push, so it never
-        writes an unencrypted snapshot into a prefix another host has encrypted since."""
+        docstring.  A plain store looks at ``keys/`` and ``config`` again before each push, so
+        it never writes an unencrypted snapshot into a prefix another host has encrypted
+        since."""
         with self._unlocking:
             remote = self._remote
             if self._unlocked and (remote.codec.encrypted or not push):
                 return remote
             where = remote.where
-            objects = remote.key_objects()
-            if objects:
+            if keyring.encrypted(self._ring):
                 if not self._passphrase:
                     raise WrongPassphrase(
-                        f"{where} is encrypted (it holds key objects under keys/) and this "
-                        f"volume is not: create it with -o s3_encrypt=true, with "
+                        f"{where} is encrypted (it holds key objects under keys/ or a config) "
+                        f"and this volume is not: create it with -o s3_encrypt=true, with "
                         f"{PASSPHRASE_SETTING} set to the prefix's passphrase")
                 try:
-                    _, master = keys_mod.unlock(objects, self._passphrase, where)
+                    key_id, master = keyring.unlock(self._ring, self._passphrase, where,
+                                                    write=push)
                 except WrongPassphrase as exc:
                     raise WrongPassphrase(f"{exc}: set {PASSPHRASE_SETTING} to the passphrase "
                                           "this store was created with") from None
@@ -109,14 +133,66 @@ class RemoteStore:
                         "own (-o from=VOLUME -o s3_encrypt=true)")
                 if not push:
                     return remote  # nothing to read yet; the first push creates the key
-                master = new_master()
-                keys_mod.add_key(remote, master, self._passphrase)
+                key_id, master = keyring.create(self._ring, self._passphrase, where)
             else:
                 self._unlocked = True
                 return remote
+            self._key_id = key_id
+            self._master = master
             self._remote = replace(remote, codec=Codec(master))
             self._unlocked = True
             return self._remote
+
+    # -- passphrases ------------------------------------------------------------------
+
+    def _unlocked_master(self) -> Master:
+        self._open()
+        if self._master is None:
+            raise NotEncrypted(
+                f"{self._remote.where} has no key yet: it is not encrypted, or nothing was "
+                "pushed to it yet; push first")
+        return self._master
+
+    def add_key(self, passphrase: str) -> KeyInfo:
+        """Wrap the master key under one more ``passphrase``; returns the new key.  Touches
+        no data; runs beside pushes.  Raises :class:`NotEncrypted` before the first push."""
+        master = self._unlocked_master()
+        if not passphrase:
+            raise S3SyncError("the new passphrase is empty: give a non-empty one")
+        with self._keys_lock:
+            key_id = keys_mod.add_key(self._ring, master, passphrase)
+            blob = self._ring.key_objects().get(key_id)
+        if blob is None:
+            raise S3SyncError(f"key {key_id} vanished from {self._remote.where} right after "
+                              "it was written: another client is deleting this prefix")
+        return keys_mod.describe(blob, key_id)
+
+    def keys(self) -> KeyList:
+        """Every key (id, creation time, cost; never a secret), the damaged ones apart, and
+        which one this store's passphrase opened."""
+        self._unlocked_master()
+        with self._keys_lock:
+            listing = keys_mod.list_keys(self._ring)
+            if self._key_id not in {k.id for k in listing.keys}:
+                # Removed since (by another host, mid-rotation): which one opens now, if any?
+                try:
+                    self._key_id, _ = keyring.unlock(self._ring, self._passphrase,
+                                                     self._remote.where)
+                except WrongPassphrase:
+                    self._key_id = ""
+                listing = keys_mod.list_keys(self._ring)
+        return KeyList(listing.keys, listing.damaged, self._key_id)
+
+    def remove_key(self, key_id: str) -> None:
+        """Delete key ``key_id``.  Refused: the last usable key (:class:`LastKey`), the key
+        this store's passphrase opened (:class:`KeyInUse`), and an unknown id
+        (:class:`BadKeyObject`)."""
+        current = self.keys().current
+        if key_id == current:
+            raise KeyInUse(f"key {key_id} is the one {PASSPHRASE_SETTING} opens on this host; "
+                           f"set {PASSPHRASE_SETTING} to another key's passphrase first")
+        with self._keys_lock:
+            keys_mod.remove_key(self._ring, key_id)
 
     @property
     def requests(self) -> int:
@@ -203,11 +279,12 @@ class RemoteStore:
             return prune_mod.prune(remote, keep)
 
     def delete_all(self) -> int:
-        """Delete this store's snapshots, packs, lock markers and key objects and the local
-        cache; returns objects deleted.
+        """Delete this store's snapshots, packs, lock markers, key objects and config and the
+        local cache; returns objects deleted.
 
         Only keys this layout writes are listed and deleted (``<prefix>/snapshots/<id>``,
-        ``<prefix>/data/<pack>``, ``<prefix>/locks/<name>``, ``<prefix>/keys/<id>``), never
+        ``<prefix>/data/<pack>``, ``<prefix>/locks/<name>``, ``<prefix>/keys/<id>``,
+        ``<prefix>/config``), never
         "everything under the prefix": another volume's prefix ``<prefix>/db`` lies under it and
         stays intact.
         """
@@ -220,6 +297,8 @@ class RemoteStore:
             keys += [o.key for o in bucket.list(layout.locks) if layout.own_lock(o.key)]
             # Key objects too: with the data gone they unlock nothing.
             keys += [o.key for o in bucket.list(layout.keys) if layout.own_key(o.key)]
+            if self._ring.config_object() is not None:
+                keys.append(layout.config)
             if keys:
                 bucket.delete(keys)
             remote.cache.clear()

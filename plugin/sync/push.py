@@ -21,7 +21,7 @@ from plugin.state import StateStore
 from plugin.sync.queue import PushQueue, push_state
 from plugin.sync.remotes import Remotes, Transfers
 from plugin.sync.scheduler import Backoff
-from plugin.testhooks import fail_point
+from plugin.testhooks import fail_point, hold_point
 from snapshots.store import SnapshotStore, default_name
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,14 @@ class Pusher:
         self.transfers.start(volume, "syncing")
         try:
             remote = self.remotes.get(record.bucket, record.prefix, record.encrypt)
+            report = self.transfers.reporter(volume, "syncing")
+
+            def progress(done: int, total: int) -> None:
+                report(done, total)
+                hold_point("s3:upload")  # test hook: a push held mid-upload, its locks held
+
             with self.snapshots.view(volume, snapshot) as view:
-                pushed = remote.push(view, self.transfers.reporter(volume, "syncing"))
+                pushed = remote.push(view, progress)
         except Exception as exc:
             self._failed(volume, str(exc), None)
             return
@@ -127,10 +133,11 @@ class Pusher:
         # A push requested while this one ran has its own snapshot (or is about to take it):
         # it stays pending, and its snapshot stays.
         newer = current.snapshot != snapshot
-        if self.state.get_volume(volume) is None and not newer:
+        if not newer and self.queue.forget_if_removed(volume):
             # The volume was removed while this push was pending: its last data is now safe.
+            # (A volume of the same name being created meanwhile keeps the record, and with
+            # it the restore it asked for, and this snapshot, which its restore may read.)
             drop_sync_snapshots(self.snapshots, volume, pushed=snapshot, keep=set())
-            self.queue.forget(volume)
             return
         drop_sync_snapshots(self.snapshots, volume, pushed=snapshot,
                             keep={snapshot, current.snapshot})

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from plugin.options import S3Policy
-from plugin.state import StateStore, SyncRecord
+from plugin.state import StateStore, SyncChange, SyncRecord
 
 PushState = Literal["idle", "requested", "captured"]
 
@@ -53,49 +53,54 @@ class PushQueue:
 
     def _change(self, volume: str, transition: str, allowed: tuple[PushState, ...],
                 **changes: Any) -> SyncRecord:
-        record = self.state.get_sync(volume)
-        if record is None or push_state(record) not in allowed:
-            raise IllegalTransition(
-                f"volume {volume!r}: S3 push cannot go {transition} from "
-                f"{'no record' if record is None else push_state(record)}")
-        record = replace(record, **changes)
-        self.state.put_sync(record)
-        return record
+        def change(record: SyncRecord | None) -> SyncRecord:
+            if record is None or push_state(record) not in allowed:
+                raise IllegalTransition(
+                    f"volume {volume!r}: S3 push cannot go {transition} from "
+                    f"{'no record' if record is None else push_state(record)}")
+            return replace(record, **changes)
+        return self.state.update_sync(volume, change)
 
     # the record itself
 
-    def for_create(self, volume: str, policy: S3Policy) -> SyncRecord:
-        """The record a new volume starts with (not written: Create commits it with the
-        volume's), marked ``restoring`` if it asked for a restore.  A pending push of a removed
-        volume of the same name and location stays queued."""
-        record = self.state.get_sync(volume)
-        if record is None or (record.bucket, record.prefix) != (policy.bucket, policy.prefix):
-            record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
-                                keep=policy.keep)
-        record = replace(record, keep=policy.keep, encrypt=policy.encrypt)
-        if policy.restore != "never":
-            record = replace(record, restoring=policy.restore, last_error=None,
-                             last_error_at=None)
-        return record
+    @staticmethod
+    def for_create(volume: str, policy: S3Policy) -> SyncChange:
+        """How a new volume's record is made from the stored one (Create commits it with the
+        volume's, in one transaction): marked ``restoring`` if it asked for a restore.  A
+        pending push of a removed volume of the same name and location stays queued."""
+        def change(record: SyncRecord | None) -> SyncRecord:
+            if record is None or (record.bucket, record.prefix) != (policy.bucket,
+                                                                     policy.prefix):
+                record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
+                                    keep=policy.keep)
+            record = replace(record, keep=policy.keep, encrypt=policy.encrypt)
+            if policy.restore != "never":
+                record = replace(record, restoring=policy.restore, last_error=None,
+                                 last_error_at=None)
+            return record
+        return change
 
     def attach(self, volume: str, policy: S3Policy) -> SyncRecord:
         """The volume's record for ``policy``'s location, made afresh (idle) if it had none
         or one for another location; its ``keep`` follows the policy."""
-        record = self.state.get_sync(volume)
-        if record is None or (record.bucket, record.prefix) != (policy.bucket, policy.prefix):
-            record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
-                                keep=policy.keep, encrypt=policy.encrypt)
-            self.state.put_sync(record)
-        elif (record.keep, record.encrypt) != (policy.keep, policy.encrypt):
+        def change(record: SyncRecord | None) -> SyncRecord:
+            if record is None or (record.bucket, record.prefix) != (policy.bucket,
+                                                                     policy.prefix):
+                return SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
+                                  keep=policy.keep, encrypt=policy.encrypt)
             # a volume created again with another s3_keep or s3_encrypt
-            record = replace(record, keep=policy.keep, encrypt=policy.encrypt)
-            self.state.put_sync(record)
-        return record
+            return replace(record, keep=policy.keep, encrypt=policy.encrypt)
+        return self.state.update_sync(volume, change)
 
     def forget(self, volume: str) -> None:
-        """Drop the record: its remote copy was deleted, or a removed volume's last push is
-        done."""
+        """Drop the record: its remote copy was deleted."""
         self.state.delete_sync(volume)
+
+    def forget_if_removed(self, volume: str) -> bool:
+        """Drop the record of a removed volume whose last push is done, unless a volume of
+        that name exists again (even one still being created: its restore reads the record).
+        True if dropped."""
+        return self.state.forget_sync_of_removed(volume)
 
     # push transitions
 

@@ -18,7 +18,7 @@ from plugin.errors import VolumeBusy
 from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import S3Policy
-from plugin.state import StateStore, SyncRecord
+from plugin.state import StateStore, SyncChange
 from plugin.sync.push import Pusher
 from plugin.sync.queue import PushQueue, push_state
 from plugin.sync.remotes import Remotes, Transfers
@@ -28,6 +28,8 @@ from snapshots.store import SnapshotStore
 
 if TYPE_CHECKING:
     from s3sync import CheckReport, RemoteSnapshot, RemoteStore
+    from s3sync.keys import KeyInfo
+    from s3sync.store import KeyList
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,9 @@ class Syncer:
 
     # a volume's life
 
-    def record_for_create(self, volume: str, policy: S3Policy) -> SyncRecord:
-        """The sync record Create commits with the volume's (see PushQueue.for_create)."""
+    def record_for_create(self, volume: str, policy: S3Policy) -> SyncChange:
+        """How Create makes the sync record it commits with the volume's (see
+        PushQueue.for_create)."""
         return self.queue.for_create(volume, policy)
 
     def on_create(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
@@ -197,3 +200,14 @@ class Syncer:
         """Check the volume's remote copy (``pyvol sync check``); the result shows in Status."""
         return self.checks.run(volume, (policy.bucket, policy.prefix),
                                self._remote(policy), read_data)
+
+    # passphrases of an encrypted volume's S3 copy (`pyvol sync key ...`)
+
+    def key_add(self, policy: S3Policy, passphrase: str) -> KeyInfo:
+        return self._remote(policy).add_key(passphrase)
+
+    def key_list(self, policy: S3Policy) -> KeyList:
+        return self._remote(policy).keys()
+
+    def key_remove(self, policy: S3Policy, key_id: str) -> None:
+        self._remote(policy).remove_key(key_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from e2e_support import (
     ok,
     plugin_field,
     pyvol,
+    pyvol_command,
 )
 
 from tests.support.trees import files_containing, picture
@@ -238,11 +240,30 @@ def test_an_encrypted_volume_is_synced_removed_and_restored_by_name(
     assert any(key.startswith(f"{vol}/keys/") for key in listed), listed
     assert any(key.startswith(f"{vol}/data/") for key in listed), listed
     for key in listed:
-        body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        try:
+            body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            continue  # a lock marker removed since the listing
         assert marker.encode() not in body and b"note.txt" not in body, key
         assert s3.passphrase.encode() not in body, key
     checked = ok(pyvol("sync", "check", vol, "--read-data"))
     assert "structure and data ok" in checked
+
+    # A second passphrase, from stdin; the plugin's own key cannot be removed, the new one can.
+    [current] = ok(pyvol("sync", "key", "ls", vol)).splitlines()
+    current_id, _, mark = current.split("\t")
+    assert mark == "opened by S3_PASSPHRASE"
+    added = ok(subprocess.run([*pyvol_command(), "sync", "key", "add", vol],
+                              input="second one\n", capture_output=True, text=True, timeout=60,
+                              check=False))
+    new_id = added.split()[2]
+    rows = ok(pyvol("sync", "key", "ls", vol)).splitlines()
+    assert sorted(row.split("\t")[0] for row in rows) == sorted([current_id, new_id])
+    refused = fails(pyvol("sync", "key", "rm", vol, current_id))
+    assert "S3_PASSPHRASE" in refused and "docker plugin set" in refused, refused
+    assert ok(pyvol("sync", "key", "rm", vol, new_id)).strip() == \
+        f"removed key {new_id} from {vol}"
+    assert "second one" not in ok(docker("volume", "inspect", vol))
 
     ok(docker("volume", "rm", vol))
     assert ok(docker("volume", "create", "-d", ALIAS, "-o", "s3_sync=on-unmount", vol)).strip() \

@@ -24,6 +24,7 @@ from typing import Any
 from functional_support import LISTEN_DEADLINE, REPO, Plugin, PluginProcess
 
 from tests.support.mounts import release_mounts_under
+from tests.support.trees import picture
 from tests.support.waiting import wait_for
 
 LAUNCHER = """\
@@ -64,14 +65,15 @@ class SyncServer(PluginProcess):
         env.update(self.env)
         return env
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """The ``pyvol`` CLI against this server, as a user runs it."""
+    def cli(self, *args: str, timeout: float = 60,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The ``pyvol`` CLI against this server, as a user runs it (``stdin``: piped in)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_"))}
         env.pop("PYVOL_SOCKET", None)
         return subprocess.run(
             [sys.executable, "-m", "plugin.cli", "--socket", str(self.socket), *args],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
-            stdin=subprocess.DEVNULL)
+            **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -198,3 +200,14 @@ def build_tree(root: Path, tag: str, big: int = 0) -> None:
     os.chmod(root / "docs" / "note.txt", 0o2640)
     for i, path in enumerate(sorted(root.rglob("*"))):
         os.utime(path, ns=(1_600_000_000_000_000_000 + i * 1001,) * 2, follow_symlinks=False)
+
+
+def write_tree(plugin: Plugin, name: str, mount_id: str, tag: str,
+               big: int = 0) -> dict[str, Any]:
+    """Mount ``name``, fill it with :func:`build_tree`, unmount it (which queues a push);
+    the tree's picture as it was written."""
+    data = mount(plugin, name, mount_id)
+    build_tree(data, tag, big)
+    written = picture(data)
+    unmount(plugin, name, mount_id)
+    return written

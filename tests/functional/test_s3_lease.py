@@ -50,9 +50,9 @@ def test_moto_enforces_conditional_writes(moto: MotoServer, bucket: str) -> None
     b = s3(moto, bucket)
     b.probe_conditional_writes(Layout("vol").lease_probe)
     assert b.get_with_etag("vol/none") is None
-    first = b.put_if_absent("vol/x", b"one")
+    first = b.put_new("vol/x", b"one")
     assert first is not None
-    assert b.put_if_absent("vol/x", b"two") is None
+    assert b.put_new("vol/x", b"two") is None
     read = b.get_with_etag("vol/x")
     assert read is not None and (read.data, read.etag) == (b"one", first)
     assert abs((read.now - read.modified).total_seconds()) < 5

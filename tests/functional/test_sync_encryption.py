@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sync_support import build_tree, create, mount, s3_settings, s3_status, unmount, wait_pushed
+from sync_support import (
+    create,
+    mount,
+    s3_settings,
+    s3_status,
+    wait_pushed,
+    write_tree,
+)
 
 from tests.support.trees import files_containing, picture
 from tests.support.waiting import wait_for
@@ -42,10 +49,7 @@ def test_an_encrypted_volume_round_trips_and_keeps_its_passphrase_to_itself(
     create(first, "vault", s3_encrypt="true")
     wait_for(lambda: s3_status(first.client, "vault")["state"] == "idle", 10,
              "the restore check at create")
-    data = mount(first.client, "vault", M1)
-    build_tree(data, "v1", big=1_000_000)
-    expected = picture(data)
-    unmount(first.client, "vault", M1)
+    expected = write_tree(first.client, "vault", M1, "v1", big=1_000_000)
     assert "last_error" not in wait_pushed(first.client, "vault")
 
     client: Any = moto.client()
@@ -80,8 +84,7 @@ def test_with_a_passphrase_set_synced_volumes_encrypt_unless_told_not_to(
         start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     plain_host = start(tmp_path / "old", s3_settings(moto.url, S3_BUCKET=bucket))
     create(plain_host, "old", s3_prefix="old")
-    build_tree(mount(plain_host.client, "old", M1), "old")
-    unmount(plain_host.client, "old", M1)
+    write_tree(plain_host.client, "old", M1, "old")
     assert "last_error" not in wait_pushed(plain_host.client, "old")
     plain_host.stop()
 
@@ -92,8 +95,7 @@ def test_with_a_passphrase_set_synced_volumes_encrypt_unless_told_not_to(
     assert s3_status(server.client, "secret")["encrypted"] is True
     assert s3_status(server.client, "clear")["encrypted"] is False
     for name in ("secret", "clear"):
-        build_tree(mount(server.client, name, M1), name)
-        unmount(server.client, name, M1)
+        write_tree(server.client, name, M1, name)
         assert "last_error" not in wait_pushed(server.client, name)
     keys = {o["Key"].split("/")[0] for o in moto.client().list_objects_v2(
         Bucket=bucket).get("Contents", []) if "/keys/" in o["Key"]}

@@ -148,7 +148,7 @@ def test_push_on_unmount_and_restore_at_create_on_another_host(
     s3 = wait_for(lambda: (s := s3_status(first.client, "photos"))["state"] == "idle" and s,
                   10, "the restore check at create")
     assert s3 == {"state": "idle", "bucket": bucket, "prefix": "photos", "mode": "on-unmount",
-                  "keep": 30, "last_push": None}
+                  "keep": 30, "encrypted": False, "last_push": None}
 
     data = mount(first.client, "photos", M1)
     build_tree(data, "v1", big=3_000_000)
@@ -191,7 +191,8 @@ def test_options_pick_bucket_prefix_mode_restore_and_keep(
 
     tuned = s3_status(server.client, "tuned")
     assert tuned == {"state": "idle", "bucket": bucket, "prefix": "team/tuned",
-                     "mode": "every 600s", "keep": 5, "last_push": None}
+                     "mode": "every 600s", "keep": 5, "encrypted": False,
+                     "last_push": None}
     by_setting = wait_for(lambda: (s := s3_status(server.client, "by-setting"))["state"] == "idle"
                           and s, 10, "the restore check of by-setting")
     assert (by_setting["bucket"], by_setting["prefix"], by_setting["mode"]) == (

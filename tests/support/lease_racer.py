@@ -36,9 +36,9 @@ class GatedBucket(Bucket):
             if line != "go":
                 raise SystemExit(f"expected go, got {line!r}")
 
-    def put_if_absent(self, key: str, body: bytes) -> str | None:
+    def put_new(self, key: str, body: bytes) -> str | None:
         self._wait()
-        return super().put_if_absent(key, body)
+        return super().put_new(key, body)
 
     def put_if_match(self, key: str, body: bytes, etag: str) -> str | None:
         self._wait()

@@ -19,7 +19,7 @@ from s3sync.client import Bucket, ObjectTooBig, Versioned
 from s3sync.errors import (
     BadHostId,
     BadLeaseObject,
-    ConditionalWritesUnsupported,
+    ConditionalWriteUnsupported,
     LeaseHeld,
     LeaseLost,
     TransientFailure,
@@ -62,7 +62,7 @@ class FakeBucket:
             raise ObjectTooBig(f"object {key} is over {limit} bytes", etag)
         return Versioned(data, etag, modified, self.now.replace(microsecond=0))
 
-    def put_if_absent(self, key: str, body: bytes) -> str | None:
+    def put_new(self, key: str, body: bytes) -> str | None:
         return self._put(key, body, None)
 
     def put_if_match(self, key: str, body: bytes, etag: str) -> str | None:
@@ -412,7 +412,7 @@ def test_the_probe_passes_when_both_conditions_are_enforced() -> None:
 
 def test_an_endpoint_that_ignores_conditions_is_refused_by_the_probe() -> None:
     b, _ = stub_bucket("ignore")
-    with pytest.raises(ConditionalWritesUnsupported,
+    with pytest.raises(ConditionalWriteUnsupported,
                        match=r"ignored If-None-Match: \* .*multi-host volumes need an S3 "
                              "endpoint that enforces conditional writes"):
         b.probe_conditional_writes("vol/lease-probe")
@@ -420,8 +420,8 @@ def test_an_endpoint_that_ignores_conditions_is_refused_by_the_probe() -> None:
 
 def test_an_endpoint_without_conditional_puts_is_refused_at_once() -> None:
     b, stub = stub_bucket("501")
-    with pytest.raises(ConditionalWritesUnsupported, match="does not implement If-None-Match"):
-        b.put_if_absent("vol/lease", b"{}")
+    with pytest.raises(ConditionalWriteUnsupported, match="does not implement If-None-Match"):
+        b.put_new("vol/lease", b"{}")
     assert len(stub.calls) == 1  # not retried as if the store were down
 
 

@@ -14,6 +14,9 @@ from s3sync import crypto
 from s3sync.crypto import HEADER, SEGMENT, TAG, seal, unseal
 from s3sync.errors import CorruptObject, TamperedObject
 
+PINNED_OKM = ("c2f7cf5981df148f79cc8c28320248b0feb7f6bf8d03b1e5d2ed5f00d8db748be5e439bcf6"
+              "e5ff99610035ec45c2242282c5ae5ab0bb2b07dfe082d23a849740897faa439ede270be976")
+
 KEY_CHECK_AT = crypto.SALT
 VERSION_AT = KEY_CHECK_AT + crypto.CHECK
 KIND_AT = VERSION_AT + 1
@@ -321,3 +324,15 @@ def test_blobs_sealed_one_by_one_open_from_ranges_of_a_pack(master: crypto.Maste
     first_id, _, first_length = refs[1]
     assert refused(master, pack[refs[2][1]:refs[2][1] + first_length], kind="blob",
                    name=first_id).cause == "wrong name"
+
+
+def test_object_keys_are_blake3_derive_key_of_the_encryption_key_and_salt() -> None:
+    """Pinned bytes: the format depends on this derivation never changing (BLAKE3 derive_key,
+    context "pyvol 2026-12-02 sealed object keys v1", material enc_key + salt)."""
+    enc_key, salt = bytes(range(32)), bytes(range(32, 64))
+    okm = crypto._object_okm(enc_key, salt)
+    assert len(okm) == crypto.CHECK + 2 + 2 * crypto.KEY_BYTES
+    assert okm == blake3.blake3(enc_key + salt, derive_key_context=(
+        "pyvol 2026-12-02 sealed object keys v1")).digest(len(okm))
+    assert okm.hex() == PINNED_OKM
+    assert crypto._object_okm(enc_key, bytes(32)) != okm

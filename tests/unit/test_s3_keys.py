@@ -12,27 +12,12 @@ import pytest
 
 from s3sync import crypto, keys
 from s3sync.errors import BadKeyObject, LastKey, WrongPassphrase
+from tests.support.keystores import DictKeys
 
 CHEAP = keys.KdfCost(memory_kib=1024, iterations=1, lanes=1)
 """Tests run the real KDF at a low cost; one test uses the default."""
 PASS = "correct horse battery staple"
 OTHER = "another passphrase entirely"
-
-
-class DictKeys:
-    """A KeyStore in memory."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-
-    def key_objects(self) -> dict[str, bytes]:
-        return dict(self.objects)
-
-    def put_key_object(self, key_id: str, blob: bytes) -> None:
-        self.objects[key_id] = blob
-
-    def delete_key_object(self, key_id: str) -> None:
-        del self.objects[key_id]
 
 
 @pytest.fixture

@@ -116,3 +116,28 @@ def test_fake_bucket_matches_the_bucket_interface() -> None:
     assert callable(getattr(Bucket, "put", None))
     sig: Any = Bucket.put
     assert sig.__code__.co_varnames[:3] == ("self", "key", "body")
+
+
+def test_sealed_blobs_are_sealed_in_the_upload_thread_where_their_refs_say(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3sync import crypto
+    from s3sync.sealing import Codec
+    monkeypatch.setattr(packs, "PACK_TARGET", 100_000)
+    codec = Codec(crypto.new_master())
+    bucket = FakeBucket()
+    contents = [os.urandom(30_000) for _ in range(7)] + [b"z" * 50_000, b"short"]
+    with ThreadPoolExecutor(4) as pool:
+        w = PackWriter(cast(Bucket, bucket), Layout("vol"), pool, set(), in_flight=2,
+                       codec=codec)
+        refs = []
+        for data in contents:
+            digest = codec.content_id(data)
+            refs.append(w.add(digest, blobs.pack_form(data), len(data)))
+        w.finish()
+        resolved = [w.resolve(r) for r in refs]
+    assert len(bucket.objects) > 1
+    assert w.uploaded_bytes == sum(len(o) for o in bucket.objects.values())
+    for ref, data in zip(resolved, contents, strict=True):
+        pack = bucket.objects[f"vol/data/{ref.pack}"]
+        assert codec.open_blob(pack[ref.offset:ref.offset + ref.length], ref.size,
+                               ref.hash) == data

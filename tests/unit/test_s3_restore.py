@@ -21,7 +21,8 @@ class FakeRemote:
     def __init__(self) -> None:
         self.fetched: list[tuple[str, int]] = []
 
-    def fetch_span(self, span: Span, snapshot_id: str) -> dict[tuple[str, int], bytes]:
+    def fetch_span(self, span: Span, snapshot_id: str,
+                   pack_size: int | None = None) -> dict[tuple[str, int], bytes]:
         self.fetched.append((span.pack, span.start))
         return {(r.pack, r.offset): r.hash.encode()[:8] * (r.size // 8) for r in span.refs}
 
@@ -70,3 +71,33 @@ def test_a_span_used_by_consecutive_blobs_is_fetched_once(monkeypatch: pytest.Mo
     files = {"big": [ref(1, o * 64 * KiB) for o in range(100)]}
     _, remote = drain(monkeypatch, files, 1 << 20)
     assert len(remote.fetched) == len(set(remote.fetched))
+
+
+@pytest.mark.parametrize("flush", [1, 100 * KiB, 8 << 20])
+def test_sparse_writer_writes_what_write_sparse_writes(tmp_path: Any, flush: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same bytes, same holes as backends.tree.write_sparse, however writes are gathered."""
+    import os
+
+    from backends.tree import SPARSE_BLOCK, write_sparse
+    monkeypatch.setattr(restore, "FLUSH", flush)
+    zero = bytes(SPARSE_BLOCK)
+    blobs = [os.urandom(3000), zero * 2 + b"x" * 10, zero, bytearray(os.urandom(SPARSE_BLOCK * 3)),
+             b"\0" * 100, os.urandom(SPARSE_BLOCK) + zero + os.urandom(5), zero * 3]
+    paths = []
+    for name, gathered in (("old", False), ("new", True)):
+        path = tmp_path / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        writer = restore.SparseWriter(fd)
+        for blob in blobs:
+            if gathered:
+                writer.add(blob)
+            else:
+                write_sparse(fd, bytes(blob))
+        writer.flush()
+        os.ftruncate(fd, sum(len(b) for b in blobs))
+        os.close(fd)
+        paths.append(path)
+    old, new = paths
+    assert new.read_bytes() == old.read_bytes() == b"".join(bytes(b) for b in blobs)
+    assert new.stat().st_blocks == old.stat().st_blocks

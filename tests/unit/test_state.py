@@ -241,7 +241,7 @@ def test_a_record_being_created_is_invisible_until_finished_and_survives_a_resta
 
     first = StateStore(db_path)
     sync = SyncRecord(volume="new", bucket="b", prefix="new", keep=3, restoring="latest")
-    first.add_volume(record("new", s3_bucket="b"), creating=True, sync=sync)
+    first.add_volume(record("new", s3_bucket="b"), creating=True, sync=lambda _: sync)
     assert first.get_volume("new") is None and first.list_volumes() == []
     assert first.get_sync("new") == sync  # committed with the record, in one transaction
     first.close()
@@ -264,15 +264,16 @@ def test_an_aborted_create_puts_back_the_sync_record_it_found(store: StateStore)
                          snapshot="sync-1")
     store.put_sync(pending)
     store.add_volume(record("v"), creating=True,
-                     sync=SyncRecord(volume="v", bucket="b", prefix="v", keep=3,
-                                     restoring="latest", pending=True, snapshot="sync-1"))
+                     sync=lambda _: SyncRecord(volume="v", bucket="b", prefix="v", keep=3,
+                                               restoring="latest", pending=True,
+                                               snapshot="sync-1"))
     store.abort_create("v", pending)
     assert store.get_sync("v") == pending
     assert store.creating_volumes() == [] and store.get_volume("v") is None
     # Without a record to put back, only the restore the create asked for is dropped.
     store.add_volume(record("w"), creating=True,
-                     sync=SyncRecord(volume="w", bucket="b", prefix="w", keep=3,
-                                     restoring="latest"))
+                     sync=lambda _: SyncRecord(volume="w", bucket="b", prefix="w", keep=3,
+                                               restoring="latest"))
     store.abort_create("w")
     assert store.get_sync("w") is None
 

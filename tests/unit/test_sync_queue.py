@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,69 @@ def test_a_forgotten_record_makes_a_finished_upload_a_no_op(queue: PushQueue) ->
     queue.forget("v")
     assert queue.pushed("v", "sync-1", "r1") is None
     assert queue.get("v") is None
+
+
+def test_a_removed_volumes_push_ending_during_a_create_of_its_name_keeps_the_restore(
+        queue: PushQueue) -> None:
+    """The CI failure of 2026-12-02: `docker volume rm` then `create` of the same name while
+    the removed volume's last push still uploaded.  The upload ended inside the create (its
+    record committed, flagged creating), took the volume for removed, and dropped the sync
+    record with the restore the create had asked for: the new volume mounted empty."""
+    from plugin.state import VolumeRecord
+
+    queue.request("v", POLICY)
+    queue.captured("v", "sync-1")  # the removed volume's last push, uploading
+    restore = S3Policy(bucket="b", prefix="v", keep=3, restore="latest")
+    queue.state.add_volume(VolumeRecord(name="v", backend="local"), creating=True,
+                           sync=queue.for_create("v", restore))
+    done = queue.pushed("v", "sync-1", "r1")  # the upload ends
+    assert done is not None and done.restoring == "latest"
+    assert not queue.forget_if_removed("v")
+    after = queue.get("v")
+    assert after is not None and after.restoring == "latest" and push_state(after) == "idle"
+
+
+def test_a_removed_volumes_finished_push_forgets_its_record(queue: PushQueue) -> None:
+    queue.request("v", POLICY)
+    queue.captured("v", "sync-1")
+    queue.pushed("v", "sync-1", "r1")
+    assert queue.forget_if_removed("v")
+    assert queue.get("v") is None
+
+
+def test_record_changes_from_many_threads_are_never_lost(queue: PushQueue) -> None:
+    """Each transition reads and writes the record in one transaction: a push ending on
+    one thread cannot write back a record read before another thread's change."""
+    import threading
+
+    queue.attach("v", POLICY)
+    requests = 0
+    lost: list[str] = []
+
+    def pushes() -> None:
+        nonlocal requests
+        for i in range(200):
+            queue.request("v", POLICY)
+            queue.captured("v", f"sync-{i}")
+            queue.pushed("v", f"sync-{i}", f"r{i}")
+            requests += 1
+
+    def restores() -> None:
+        for _ in range(200):
+            queue.state.update_sync("v", lambda r: replace(r, restoring="latest"))
+            record = queue.get("v")
+            if record is None or record.restoring != "latest":
+                lost.append("a push wrote back a record read before the restore marker")
+            queue.restored("v", at_create=False, remote_id=None)
+
+    threads = [threading.Thread(target=pushes), threading.Thread(target=restores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert requests == 200 and lost == []
+    final = queue.get("v")
+    assert final is not None and final.last_id == "r199" and final.restoring is None
 
 
 def test_a_finished_push_keeps_a_newer_sync_snapshot_not_yet_recorded(tmp_path: Path) -> None:

@@ -17,9 +17,11 @@ import pytest
 from backends import tree as tree_module
 from backends.fs import remove_tree
 from backends.tree import (
+    SPARSE_BLOCK,
     Changed,
     DirectoryView,
     Entry,
+    all_zero,
     clone_fd,
     clone_or_copy,
     copy_fd,
@@ -500,3 +502,16 @@ def test_a_symlink_replaced_by_a_directory_before_its_target_is_read_is_skipped(
     monkeypatch.setattr(os, "readlink", swapped_first)
     paths = [e.path for e in scan(tmp_path)]
     assert paths == [".", "z"]
+
+
+@pytest.mark.parametrize("buffer", [bytes, bytearray])
+def test_all_zero_says_whether_a_block_is_all_zero_bytes(buffer: type) -> None:
+    block = SPARSE_BLOCK
+    data = buffer(bytes(block) + b"\x01" + bytes(block - 1) + bytes(block // 2))
+    assert all_zero(data, 0, block)
+    assert not all_zero(data, block, 2 * block)  # a nonzero first byte
+    assert all_zero(data, 2 * block, len(data))  # a short last block
+    assert all_zero(data, 5, 5)
+    last = buffer(bytes(block - 1) + b"\x80")
+    assert not all_zero(last, 0, block)  # a nonzero last byte
+    assert all_zero(last, 0, block - 1)
