@@ -12,17 +12,24 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from s3sync.blobs import CHUNK_MAX
 from s3sync.cache import Cache
 from s3sync.client import Bucket, ObjectMissing
 from s3sync.errors import CorruptObject, SnapshotNotFound, TamperedObject
 from s3sync.layout import Layout
 from s3sync.manifest import SNAPSHOT_ID, ChunkRef, Manifest, Tree, parse_tree
+from s3sync.packs import PACK_TARGET
 from s3sync.sealing import Codec
 
 MERGE_GAP = 1 << 20
 """Blobs of one pack closer than this are fetched by one ranged GET."""
-SPAN_MAX = 8 << 20
-"""Most stored, and most plain, bytes of one ranged GET (unless one blob is larger)."""
+SPAN_MAX = PACK_TARGET + 2 * CHUNK_MAX
+"""Most stored, and most plain, bytes of one ranged GET (unless one blob is larger).
+
+Above the largest pack a push writes (it closes a pack once :data:`PACK_TARGET` is passed,
+by at most one sealed blob), so an incompressible pack is one GET, not a GET of its first
+8 MiB and another of the blob that crossed the line (which doubled the requests of a large
+restore)."""
 
 log = logging.getLogger(__name__)
 

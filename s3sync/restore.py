@@ -48,17 +48,21 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
 
     def write(entry: Entry, fd: int) -> None:
         nonlocal done
-        out = SparseWriter(fd)
-        for ref in tree.chunks[entry.path]:
-            out.add(fetcher.take(ref))
-        out.flush()
+        out = SparseWriter(fd, writers)
+        try:
+            for ref in tree.chunks[entry.path]:
+                out.add(fetcher.take(ref))
+            out.finish()
+        finally:
+            out.close()
         done += entry.size
         if progress is not None:
             progress(done, total)
 
     try:
-        fetcher.start()
-        materialize(tree.entries, dst, write)
+        with ThreadPoolExecutor(WRITERS, "s3-write") as writers:
+            fetcher.start()
+            materialize(tree.entries, dst, write)
     except BaseException as exc:
         fetcher.close()
         _empty(dst)
@@ -86,23 +90,39 @@ def _empty(dst: Path) -> None:
 
 
 FLUSH = 8 << 20
-"""Most plain bytes :class:`SparseWriter` gathers before one ``writev``."""
+"""Most plain bytes :class:`SparseWriter` gathers before one ``pwritev``."""
+WRITERS = 2
+"""Threads writing restored content to disk (see :class:`SparseWriter`)."""
+IN_FLIGHT = 4
+"""Most gathered writes of one file queued or running at once."""
 
 
 class SparseWriter:
-    """Appends blobs to a file as :func:`backends.tree.write_sparse` does -- seeking over each
+    """Appends blobs to a file as :func:`backends.tree.write_sparse` does -- skipping each
     all-zero :data:`~backends.tree.SPARSE_BLOCK` of a blob instead of writing it, so holes
-    stay holes -- but gathers the runs of data, across blobs, into one ``writev`` per
-    :data:`FLUSH` bytes instead of one ``write`` per block.  Each system call gives the GIL
-    away and must win it back from the download threads, so fewer calls is faster restores.
-    ``flush`` before the descriptor is used otherwise."""
+    stay holes -- but gathers the runs of data, across blobs, into one ``pwritev`` per
+    :data:`FLUSH` bytes, run by ``pool`` (inline without one).
 
-    __slots__ = ("_fd", "_pending", "_size")
+    Why a pool: putting new pages in the page cache is kernel work that, on one thread, took
+    most of a large restore's time (1.5 of 1.7 s for 8 x 64 MiB into fresh pages here, the
+    downloads waiting on it); writes at explicit offsets let two threads do it while this one
+    hands out the next blobs.  At most :data:`IN_FLIGHT` writes (views of blobs) are held.
 
-    def __init__(self, fd: int) -> None:
+    :meth:`finish` waits for every write and leaves the descriptor's offset after the last
+    byte (or hole) added; :meth:`close` waits for them whatever happened: call it before the
+    descriptor is closed, or a write still running would land in whichever file reuses the
+    number."""
+
+    __slots__ = ("_fd", "_pending", "_pool", "_size", "_start", "_writes")
+
+    def __init__(self, fd: int, pool: ThreadPoolExecutor | None = None) -> None:
         self._fd = fd
+        self._pool = pool
         self._pending: list[memoryview] = []
+        self._start = os.lseek(fd, 0, os.SEEK_CUR)
+        """File offset of the first pending byte."""
         self._size = 0
+        self._writes: list[Future[None]] = []
 
     def add(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
@@ -113,8 +133,8 @@ class SparseWriter:
             if all_zero(data, pos, end):
                 if run < pos:
                     self._queue(view[run:pos])
-                self.flush()
-                os.lseek(self._fd, end - pos, os.SEEK_CUR)
+                self._flush()
+                self._start += end - pos  # a hole: nothing written there
                 run = end
             pos = end
         if run < length:
@@ -124,17 +144,41 @@ class SparseWriter:
         self._pending.append(view)
         self._size += len(view)
         if self._size >= FLUSH or len(self._pending) >= 256:
-            self.flush()
+            self._flush()
 
-    def flush(self) -> None:
-        pending = self._pending
-        while pending:
-            written = os.writev(self._fd, pending)
-            while pending and written >= len(pending[0]):
-                written -= len(pending.pop(0))
-            if written:
-                pending[0] = pending[0][written:]
-        self._size = 0
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, start = self._pending, self._start
+        self._pending, self._start, self._size = [], start + self._size, 0
+        if self._pool is None:
+            _write_at(self._fd, pending, start)
+            return
+        while len(self._writes) >= IN_FLIGHT:
+            self._writes.pop(0).result()
+        self._writes.append(self._pool.submit(_write_at, self._fd, pending, start))
+
+    def finish(self) -> None:
+        self._flush()
+        while self._writes:
+            self._writes.pop(0).result()
+        os.lseek(self._fd, self._start, os.SEEK_SET)
+
+    def close(self) -> None:
+        for write in self._writes:
+            with contextlib.suppress(Exception):
+                write.result()
+        self._writes.clear()
+
+
+def _write_at(fd: int, views: list[memoryview], offset: int) -> None:
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
 
 
 class Prefetcher:

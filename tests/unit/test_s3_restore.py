@@ -4,6 +4,7 @@ without bound, and blobs come out in order."""
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,11 +74,14 @@ def test_a_span_used_by_consecutive_blobs_is_fetched_once(monkeypatch: pytest.Mo
     assert len(remote.fetched) == len(set(remote.fetched))
 
 
+@pytest.mark.parametrize("threads", [0, 2])
 @pytest.mark.parametrize("flush", [1, 100 * KiB, 8 << 20])
-def test_sparse_writer_writes_what_write_sparse_writes(tmp_path: Any, flush: int,
+def test_sparse_writer_writes_what_write_sparse_writes(tmp_path: Any, flush: int, threads: int,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Same bytes, same holes as backends.tree.write_sparse, however writes are gathered."""
+    """Same bytes, same holes as backends.tree.write_sparse, however writes are gathered,
+    inline or by a pool of writer threads."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
     from backends.tree import SPARSE_BLOCK, write_sparse
     monkeypatch.setattr(restore, "FLUSH", flush)
@@ -88,13 +92,19 @@ def test_sparse_writer_writes_what_write_sparse_writes(tmp_path: Any, flush: int
     for name, gathered in (("old", False), ("new", True)):
         path = tmp_path / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-        writer = restore.SparseWriter(fd)
-        for blob in blobs:
-            if gathered:
-                writer.add(blob)
-            else:
+        if gathered:
+            with ThreadPoolExecutor(threads) if threads else contextlib.nullcontext() as pool:
+                writer = restore.SparseWriter(fd, pool)
+                try:
+                    for blob in blobs:
+                        writer.add(blob)
+                    writer.finish()
+                finally:
+                    writer.close()
+        else:
+            for blob in blobs:
                 write_sparse(fd, bytes(blob))
-        writer.flush()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == sum(len(b) for b in blobs)
         os.ftruncate(fd, sum(len(b) for b in blobs))
         os.close(fd)
         paths.append(path)
