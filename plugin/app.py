@@ -193,6 +193,9 @@ ROUTES: dict[str, Handler] = {
     "pyvol/sync/delete-remote": _sync_delete_remote,
     "pyvol/sync/check": lambda d, b: {"Check": d.management.sync_check(
         _volume_arg(b), b.get("ReadData") is True).to_json()},
+    "pyvol/lease/show": lambda d, b: {"Lease": d.management.lease_show(_volume_arg(b))},
+    "pyvol/lease/break": lambda d, b: {"Was": d.management.lease_break(
+        _volume_arg(b), _field(b, "Confirm") or "")},
     "pyvol/sync/key/add": _sync_key_add,
     "pyvol/sync/key/list": _sync_key_list,
     "pyvol/sync/key/remove": _sync_key_remove,

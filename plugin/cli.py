@@ -221,6 +221,35 @@ def _sync(args: argparse.Namespace) -> int:
                         "sync check VOLUME [--read-data] | sync key add|ls|rm VOLUME [ID]")
 
 
+def _lease(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        lease = _call(args, "pyvol/lease/show", {"Volume": args.volume})["Lease"]
+        if args.json:
+            print(json.dumps(lease, indent=2))
+            return 0
+        print(_lease_text(args.volume, lease))
+        return 0
+    if not args.yes:
+        raise ClientFailure(f"breaking the lease of {args.volume} lets another host mount it "
+                            "while its holder may still write: only when that host is gone or "
+                            "cut off; add --yes to confirm")
+    was = _call(args, "pyvol/lease/break", {"Volume": args.volume, "Confirm": args.volume})
+    print(f"freed the lease of {args.volume} (it was {_lease_text(args.volume, was['Was'])})")
+    return 0
+
+
+def _lease_text(volume: str, lease: dict[str, Any]) -> str:
+    state = lease["state"]
+    if state == "none":
+        return f"{volume}: no lease yet (never mounted with -o s3_lease=true)"
+    if "holder" not in lease:
+        return f"{volume}: free (generation {lease['generation']})"
+    holder = lease["holder"]
+    doing = state + (f" {lease['progress']}" if lease.get("progress") else "")
+    return (f"{volume}: {doing}, held by {holder['name']} ({holder['id']}) since "
+            f"{lease['since']}, expires {lease['expires']} (generation {lease['generation']})")
+
+
 def _mounts_reset(args: argparse.Namespace) -> int:
     cleared = _call(args, "pyvol/mounts/reset", {"Volume": args.volume})["Cleared"]
     print(f"cleared {cleared} mount reference(s) of {args.volume}")
@@ -273,6 +302,17 @@ def parser() -> argparse.ArgumentParser:
         "restore", help="replace VOLUME's content with VOLUME@NAME (volume must be unmounted)")
     restore.add_argument("ref")
     restore.set_defaults(func=_snapshot_restore)
+
+    lease = sub.add_parser(
+        "lease", help="the lease of a volume used from several hosts (-o s3_lease=true)",
+        description="`show VOLUME`: which host holds the volume's lease, since when, until "
+        "when and what it does.  `break VOLUME --yes`: free it whoever holds it, when that "
+        "host is gone for good (its later pushes are kept aside, never the volume's latest).")
+    lease.add_argument("action", choices=("show", "break"))
+    lease.add_argument("volume")
+    lease.add_argument("--json", action="store_true", help="show: as JSON")
+    lease.add_argument("--yes", action="store_true", help="break: confirm")
+    lease.set_defaults(func=_lease)
 
     mounts = sub.add_parser("mounts", help="mount references")
     mounts_sub = mounts.add_subparsers(dest="action", required=True)

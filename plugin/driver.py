@@ -94,7 +94,7 @@ class Driver:
             (c for b in self.backends.values() if (c := image_cloner(b)) is not None), None))
         self.snapshots = Snapshotter(store, self.jobs)
         self.sync = Syncer(settings.root, self.state, store, Jobs(name="s3-jobs"),
-                           dict(settings.s3_env))
+                           dict(settings.s3_env), settings.host_name)
         self.guard = VolumeGuard([self.jobs, self.sync.jobs])
         """Each volume's lock and the management operations running on it."""
         self.management = Management(self)
@@ -349,30 +349,44 @@ class Driver:
         """
         deadline = Deadline()
         record = self.record(name)
-        if self.state.mount_count(name) == 0:
-            self._settle(record, deadline)
-        with self.guard.locked(name, deadline):
-            record = self.record(name)
-            self.guard.refuse_if_busy(name, "mounted", exclusive_only=True)
-            backend = self.backends[record.backend]
-            first = self.state.mount_count(name) == 0
-            if first:
-                self._settle(record, deadline)  # again: normally done at once
-                self._expose(name, backend.mount(name))
-            try:
-                self.state.add_mount(name, mount_id)
-            except BaseException:
+        claims = 0  # Mounts that hold a volume's lease (see Syncer.before_mount)
+        try:
+            if self.state.mount_count(name) == 0:
+                claims += self._settle(record, deadline)
+            with self.guard.locked(name, deadline):
+                record = self.record(name)
+                self.guard.refuse_if_busy(name, "mounted", exclusive_only=True)
+                backend = self.backends[record.backend]
+                first = self.state.mount_count(name) == 0
                 if first:
-                    self.unexpose(name, backend)
-                raise
-            return self._mountpoint(record)
+                    claims += self._settle(record, deadline)  # again: normally done at once
+                    self._expose(name, backend.mount(name))
+                try:
+                    self.state.add_mount(name, mount_id)
+                except BaseException:
+                    if first:
+                        self.unexpose(name, backend)
+                    raise
+                return self._mountpoint(record)
+        finally:
+            for _ in range(claims):
+                self.sync.after_mount(name)
 
-    def _settle(self, record: VolumeRecord, deadline: Deadline) -> None:
+    def _settle(self, record: VolumeRecord, deadline: Deadline) -> bool:
+        """Wait for what must finish before a first Mount; True if it claimed the volume's
+        lease (one :meth:`Syncer.after_mount` is then owed)."""
         self.guard.refuse_if_busy(record.name, "mounted", exclusive_only=True)
         s3 = self.options_of(record).s3
+        claimed = False
         if s3 is not None:  # first: its bounded wait and precise refusal govern
-            self.sync.before_mount(record.name, s3, deadline)
-        self.snapshots.before_mount(record.name, deadline)
+            claimed = self.sync.before_mount(record.name, s3, deadline, self.content(record))
+        try:
+            self.snapshots.before_mount(record.name, deadline)
+        except BaseException:
+            if claimed:
+                self.sync.after_mount(record.name)
+            raise
+        return claimed
 
     def unmount(self, name: str, mount_id: str) -> None:
         """Count one use less.  An unknown ID or volume is logged and succeeds."""

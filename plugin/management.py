@@ -225,6 +225,22 @@ class Management:
         """Check that the volume's remote snapshots are restorable (``pyvol sync check``)."""
         return self.sync.check(volume, self._s3(volume)[1], read_data)
 
+    # the lease of a volume used from several hosts
+
+    def lease_show(self, volume: str) -> dict[str, Any]:
+        """The volume's lease as the bucket has it now (``pyvol lease show``)."""
+        return self.sync.lease_show(volume, self._s3(volume)[1])
+
+    def lease_break(self, volume: str, confirm: str) -> dict[str, Any]:
+        """Free the volume's lease whoever holds it (``pyvol lease break VOLUME --yes``);
+        its holder, if still running, is fenced: its later pushes never become latest."""
+        if confirm != volume:
+            raise InvalidOption(f"breaking the lease of {volume!r} needs Confirm={volume!r}: "
+                                "its holder loses it (use `pyvol lease break VOLUME --yes`)")
+        was = self.sync.lease_break(volume, self._s3(volume)[1])
+        log.warning("volume %s: lease broken by hand (it was %s)", volume, was)
+        return was
+
     # passphrases of an encrypted S3 copy: key objects only, never the data; beside pushes
 
     def _encrypted(self, volume: str) -> S3Policy:

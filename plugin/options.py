@@ -51,6 +51,10 @@ class S3Policy:
     keep: int = 30
     encrypt: bool = False
     """Seal everything uploaded under the plugin's ``S3_PASSPHRASE`` (``s3sync.crypto``)."""
+    lease: bool = False
+    """Used from several hosts: Mount holds the lease in the bucket (``s3sync.lease``)."""
+    lease_ttl: int = 60
+    """Seconds a lease outlives its holder's last renewal (a dead host's hold)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,12 @@ def parse_duration(key: str, value: str) -> int:
     return total
 
 
+def _within(key: str, seconds: int, least: int, most: int) -> int:
+    if not least <= seconds <= most:
+        raise InvalidOption(f"option {key} must be from {least}s to {most}s, not {seconds}s")
+    return seconds
+
+
 def _source(key: str, value: str) -> str:
     volume, _, snapshot = value.partition("@")
     if VOLUME_NAME.fullmatch(volume) is None or (
@@ -205,6 +215,8 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "s3_restore": _s3_restore,
     "s3_keep": _positive,
     "s3_encrypt": _bool,
+    "s3_lease": _bool,
+    "s3_lease_ttl": lambda key, value: _within(key, parse_duration(key, value), 5, 3600),
 }
 VALID_KEYS = ("backend", *PARSERS)
 """The keys every backend takes; a backend adds its own (``Backend.options``)."""
@@ -346,7 +358,9 @@ def parse_options(
         sync, every = p.get("s3_sync", ("on-unmount", None))
         s3 = S3Policy(bucket=bucket, prefix=p.get("s3_prefix") or volume, sync=sync,
                       every=every, restore=p.get("s3_restore", "latest"),
-                      keep=p.get("s3_keep", S3Policy.keep), encrypt=encrypt)
+                      keep=p.get("s3_keep", S3Policy.keep), encrypt=encrypt,
+                      lease=p.get("s3_lease", False),
+                      lease_ttl=p.get("s3_lease_ttl", S3Policy.lease_ttl))
     return VolumeOptions(
         backend=backend, uid=p.get("uid"), gid=p.get("gid"), mode=p.get("mode", 0o755),
         source=p.get("from"), snapshot=snapshot, s3=s3, params=tuple(params),

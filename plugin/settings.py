@@ -23,6 +23,8 @@ class Settings:
     """``-o size`` for volumes of a sized backend created without one (e.g. ``10G``)."""
     s3_bucket: str = ""
     """Default bucket for volumes created with ``-o s3_sync`` but no ``s3_bucket``."""
+    host_name: str = ""
+    """How this host is named to others in lease messages (empty: its host name)."""
     s3_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """S3 endpoint, credentials and ``S3_PASSPHRASE`` (``S3_*``, ``AWS_*``); never logged or
     shown."""
@@ -50,5 +52,6 @@ class Settings:
             default_backend=(env.get("DEFAULT_BACKEND") or "local").strip(),
             default_size=(env.get("DEFAULT_SIZE") or "").strip(),
             s3_bucket=(env.get("S3_BUCKET") or "").strip(),
+            host_name=(env.get("HOST_NAME") or "").strip(),
             s3_env={k: v for k, v in env.items() if k.startswith(("S3_", "AWS_"))},
         )

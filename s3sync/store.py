@@ -42,8 +42,10 @@ from s3sync.client import Bucket
 from s3sync.config import RetryPolicy, S3Config
 from s3sync.crypto import Master
 from s3sync.errors import KeyInUse, NotEncrypted, S3SyncError, SnapshotNotFound, WrongPassphrase
+from s3sync.hostid import Host
 from s3sync.keys import KeyInfo
 from s3sync.layout import Layout
+from s3sync.lease import Lease
 from s3sync.locks import local_lock
 from s3sync.manifest import SNAPSHOT_ID, RemoteSnapshot
 from s3sync.prune import PruneReport
@@ -90,6 +92,7 @@ class RemoteStore:
         self._keys_lock = local_lock(config.endpoint_url, bucket, prefix, kind="keys")
         self._master: Master | None = None
         self._key_id = ""
+        self._probed = False
 
     def __repr__(self) -> str:
         return f"RemoteStore({self._remote.where})"
@@ -193,6 +196,19 @@ class RemoteStore:
                            f"set {PASSPHRASE_SETTING} to another key's passphrase first")
         with self._keys_lock:
             keys_mod.remove_key(self._ring, key_id)
+
+    def lease(self, host: Host, volume: str, ttl: float) -> Lease:
+        """The lease of this store's prefix (``lease.py``), seen from ``host``.
+
+        The first call proves the endpoint enforces conditional writes
+        (:class:`ConditionalWriteUnsupported` otherwise): a lease on one that ignores them
+        would let two hosts both hold it."""
+        remote = self._remote
+        with self._unlocking:
+            if not self._probed:
+                remote.bucket.probe_conditional_writes(remote.layout.lease_probe)
+                self._probed = True
+        return Lease(remote.bucket, remote.layout, host, volume=volume, ttl=ttl)
 
     @property
     def requests(self) -> int:

@@ -12,6 +12,7 @@ needs is never removed by a snapshot clean-up (:meth:`Pusher.needed_snapshots`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from backends.base import VolumeContent
 from plugin.jobs import Jobs
@@ -42,6 +43,10 @@ class Pusher:
         self.backoff = backoff
         self.captures: dict[str, Capture] = {}
         """The running sync snapshot of each volume, for its progress."""
+        self.on_progress: Callable[[str, int, int], None] = lambda volume, done, total: None
+        """Told (volume, bytes done, bytes total) as an upload goes (the lease shows it)."""
+        self.on_pushed: Callable[[str], None] = lambda volume: None
+        """Told a volume's push is done and nothing newer is pending."""
 
     def request(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
         """Queue a push durably: snapshot now-ish, upload in the background."""
@@ -115,6 +120,7 @@ class Pusher:
 
             def progress(done: int, total: int) -> None:
                 report(done, total)
+                self.on_progress(volume, done, total)
                 hold_point("s3:upload")  # test hook: a push held mid-upload, its locks held
 
             with self.snapshots.view(volume, snapshot) as view:
@@ -138,6 +144,7 @@ class Pusher:
             # (A volume of the same name being created meanwhile keeps the record, and with
             # it the restore it asked for, and this snapshot, which its restore may read.)
             drop_sync_snapshots(self.snapshots, volume, pushed=snapshot, keep=set())
+            self.on_pushed(volume)
             return
         drop_sync_snapshots(self.snapshots, volume, pushed=snapshot,
                             keep={snapshot, current.snapshot})
@@ -145,6 +152,8 @@ class Pusher:
             remote.prune(record.keep)
         except Exception as exc:
             log.warning("volume %s: pruning remote snapshots failed: %s", volume, exc)
+        if not newer:
+            self.on_pushed(volume)
 
     def resume_removed(self) -> None:
         """Upload the captured pushes of removed volumes (after a restart)."""

@@ -149,6 +149,13 @@ class PushQueue:
                 changes["last_id"] = remote_id
         return self._change(volume, "restored", ("idle", "requested", "captured"), **changes)
 
+    def restore_requested(self, volume: str, policy: S3Policy, snapshot_id: str) -> SyncRecord:
+        """Set ``restoring``: the volume is brought to remote snapshot ``snapshot_id`` (a
+        leased volume taken from another host) before Mount is allowed."""
+        self.attach(volume, policy)
+        return self._change(volume, "restore_requested", ("idle", "requested", "captured"),
+                            restoring=snapshot_id, last_error=None, last_error_at=None)
+
     def restore_failed(self, volume: str, message: str) -> SyncRecord:
         """Keep ``restoring`` and say why it is not done (Status, and Mount's refusal)."""
         return self._change(volume, "restore_failed", ("idle", "requested", "captured"),

@@ -8,6 +8,7 @@ queue: their errors never show as, or clear, a snapshot error.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,11 +20,14 @@ from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import S3Policy
 from plugin.state import StateStore, SyncChange
+from plugin.sync.leases import Leases
+from plugin.sync.leases import describe as describe_lease
 from plugin.sync.push import Pusher
 from plugin.sync.queue import PushQueue, push_state
 from plugin.sync.remotes import Remotes, Transfers
 from plugin.sync.restore import Restorer
 from plugin.sync.scheduler import Backoff, Scheduler
+from s3sync.hostid import load_host
 from snapshots.store import SnapshotStore
 
 if TYPE_CHECKING:
@@ -39,7 +43,7 @@ MOUNT_WAIT = 100.0
 
 class Syncer:
     def __init__(self, root: Path, state: StateStore, snapshots: SnapshotStore, jobs: Jobs,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], host_name: str = "") -> None:
         self.state = state
         self.jobs = jobs
         self.uploads = Jobs(workers=2, name="s3")
@@ -52,6 +56,10 @@ class Syncer:
         self.restorer = Restorer(self.queue, snapshots, jobs, self.remotes, self.transfers)
         self.scheduler = Scheduler(state, self.pusher, backoff, (self.uploads, jobs))
         self.checks = Checks(state)
+        self.leases = Leases(self.remotes, functools.cache(
+            lambda: load_host(root, host_name or None)))
+        self.pusher.on_progress = self._push_progress
+        self.pusher.on_pushed = self._pushed
 
     # a volume's life
 
@@ -67,9 +75,16 @@ class Syncer:
         """Push the volume every ``policy.every`` seconds while it is mounted."""
         self.scheduler.track(volume, policy, content)
 
-    def before_mount(self, volume: str, policy: S3Policy, deadline: Deadline) -> None:
+    def before_mount(self, volume: str, policy: S3Policy, deadline: Deadline,
+                     content: VolumeContent) -> bool:
         """Wait (within ``deadline``) for a pending restore and the sync snapshot; never serve
-        half a volume.  Raises RestoreInProgress or VolumeBusy saying how far it is."""
+        half a volume.  Raises RestoreInProgress or VolumeBusy saying how far it is.
+
+        A volume used from several hosts (``s3_lease``) is then leased to this host, or the
+        Mount is refused naming the host that holds it; taken from another host, the
+        volume is first brought up to the newest remote snapshot (the same wait).  True if
+        the lease was claimed: the driver then calls :meth:`after_mount` once the Mount is
+        over, whatever its outcome."""
         settled = self.jobs.wait(volume, deadline.remaining(MOUNT_WAIT))
         record = self.queue.get(volume)
         if record is None or not record.restoring:
@@ -77,11 +92,82 @@ class Syncer:
                 raise VolumeBusy(
                     f"volume {volume!r} cannot be mounted yet: its {self.jobs.describe(volume)} "
                     "is still reading the data; try again shortly")
-            return
+            if not policy.lease:
+                return False
+            if self._lease(volume, policy):
+                try:
+                    self._pull(volume, policy, content, deadline)
+                except BaseException:
+                    self.after_mount(volume)
+                    raise
+            return True
         raise self.restorer.refusal(volume, policy, record)
 
+    def _lease(self, volume: str, policy: S3Policy) -> bool:
+        from s3sync.errors import LeaseHeld, S3SyncError
+
+        try:
+            return self.leases.acquire(volume, policy)
+        except LeaseHeld as exc:
+            raise VolumeBusy(f"volume {volume!r} cannot be mounted on this host: {exc}") \
+                from None
+        except S3SyncError as exc:
+            raise VolumeBusy(
+                f"volume {volume!r} cannot be mounted: it is used from several hosts "
+                f"(s3_lease) and its lease in s3://{policy.bucket}/{policy.prefix} could not "
+                f"be taken: {exc}") from None
+
+    def _pull(self, volume: str, policy: S3Policy, content: VolumeContent,
+              deadline: Deadline) -> None:
+        """After a take: restore the newest remote snapshot unless this host's copy is it."""
+        snaps = self._remote(policy).list()
+        record = self.queue.get(volume)
+        if not snaps or (record is not None and record.last_id == snaps[-1].id):
+            return
+        newest = snaps[-1].id
+        log.info("volume %s: another host pushed %s since this host's copy (%s): pulling it "
+                 "before the mount", volume, newest, record.last_id if record else "none")
+        self.queue.restore_requested(volume, policy, newest)
+        self.restorer.submit(volume, policy, content)
+        # A pull that outlasts this Mount goes on; once done, the lease is freed unless a
+        # Mount came back for it meanwhile (Swarm retries the task).
+        self.jobs.submit(volume, "lease check",
+                         lambda: self.release_if_idle(volume, in_job=True))
+        self.leases.report(volume, "pulling", force=True)
+        settled = self.jobs.wait(volume, deadline.remaining(MOUNT_WAIT))
+        record = self.queue.get(volume)
+        if settled and (record is None or not record.restoring):
+            self.leases.report(volume, "mounted", force=True)
+            return
+        raise self.restorer.refusal(volume, policy, record) if record is not None else \
+            VolumeBusy(f"volume {volume!r} cannot be mounted yet: its pull from "
+                       f"s3://{policy.bucket}/{policy.prefix} is still running")
+
+    def _push_progress(self, volume: str, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        self.leases.report(volume, "pushing", f"{percent}%")
+
+    def _pushed(self, volume: str) -> None:
+        """A push is done and none is pending: free the lease unless mounted again."""
+        self.release_if_idle(volume)
+
+    def after_mount(self, volume: str) -> None:
+        """A Mount that held the lease is over, mounted or failed (the driver's call)."""
+        self.leases.unclaim(volume)
+        self.release_if_idle(volume)
+
+    def release_if_idle(self, volume: str, *, in_job: bool = False) -> None:
+        """Free the lease if nothing here needs it: not mounted, no push pending, no job
+        (but the one calling, ``in_job``)."""
+        if self.state.mount_count(volume) == 0 and push_state(self.queue.get(volume)) == "idle" \
+                and (in_job or not self.jobs.busy(volume)):
+            self.leases.release(volume)
+
     def after_last_unmount(self, volume: str, policy: S3Policy, data: VolumeContent) -> None:
-        if policy.sync != "manual":
+        """Push (also with ``s3_sync=manual`` when leased: the next host must see this
+        data); the lease is freed once the push is done."""
+        if policy.sync != "manual" or self.leases.holds(volume):
+            self.leases.report(volume, "pushing", force=True)
             self.pusher.request(volume, policy, data)
 
     def before_remove(self, volume: str, data: VolumeContent, deadline: Deadline) -> None:
@@ -109,6 +195,7 @@ class Syncer:
                 f"volume {volume!r} cannot be removed yet: the snapshot its pending S3 push "
                 f"needs could not be taken ({record.last_error}); fix that and try again")
         self.scheduler.untrack(volume)
+        self.leases.release(volume)
 
     def start(self) -> None:
         """Resume pushes of removed volumes; run periodic pushes and retries."""
@@ -125,9 +212,26 @@ class Syncer:
         if push_state(record) != "idle":
             log.info("volume %s: resuming a pending S3 push", volume)
             self.pusher.retry(volume, data)
+        if policy.lease and (self.state.mount_count(volume) or push_state(record) != "idle"):
+            self.jobs.submit(volume, "lease", lambda: self._retake(volume, policy))
+
+    def _retake(self, volume: str, policy: S3Policy) -> None:
+        """After a restart: hold again the lease of a volume still mounted here or with a
+        push to finish (this host's id is kept, so its own live lease is taken back)."""
+        from s3sync.errors import S3SyncError
+
+        try:
+            self.leases.acquire(volume, policy)
+        except S3SyncError as exc:
+            log.error("volume %s is mounted here or has a push to finish, but its lease could "
+                      "not be taken back after the restart: %s", volume, exc)
+            return
+        self.leases.unclaim(volume)
+        self.release_if_idle(volume, in_job=True)
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.leases.stop()
 
     # what Status and the CLI see
 
@@ -173,6 +277,8 @@ class Syncer:
             status["snapshot_progress"] = capture.progress.to_json()
         where = (policy.bucket, policy.prefix)
         status.update(self.checks.status(volume, where, self.remotes.cached(where)))
+        if policy.lease:
+            status["lease"] = self.leases.status(volume) or {"held": False}
         return {"s3": status}
 
     # explicit actions (CLI)
@@ -211,3 +317,14 @@ class Syncer:
 
     def key_remove(self, policy: S3Policy, key_id: str) -> None:
         self._remote(policy).remove_key(key_id)
+
+    # the lease of a volume used from several hosts (`pyvol lease ...`)
+
+    def lease_show(self, volume: str, policy: S3Policy) -> dict[str, Any]:
+        return describe_lease(self.leases.lease(volume, policy).show())
+
+    def lease_break(self, volume: str, policy: S3Policy) -> dict[str, Any]:
+        """Free the lease whoever holds it (by hand: the holder loses it); as it was."""
+        before = self.leases.lease(volume, policy).break_()
+        self.leases.forget(volume)
+        return describe_lease(before)

@@ -104,6 +104,8 @@ class Relay:
         self.counters = Counters()
         self.fault: Fault | None = None
         self.down = False
+        self.strip_headers: tuple[str, ...] = ()
+        """Lower-case names of request headers not passed on (an endpoint that ignores them)."""
         self._lock = threading.Lock()
         self._sock = socket.create_server((HOST, 0))
         self.port = self._sock.getsockname()[1]
@@ -162,6 +164,10 @@ class Relay:
                     up = socket.create_connection((HOST, self.upstream))
                     stack.callback(up.close)
                     uin = up.makefile("rb", buffering=1 << 16)
+                if self.strip_headers:
+                    head = [head[0], *(line for line in head[1:] if line.decode("latin-1")
+                                       .partition(":")[0].strip().lower()
+                                       not in self.strip_headers)]
                 up.sendall(b"".join(line + b"\r\n" for line in head) + b"\r\n")
                 if "100-continue" in headers.get("expect", "").lower():
                     reply = _read_head(uin)

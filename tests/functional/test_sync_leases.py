@@ -1,0 +1,150 @@
+"""A volume used from two hosts (``-o s3_lease=true``) through the real server: one host
+mounts it at a time, the other is refused naming it, the volume moves with its data once
+the first host's push is done, a dead host's lease expires, and `pyvol lease` shows and
+breaks it.
+
+"Hosts" are two servers on roots of their own (each with its own host id) sharing one bucket
+on the real S3 API (moto behind a relay); each is named by the ``HOST_NAME`` setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sync_support import (
+    StartSync,
+    SyncServer,
+    build_tree,
+    create,
+    mount,
+    s3_settings,
+    s3_status,
+    unmount,
+    wait_pushed,
+)
+
+from tests.support.trees import picture
+from tests.support.waiting import wait_for
+
+pytest_plugins = ["s3_fixtures"]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown of test trees needs root")
+
+M1, M2 = "a" * 64, "b" * 64
+TTL = "5s"
+
+
+def host(start: StartSync, tmp_path: Path, name: str, url: str) -> SyncServer:
+    return start(tmp_path / name, s3_settings(url, HOST_NAME=name))
+
+
+def refusal(server: SyncServer, name: str) -> str:
+    reply = server.client.send("VolumeDriver.Mount", {"Name": name, "ID": M2})
+    err: str = reply.body.get("Err", "")
+    assert err, f"the mount of {name} on {server.root.name} succeeded: {reply.body}"
+    return err
+
+
+def lease_of(server: SyncServer, name: str) -> dict[str, Any]:
+    result = server.cli("lease", "show", name, "--json")
+    assert result.returncode == 0, result.stderr
+    shown: dict[str, Any] = json.loads(result.stdout)
+    return shown
+
+
+def test_a_leased_volume_is_mounted_on_one_host_at_a_time_and_moves_with_its_data(
+        start: StartSync, relay: Any, bucket: str, tmp_path: Path) -> None:
+    a = host(start, tmp_path, "host-a", relay.url)
+    b = host(start, tmp_path, "host-b", relay.url)
+    for server in (a, b):
+        create(server, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl=TTL)
+
+    data = mount(a.client, "db", M1)
+    build_tree(data, "written on a")
+    on_a = picture(data)
+    shown = s3_status(a.client, "db")["lease"]
+    assert shown["holder"]["name"] == "host-a" and shown["state"] == "mounted", shown
+
+    # While a has it mounted, b is refused, and told who has it and what it does.
+    err = refusal(b, "db")
+    assert "host-a" in err and "mounted" in err and "lease break" in err, err
+    assert s3_status(b.client, "db")["lease"] == {"held": False}
+    assert lease_of(b, "db")["holder"]["name"] == "host-a"
+
+    # a lets go: its push runs, then the lease is free; b takes it and sees a's data.
+    unmount(a.client, "db", M1)
+    wait_pushed(a.client, "db")
+    wait_for(lambda: lease_of(b, "db")["state"] == "free", 10, "a to free the lease")
+    assert s3_status(a.client, "db")["lease"] == {"held": False}
+    assert picture(mount(b.client, "db", M1)) == on_a
+    assert s3_status(b.client, "db")["lease"]["holder"]["name"] == "host-b"
+    assert "host-b" in refusal(a, "db")
+
+    # A change on b goes back to a the same way.
+    moved = b.root / "volumes" / "db"
+    (moved / "tag").write_text("changed on b")
+    on_b = picture(moved)
+    unmount(b.client, "db", M1)
+    wait_pushed(b.client, "db")
+    wait_for(lambda: lease_of(a, "db")["state"] == "free", 10, "b to free the lease")
+    assert picture(mount(a.client, "db", M1)) == on_b
+    unmount(a.client, "db", M1)
+
+
+def test_a_dead_hosts_lease_expires_and_another_host_takes_over_its_last_push(
+        start: StartSync, relay: Any, bucket: str, tmp_path: Path) -> None:
+    a = host(start, tmp_path, "host-a", relay.url)
+    create(a, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl=TTL)
+    data = mount(a.client, "db", M1)
+    build_tree(data, "pushed")
+    pushed = picture(data)
+    assert a.cli("sync", "db", "--wait").returncode == 0
+    (data / "tag").write_text("written after the last push")
+    a.kill9()
+
+    b = host(start, tmp_path, "host-b", relay.url)
+    create(b, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl=TTL)
+    assert "host-a" in refusal(b, "db")
+    started = time.monotonic()
+    mounted = wait_for(lambda: b.client.send("VolumeDriver.Mount",
+                                             {"Name": "db", "ID": M1}).body.get("Mountpoint"),
+                       30, "a's lease to expire")
+    assert time.monotonic() - started < 15
+    assert picture(Path(mounted)) == pushed
+    assert lease_of(b, "db")["holder"]["name"] == "host-b"
+
+
+def test_lease_show_and_break_by_hand(start: StartSync, relay: Any, bucket: str,
+                                      tmp_path: Path) -> None:
+    a = host(start, tmp_path, "host-a", relay.url)
+    b = host(start, tmp_path, "host-b", relay.url)
+    for server in (a, b):
+        create(server, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl="6s")
+    assert lease_of(b, "db") == {"state": "none"}
+    mount(a.client, "db", M1)
+    text = b.cli("lease", "show", "db")
+    assert text.returncode == 0 and "mounted, held by host-a" in text.stdout, text
+
+    refused = b.cli("lease", "break", "db")
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    broke = b.cli("lease", "break", "db", "--yes")
+    assert broke.returncode == 0 and "held by host-a" in broke.stdout, broke
+    assert lease_of(b, "db")["state"] == "free"
+    mount(b.client, "db", M1)
+    # a finds out at its next renewal: Status says its tenure is lost.
+    wait_for(lambda: s3_status(a.client, "db")["lease"].get("state") == "lost", 30,
+             "a to notice its lease was broken")
+
+
+def test_an_endpoint_without_conditional_writes_is_refused_at_mount(
+        start: StartSync, relay: Any, bucket: str, tmp_path: Path) -> None:
+    relay.strip_headers = ("if-none-match", "if-match")
+    a = host(start, tmp_path, "host-a", relay.url)
+    create(a, "db", s3_bucket=bucket, s3_lease="true")
+    err = refusal(a, "db")
+    assert "conditional writes" in err, err
