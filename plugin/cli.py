@@ -197,7 +197,8 @@ def _sync(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(snaps, indent=2))
         for snap in snaps if not args.json else []:
-            print(f"{snap['id']}\t{snap['created']}\t{snap['size']}\t{snap['files']}")
+            mark = "\tdiverged" if snap.get("diverged") else ""
+            print(f"{snap['id']}\t{snap['created']}\t{snap['size']}\t{snap['files']}{mark}")
         return 0
     if words[0] == "restore" and len(words) == 3:
         answer = _call(args, "pyvol/sync/restore", {"Volume": words[1], "Snapshot": words[2]})

@@ -8,6 +8,8 @@
     <prefix>/config             sealed (kind ``config``) under the master key: which of the
                                 key objects are this store's (``keyring.py``); written once,
                                 by the first push, with If-None-Match
+    <prefix>/diverged/<id>      manifest of a snapshot pushed by a host that had lost the
+                                volume's lease: kept aside, never the latest (fencing)
     <prefix>/lease              which host may have the volume mounted (``lease.py``)
     <prefix>/lease-probe        scratch object proving the store enforces conditional writes
 
@@ -36,11 +38,12 @@ class Layout:
         self.locks = f"{self.root}locks/"
         self.keys = f"{self.root}keys/"
         self.config = f"{self.root}config"
+        self.diverged = f"{self.root}diverged/"
         self.lease = f"{self.root}lease"
         self.lease_probe = f"{self.root}lease-probe"
 
-    def snapshot(self, snapshot_id: str) -> str:
-        return self.snapshots + snapshot_id
+    def snapshot(self, snapshot_id: str, diverged: bool = False) -> str:
+        return (self.diverged if diverged else self.snapshots) + snapshot_id
 
     def pack(self, pack_id: str) -> str:
         return self.data + pack_id

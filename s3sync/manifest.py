@@ -108,6 +108,12 @@ class RemoteSnapshot:
     """Regular files (hard links counted once)."""
     uploaded_bytes: int
     """Bytes of packs the push that made this snapshot uploaded (its small manifest aside)."""
+    generation: int = 0
+    """The lease generation it was pushed under (``lease.py``); 0 for a volume without one.
+    A higher generation is always newer, whatever the clocks of the hosts say."""
+    diverged: bool = False
+    """Pushed by a host that had lost the lease: kept aside under ``diverged/``, never the
+    volume's latest, restorable by id."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -139,7 +145,7 @@ def encode_manifest(manifest: Manifest) -> bytes:
     doc = {
         "format": FORMAT, "id": snap.id, "created": snap.created.isoformat(),
         "started": manifest.started.isoformat(), "size": snap.size, "files": snap.files,
-        "uploaded_bytes": snap.uploaded_bytes,
+        "uploaded_bytes": snap.uploaded_bytes, "generation": snap.generation,
         "blobs": f"fastcdc({blobs.CHUNK_MIN},{blobs.CHUNK_AVG},{blobs.CHUNK_MAX})+blake3+zstd",
         "tree": [list(ref) for ref in manifest.tree],
         "patches": [list(ref) for ref in manifest.patches],
@@ -154,7 +160,8 @@ def decode_manifest(data: bytes, where: str) -> Manifest:
             raise ValueError(f"unknown format {doc.get('format')!r}")
         snap = RemoteSnapshot(
             id=str(doc["id"]), created=_aware(doc["created"]), size=int(doc["size"]),
-            files=int(doc["files"]), uploaded_bytes=int(doc["uploaded_bytes"]))
+            files=int(doc["files"]), uploaded_bytes=int(doc["uploaded_bytes"]),
+            generation=_generation(doc.get("generation", 0)))
         if SNAPSHOT_ID.fullmatch(snap.id) is None:
             raise ValueError(f"bad snapshot id {snap.id!r}")
         return Manifest(snap, _aware(doc["started"]),
@@ -164,6 +171,12 @@ def decode_manifest(data: bytes, where: str) -> Manifest:
         raise CorruptObject(
             f"manifest {where} is unreadable ({exc}); restore another snapshot "
             "(list them) or push again to write a new one") from None
+
+
+def _generation(value: Any) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 53:
+        raise ValueError(f"bad lease generation {str(value)[:40]!r}")
+    return value
 
 
 def _aware(text: str) -> datetime:

@@ -43,7 +43,8 @@ def prune(remote: Remote, keep: int) -> PruneReport:
             return PruneReport(tuple(removed), tuple(kept), 0, 0, False)
         manifests = remote.manifests(kept)
         used: set[str] = set()
-        for manifest in manifests:
+        # Diverged snapshots are never pruned: their data stays restorable by id.
+        for manifest in [*manifests, *remote.diverged()]:
             used.update(r.pack for r in manifest.tree + manifest.patches)
             tree = remote.tree(manifest)
             used.update(r.pack for refs in tree.chunks.values() for r in refs)

@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from backends.tree import Entry, TreeView
 from s3sync import blobs
 from s3sync.cache import Cached, FileState, usable_ref
-from s3sync.errors import CorruptObject, S3SyncError
+from s3sync.errors import CorruptObject, LeaseLost, S3SyncError
 from s3sync.locks import remote_lock
 from s3sync.manifest import (
     ChunkRef,
@@ -53,8 +54,19 @@ PATCH_SHARE = 4
 MAX_PATCHES = 32
 
 
+class Fence(Protocol):
+    """The lease a push is made under (``lease.Tenure`` is one): its generation goes into
+    the snapshot, and ``confirm`` (raising :class:`LeaseLost`) is asked right before the
+    snapshot is written: a push whose host lost the lease is kept aside as diverged."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def confirm(self) -> object: ...
+
+
 def push(remote: Remote, view: TreeView, progress: Progress | None,
-         pool: ThreadPoolExecutor) -> RemoteSnapshot:
+         pool: ThreadPoolExecutor, fence: Fence | None = None) -> RemoteSnapshot:
     bucket, layout = remote.bucket, remote.layout
     with remote_lock(bucket, layout, "push") as held:
         catalog = remote.catalog()
@@ -129,16 +141,29 @@ def push(remote: Remote, view: TreeView, progress: Progress | None,
         created = datetime.now(UTC)
         if newest is not None and created <= newest.snapshot.created:
             created = newest.snapshot.created + timedelta(microseconds=1)
+        diverged = False
+        if fence is not None:
+            try:
+                fence.confirm()
+            except LeaseLost as exc:
+                diverged = True
+                log.error("%s: this host lost the volume's lease (%s): the snapshot is kept "
+                          "aside as diverged, never the volume's latest", remote.where, exc)
         snapshot = RemoteSnapshot(id=new_snapshot_id(created), created=created, size=size,
-                                  files=count, uploaded_bytes=writer.uploaded_bytes)
+                                  files=count, uploaded_bytes=writer.uploaded_bytes,
+                                  generation=fence.generation if fence is not None else 0,
+                                  diverged=diverged)
         manifest = Manifest(snapshot, held.started, tuple(writer.resolve(r) for r in tree_refs),
                             tuple(writer.resolve(r) for r in patch_refs))
         data = remote.codec.encode_manifest(manifest)
         try:
-            bucket.put(layout.snapshot(snapshot.id), data)
+            bucket.put(layout.snapshot(snapshot.id, diverged), data)
         except BaseException:
             _save_partial(remote, state, files, writer)
             raise
+        if diverged:
+            _save_partial(remote, state, files, writer)
+            return snapshot
         remote.cache.keep_manifest(snapshot.id, data)
         remote.cache.save(FileState(_resolved(files, writer), snapshot.id, digests,
                                     list(manifest.tree), list(manifest.patches), patched))

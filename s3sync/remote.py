@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from s3sync.blobs import CHUNK_MAX
 from s3sync.cache import Cache
@@ -74,7 +74,8 @@ class Remote:
         return [m.snapshot.id for m in self.catalog().manifests]
 
     def catalog(self) -> Catalog:
-        """Every valid snapshot, oldest first by its own recorded time (``created``, then id),
+        """Every valid snapshot, oldest first by its lease generation, then its own recorded
+        time (``created``, then id),
         and every object under ``snapshots/`` that is not one, with why.
 
         Key order means nothing: whoever can write to the bucket can add ``snapshots/README``
@@ -114,7 +115,8 @@ class Remote:
                         skipped.append(got)  # names the object already
                     elif got:
                         skipped.append(f"{self.layout.snapshot(snapshot_id)}: {got}")
-        found.sort(key=lambda m: (m.snapshot.created, m.snapshot.id))
+        # A later lease generation is newer whatever the hosts' clocks say (fencing).
+        found.sort(key=lambda m: (m.snapshot.generation, m.snapshot.created, m.snapshot.id))
         self.skipped[:] = skipped
         if skipped:
             log.warning("%s: skipped %d object(s) that are not valid snapshots, e.g. %s",
@@ -144,6 +146,35 @@ class Remote:
             raise CorruptObject(f"manifest {key} names snapshot {manifest.snapshot.id!r}; "
                                 "it was moved or overwritten: restore another snapshot")
         return manifest
+
+    def diverged(self) -> list[Manifest]:
+        """The snapshots kept aside under ``diverged/`` (pushed by a host that had lost the
+        lease), oldest first; unreadable objects there are skipped with a warning."""
+        found: list[Manifest] = []
+        for info in self.bucket.list(self.layout.diverged):
+            snapshot_id = Layout.tail(info.key, self.layout.diverged)
+            if not SNAPSHOT_ID.fullmatch(snapshot_id):
+                continue
+            try:
+                manifest = self.diverged_manifest(snapshot_id)
+            except (CorruptObject, SnapshotNotFound) as exc:
+                log.warning("%s: skipped %s: %s", self.where, info.key, exc)
+                continue
+            found.append(manifest)
+        found.sort(key=lambda m: (m.snapshot.created, m.snapshot.id))
+        return found
+
+    def diverged_manifest(self, snapshot_id: str) -> Manifest:
+        key = self.layout.snapshot(snapshot_id, diverged=True)
+        try:
+            data = self.bucket.get(key)
+        except ObjectMissing:
+            raise SnapshotNotFound(f"snapshot {snapshot_id!r} is not in {self.where}") from None
+        manifest = self.codec.decode_manifest(data, snapshot_id, key, diverged=True)
+        if manifest.snapshot.id != snapshot_id:
+            raise CorruptObject(f"manifest {key} names snapshot {manifest.snapshot.id!r}; "
+                                "it was moved or overwritten")
+        return replace(manifest, snapshot=replace(manifest.snapshot, diverged=True))
 
     def manifests(self, ids: Iterable[str]) -> list[Manifest]:
         wanted = list(ids)

@@ -75,12 +75,16 @@ class Codec:
         return data
 
     def encode_manifest(self, manifest: Manifest) -> bytes:
+        """Sealed under its store-relative name: ``snapshots/<id>``, or ``diverged/<id>``
+        for a diverged snapshot, so neither can be moved into the other's place."""
         data = encode_manifest(manifest)
         if self._master is None:
             return data
-        return bytes(crypto.seal(self._master, "manifest", _name(manifest.snapshot.id), data))
+        return bytes(crypto.seal(self._master, "manifest",
+                                 _name(manifest.snapshot.id, manifest.snapshot.diverged), data))
 
-    def decode_manifest(self, data: bytes, snapshot_id: str, key: str) -> Manifest:
+    def decode_manifest(self, data: bytes, snapshot_id: str, key: str,
+                        diverged: bool = False) -> Manifest:
         """The manifest stored as ``key`` (the snapshot ``snapshot_id``), or
         :class:`CorruptObject` (:class:`TamperedObject` if sealed and refused) naming ``key``."""
         if self._master is None:
@@ -89,7 +93,7 @@ class Codec:
             raise TamperedObject(f"{key}: refused: {len(data)} bytes, more than any sealed "
                                  "manifest has", key, "appended")
         try:
-            plain = crypto.unseal(self._master, "manifest", _name(snapshot_id), data)
+            plain = crypto.unseal(self._master, "manifest", _name(snapshot_id, diverged), data)
         except TamperedObject as exc:
             if exc.cause == "wrong key" and _plain_manifest(data, key):
                 raise TamperedObject(f"{key}: refused: {PLAIN_IN_ENCRYPTED} (planted "
@@ -100,9 +104,9 @@ class Codec:
         return decode_manifest(bytes(plain), key)
 
 
-def _name(snapshot_id: str) -> str:
+def _name(snapshot_id: str, diverged: bool = False) -> str:
     """The store-relative name a manifest is sealed under (``crypto`` docstring)."""
-    return f"snapshots/{snapshot_id}"
+    return f"{'diverged' if diverged else 'snapshots'}/{snapshot_id}"
 
 
 def _plain_manifest(data: bytes, key: str) -> bool:

@@ -49,7 +49,7 @@ from s3sync.lease import Lease
 from s3sync.locks import local_lock
 from s3sync.manifest import SNAPSHOT_ID, RemoteSnapshot
 from s3sync.prune import PruneReport
-from s3sync.push import Progress
+from s3sync.push import Fence, Progress
 from s3sync.remote import Catalog, Remote
 from s3sync.sealing import Codec
 
@@ -222,18 +222,25 @@ class RemoteStore:
         """
         self._remote.bucket.check()
 
-    def push(self, view: TreeView, progress: Progress | None = None) -> RemoteSnapshot:
+    def push(self, view: TreeView, progress: Progress | None = None,
+             fence: Fence | None = None) -> RemoteSnapshot:
         """Upload what changed and write a new snapshot; return it.
 
         If nothing changed since the newest snapshot (same content and metadata), nothing is
         written and that snapshot is returned, so no-op pushes do not crowd real history out
         of ``prune``.  ``progress(done, total)`` gets bytes of file content processed.  An
         interrupted push leaves every existing snapshot intact; the new one does not exist.
+        ``fence``: the volume's lease (see :class:`s3sync.push.Fence`).
         """
         remote = self._open(push=True)
         with self._lock, ThreadPoolExecutor(self._workers, "s3-push",
                                             initializer=lower_priority) as pool:
-            return push_mod.push(remote, view, progress, pool)
+            return push_mod.push(remote, view, progress, pool, fence)
+
+    def diverged(self) -> builtins.list[RemoteSnapshot]:
+        """Snapshots kept aside (pushed by a host that had lost the lease), oldest first."""
+        remote = self._open()
+        return [m.snapshot for m in remote.diverged()]
 
     def list(self) -> builtins.list[RemoteSnapshot]:
         """Every valid snapshot in the store, oldest first (by recorded time)."""
@@ -271,7 +278,16 @@ class RemoteStore:
         :class:`CorruptObject` and ``dst`` is left empty.
         """
         remote = self._open()
-        manifest = remote.manifest(self.resolve(snapshot_id))
+        try:
+            manifest = remote.manifest(self.resolve(snapshot_id))
+        except SnapshotNotFound:
+            if snapshot_id == "latest" or not SNAPSHOT_ID.fullmatch(snapshot_id):
+                raise
+            try:  # a diverged snapshot: restorable by its id, never as latest
+                manifest = remote.diverged_manifest(snapshot_id)
+            except SnapshotNotFound:
+                raise SnapshotNotFound(f"no snapshot {snapshot_id!r} in {remote.where}, "
+                                       "diverged or not: list them") from None
         with ThreadPoolExecutor(self._workers, "s3-restore", initializer=lower_priority) as pool:
             restore_mod.restore(remote, manifest, dst, progress, pool)
 

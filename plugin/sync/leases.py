@@ -27,6 +27,7 @@ from plugin.sync.remotes import Remotes
 if TYPE_CHECKING:
     from s3sync.hostid import Host
     from s3sync.lease import Lease, LeaseInfo, State, Tenure
+    from s3sync.push import Fence
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,17 @@ class Leases:
             self._start()
         log.info("volume %s: took its lease (generation %d)", volume, tenure.generation)
         return True
+
+    def fence(self, volume: str) -> Fence | None:
+        """What a push of the volume is made under: this host's tenure (a lost one refuses
+        to confirm), or None if this host holds none."""
+        with self._lock:
+            held = self._held.get(volume)
+        if held is None:
+            return None
+        if held.lost is not None:
+            return Lost(held.tenure.generation, held.lost)
+        return held.tenure
 
     def holds(self, volume: str) -> bool:
         with self._lock:
@@ -227,6 +239,19 @@ class Leases:
         held.lost = why
         log.error("volume %s: this host lost its lease: %s; its pushes from now on are not "
                   "the volume's latest", volume, why)
+
+
+@dataclass(frozen=True)
+class Lost:
+    """The fence of a push whose host does not hold the lease: never confirmed."""
+
+    generation: int
+    why: str
+
+    def confirm(self) -> object:
+        from s3sync.errors import LeaseLost
+
+        raise LeaseLost(self.why)
 
 
 def describe(info: LeaseInfo | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from backends.base import VolumeContent
 from plugin.jobs import Jobs
@@ -24,6 +25,9 @@ from plugin.sync.remotes import Remotes, Transfers
 from plugin.sync.scheduler import Backoff
 from plugin.testhooks import fail_point, hold_point
 from snapshots.store import SnapshotStore, default_name
+
+if TYPE_CHECKING:
+    from s3sync.push import Fence
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ class Pusher:
         """Told (volume, bytes done, bytes total) as an upload goes (the lease shows it)."""
         self.on_pushed: Callable[[str], None] = lambda volume: None
         """Told a volume's push is done and nothing newer is pending."""
+        self.fence_for: Callable[[str], Fence | None] = lambda volume: None
+        """The lease a volume's push is made under (``s3sync.push.Fence``), if any."""
+        self.diverged: dict[str, list[str]] = {}
+        """Per volume, the snapshots this host pushed after losing the lease (Status)."""
 
     def request(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
         """Queue a push durably: snapshot now-ish, upload in the background."""
@@ -123,8 +131,9 @@ class Pusher:
                 self.on_progress(volume, done, total)
                 hold_point("s3:upload")  # test hook: a push held mid-upload, its locks held
 
+            fence = self.fence_for(volume)
             with self.snapshots.view(volume, snapshot) as view:
-                pushed = remote.push(view, progress)
+                pushed = remote.push(view, progress, fence)
         except Exception as exc:
             self._failed(volume, str(exc), None)
             return
@@ -134,8 +143,14 @@ class Pusher:
         current = self.queue.pushed(volume, snapshot, pushed.id)
         if current is None:  # `pyvol sync delete-remote` ran meanwhile
             return
-        log.info("volume %s: pushed remote snapshot %s (%d bytes uploaded)", volume, pushed.id,
-                 pushed.uploaded_bytes)
+        if pushed.diverged:
+            self.diverged.setdefault(volume, []).append(pushed.id)
+            log.error("volume %s: pushed %s as a diverged snapshot (this host had lost the "
+                      "lease; another host's data is the latest): restore it by id if it "
+                      "holds what you need", volume, pushed.id)
+        else:
+            log.info("volume %s: pushed remote snapshot %s (%d bytes uploaded)", volume,
+                     pushed.id, pushed.uploaded_bytes)
         # A push requested while this one ran has its own snapshot (or is about to take it):
         # it stays pending, and its snapshot stays.
         newer = current.snapshot != snapshot

@@ -91,8 +91,9 @@ class Restorer:
             snaps = remote.list()
             if wanted == "latest":
                 target = snaps[-1] if snaps else None
-            else:
-                target = next((s for s in snaps if s.id == wanted), None)
+            else:  # a diverged snapshot too (kept aside by fencing): restorable by id
+                target = next((s for s in snaps if s.id == wanted), None) or next(
+                    (s for s in remote.diverged() if s.id == wanted), None)
             if target is None and not (at_create and wanted == "latest"):
                 raise SyncFailed(f"remote snapshot {wanted!r} not found in "
                                  f"s3://{policy.bucket}/{policy.prefix}: see "

@@ -20,7 +20,7 @@ from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import S3Policy
 from plugin.state import StateStore, SyncChange
-from plugin.sync.leases import Leases
+from plugin.sync.leases import Leases, Lost
 from plugin.sync.leases import describe as describe_lease
 from plugin.sync.push import Pusher
 from plugin.sync.queue import PushQueue, push_state
@@ -33,6 +33,7 @@ from snapshots.store import SnapshotStore
 if TYPE_CHECKING:
     from s3sync import CheckReport, RemoteSnapshot, RemoteStore
     from s3sync.keys import KeyInfo
+    from s3sync.push import Fence
     from s3sync.store import KeyList
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class Syncer:
             lambda: load_host(root, host_name or None)))
         self.pusher.on_progress = self._push_progress
         self.pusher.on_pushed = self._pushed
+        self.pusher.fence_for = self._fence
+        self._leased: dict[str, S3Policy] = {}
+        """Volumes used from several hosts (``s3_lease``): their pushes are fenced."""
 
     # a volume's life
 
@@ -73,6 +77,8 @@ class Syncer:
 
     def track(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
         """Push the volume every ``policy.every`` seconds while it is mounted."""
+        if policy.lease:
+            self._leased[volume] = policy
         self.scheduler.track(volume, policy, content)
 
     def before_mount(self, volume: str, policy: S3Policy, deadline: Deadline,
@@ -143,6 +149,25 @@ class Syncer:
             VolumeBusy(f"volume {volume!r} cannot be mounted yet: its pull from "
                        f"s3://{policy.bucket}/{policy.prefix} is still running")
 
+    def _fence(self, volume: str) -> Fence | None:
+        """The lease a push of a leased volume is made under.  Not held here (e.g. a push
+        asked for while unmounted): taken for the push if free, else the push is fenced
+        off (kept aside as diverged)."""
+        from s3sync.errors import S3SyncError
+
+        policy = self._leased.get(volume)
+        if policy is None:
+            return None
+        fence = self.leases.fence(volume)
+        if fence is not None:
+            return fence
+        try:
+            self.leases.acquire(volume, policy)
+        except S3SyncError as exc:
+            return Lost(0, f"this host does not hold the lease: {exc}")
+        self.leases.unclaim(volume)
+        return self.leases.fence(volume)
+
     def _push_progress(self, volume: str, done: int, total: int) -> None:
         percent = 100 * done // total if total else 100
         self.leases.report(volume, "pushing", f"{percent}%")
@@ -196,6 +221,7 @@ class Syncer:
                 f"needs could not be taken ({record.last_error}); fix that and try again")
         self.scheduler.untrack(volume)
         self.leases.release(volume)
+        self._leased.pop(volume, None)
 
     def start(self) -> None:
         """Resume pushes of removed volumes; run periodic pushes and retries."""
@@ -279,6 +305,12 @@ class Syncer:
         status.update(self.checks.status(volume, where, self.remotes.cached(where)))
         if policy.lease:
             status["lease"] = self.leases.status(volume) or {"held": False}
+        diverged = self.pusher.diverged.get(volume)
+        if diverged:
+            status["diverged"] = {
+                "snapshots": list(diverged),
+                "why": "pushed after this host lost the volume's lease: kept aside, never the "
+                       "latest; see `pyvol sync ls` and restore one by id if needed"}
         return {"s3": status}
 
     # explicit actions (CLI)
@@ -290,7 +322,12 @@ class Syncer:
         return self.remotes.get(policy.bucket, policy.prefix, policy.encrypt)
 
     def remote_list(self, policy: S3Policy) -> list[RemoteSnapshot]:
-        snaps: list[RemoteSnapshot] = self._remote(policy).list()
+        """The volume's remote snapshots, oldest first; then, for a volume used from several
+        hosts, the diverged ones (kept aside, restorable by id)."""
+        remote = self._remote(policy)
+        snaps: list[RemoteSnapshot] = remote.list()
+        if policy.lease:
+            snaps += remote.diverged()
         return snaps
 
     def restore_in_place(self, volume: str, policy: S3Policy, snapshot_id: str,

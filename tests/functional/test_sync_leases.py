@@ -148,3 +148,43 @@ def test_an_endpoint_without_conditional_writes_is_refused_at_mount(
     create(a, "db", s3_bucket=bucket, s3_lease="true")
     err = refusal(a, "db")
     assert "conditional writes" in err, err
+
+
+def test_a_push_from_a_host_that_lost_the_lease_is_kept_aside_never_latest(
+        start: StartSync, relay: Any, bucket: str, tmp_path: Path) -> None:
+    a = host(start, tmp_path, "host-a", relay.url)
+    b = host(start, tmp_path, "host-b", relay.url)
+    for server in (a, b):
+        create(server, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl="1h")
+    data = mount(a.client, "db", M1)
+    (data / "tag").write_text("first, pushed while a held the lease")
+    assert a.cli("sync", "db", "--wait").returncode == 0
+    first = s3_status(a.client, "db")["last_push"]["remote_snapshot"]
+
+    # a is cut off and given up for dead: its lease is broken and b takes over.
+    assert b.cli("lease", "break", "db", "--yes").returncode == 0
+    on_b = mount(b.client, "db", M1)
+    assert (on_b / "tag").read_text() == "first, pushed while a held the lease"
+    (on_b / "tag").write_text("b's, the volume's line from now on")
+    unmount(b.client, "db", M1)
+    latest = wait_pushed(b.client, "db")["last_push"]["remote_snapshot"]
+
+    # a comes back and pushes what it wrote meanwhile: kept aside, never the latest.
+    (data / "tag").write_text("a's, written after it lost the lease")
+    unmount(a.client, "db", M1)
+    diverged = wait_for(lambda: s3_status(a.client, "db").get("diverged"), 30,
+                        "a's push to be kept aside")
+    assert len(diverged["snapshots"]) == 1, diverged
+    kept = diverged["snapshots"][0]
+    rows = [line.split("\t") for line in b.cli("sync", "ls", "db").stdout.splitlines()]
+    assert [r[0] for r in rows if len(r) == 4] == [first, latest]
+    assert [r[0] for r in rows if r[-1] == "diverged"] == [kept]
+
+    # The next host to mount gets b's data; a's is restorable by id.
+    c = host(start, tmp_path, "host-c", relay.url)
+    create(c, "db", s3_bucket=bucket, s3_lease="true")
+    assert (mount(c.client, "db", M1) / "tag").read_text() == "b's, the volume's line from now on"
+    d = host(start, tmp_path, "host-d", relay.url)
+    create(d, "db", s3_bucket=bucket, s3_restore=kept, s3_sync="manual")
+    assert (mount(d.client, "db", M1) / "tag").read_text() == \
+        "a's, written after it lost the lease"
