@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from backends.fs import remove_tree
-from backends.tree import SPARSE_BLOCK, Entry, all_zero, materialize
+from backends.tree import SPARSE_BLOCK, Entry, TreeView, all_zero, materialize
+from s3sync.cache import Cached
 from s3sync.errors import CorruptObject, S3SyncError
 from s3sync.manifest import ChunkRef, Manifest, Tree
 from s3sync.remote import Plain, Remote, Span, plan
+from s3sync.sealing import Codec
 
 WINDOW = 64 << 20
 """Most plain bytes downloaded ahead and held (see :class:`Prefetcher`)."""
@@ -30,8 +33,54 @@ WINDOW = 64 << 20
 Progress = Callable[[int, int], None]
 
 
+class Local:
+    """Blobs a restore can read from a copy of the volume on this host instead of
+    downloading: every blob of every file that the last push or restore here recorded
+    (``files``, the store's cache) and that has not changed since (same change key).  Each
+    one read is checked against its id; one that does not match is downloaded after all."""
+
+    def __init__(self, view: TreeView, files: dict[str, Cached]) -> None:
+        self.view = view
+        self.blobs: dict[str, tuple[Entry, int, int]] = {}
+        """Blob id -> (file, offset, size)."""
+        for entry in view.entries():
+            cached = files.get(entry.path) if entry.kind == "file" else None
+            if cached is None or cached.key != entry.change_key():
+                continue
+            offset = 0
+            for ref in cached.refs:
+                self.blobs.setdefault(ref.hash, (entry, offset, ref.size))
+                offset += ref.size
+        self._open: tuple[str, BinaryIO] | None = None
+        self.read_bytes = 0
+
+    def read(self, ref: ChunkRef, codec: Codec) -> bytes | None:
+        found = self.blobs.get(ref.hash)
+        if found is None:
+            return None
+        entry, offset, size = found
+        try:
+            if self._open is None or self._open[0] != entry.path:
+                self.close()
+                self._open = (entry.path, self.view.open(entry))
+            data = os.pread(self._open[1].fileno(), size, offset)
+        except OSError:
+            return None
+        if len(data) != ref.size or codec.content_id(data) != ref.hash:
+            return None  # changed under us: download it
+        self.read_bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+
 def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | None,
-            pool: ThreadPoolExecutor) -> None:
+            pool: ThreadPoolExecutor, local: Local | None = None) -> None:
+    """``local``: blobs to take from this host's copy of the volume (only the rest is
+    downloaded: a volume moving back to a host that had it fetches what changed)."""
     _check_empty(dst)
     tree = remote.tree(manifest)
     sizes = remote.pack_sizes()
@@ -42,16 +91,27 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
             f"snapshot {manifest.snapshot.id} needs {len(missing)} object(s) missing from "
             f"{remote.where} or cut short (e.g. {remote.layout.pack(missing[0])}): restore "
             "another snapshot; the next push uploads lost content again")
-    fetcher = Prefetcher(remote, tree, manifest.snapshot.id, pool, sizes)
+    here = {} if local is None else {r.hash for refs in tree.chunks.values() for r in refs
+                                     if r.hash in local.blobs}
+    fetcher = Prefetcher(remote, tree, manifest.snapshot.id, pool, sizes, skip=here)
     total = sum(e.size for e in tree.entries if e.kind == "file")
     done = 0
+
+    def take(ref: ChunkRef) -> Plain:
+        if ref.hash in here:
+            assert local is not None  # noqa: S101 -- here is empty without it
+            data = local.read(ref, remote.codec)
+            if data is not None:
+                return data
+            return remote.fetch([ref], manifest.snapshot.id)[(ref.pack, ref.offset)]
+        return fetcher.take(ref)
 
     def write(entry: Entry, fd: int) -> None:
         nonlocal done
         out = SparseWriter(fd, writers)
         try:
             for ref in tree.chunks[entry.path]:
-                out.add(fetcher.take(ref))
+                out.add(take(ref))
             out.finish()
         finally:
             out.close()
@@ -65,6 +125,8 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
             materialize(tree.entries, dst, write)
     except BaseException as exc:
         fetcher.close()
+        if local is not None:
+            local.close()
         _empty(dst)
         if isinstance(exc, OSError):
             raise S3SyncError(
@@ -72,6 +134,8 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
                 f"{dst} was emptied again") from exc
         raise
     fetcher.close()
+    if local is not None:
+        local.close()
 
 
 def _check_empty(dst: Path) -> None:
@@ -194,12 +258,14 @@ class Prefetcher:
     """
 
     def __init__(self, remote: Remote, tree: Tree, snapshot_id: str,
-                 pool: ThreadPoolExecutor, sizes: dict[str, int] | None = None) -> None:
+                 pool: ThreadPoolExecutor, sizes: dict[str, int] | None = None,
+                 skip: Collection[str] = ()) -> None:
         self._remote = remote
         self._sizes = sizes or {}
         self._snapshot = snapshot_id
         self._pool = pool
-        order = [r for e in tree.entries if e.kind == "file" for r in tree.chunks[e.path]]
+        order = [r for e in tree.entries if e.kind == "file" for r in tree.chunks[e.path]
+                 if r.hash not in skip]
         self._spans = plan(order)
         self._where: dict[tuple[str, int], int] = {}
         for i, span in enumerate(self._spans):

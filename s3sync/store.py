@@ -51,6 +51,7 @@ from s3sync.manifest import SNAPSHOT_ID, RemoteSnapshot
 from s3sync.prune import PruneReport
 from s3sync.push import Fence, Progress
 from s3sync.remote import Catalog, Remote
+from s3sync.restore import Local
 from s3sync.sealing import Codec
 
 
@@ -271,11 +272,14 @@ class RemoteStore:
                 else "there are none yet: push first")
         raise SnapshotNotFound(f"no snapshot {snapshot_id!r} in {self._remote.where}; {hint}")
 
-    def restore(self, snapshot_id: str, dst: Path, progress: Progress | None = None) -> None:
+    def restore(self, snapshot_id: str, dst: Path, progress: Progress | None = None,
+                local: TreeView | None = None) -> Local | None:
         """Rebuild snapshot ``snapshot_id`` (or ``latest``) in the existing, empty ``dst``.
 
         Every blob is checked against its hash; a missing or corrupt object raises
-        :class:`CorruptObject` and ``dst`` is left empty.
+        :class:`CorruptObject` and ``dst`` is left empty.  ``local``: this host's current
+        copy of the volume; the blobs it still holds unchanged since this store's last push
+        or restore here are read from it, not downloaded (returned, with how many bytes).
         """
         remote = self._open()
         try:
@@ -288,8 +292,10 @@ class RemoteStore:
             except SnapshotNotFound:
                 raise SnapshotNotFound(f"no snapshot {snapshot_id!r} in {remote.where}, "
                                        "diverged or not: list them") from None
+        here = None if local is None else restore_mod.Local(local, remote.cache.load().files)
         with ThreadPoolExecutor(self._workers, "s3-restore", initializer=lower_priority) as pool:
-            restore_mod.restore(remote, manifest, dst, progress, pool)
+            restore_mod.restore(remote, manifest, dst, progress, pool, here)
+        return here
 
     def verify(self, read_data: bool = False) -> CheckReport:
         """Check that every snapshot is restorable (see ``check.py``); never changes the store.

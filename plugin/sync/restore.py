@@ -8,10 +8,12 @@ serves half a volume.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from backends.base import VolumeContent
+from backends.tree import DirectoryView
 from plugin.errors import PyvolError
 from plugin.jobs import Jobs
 from plugin.options import S3Policy
@@ -102,12 +104,24 @@ class Restorer:
                 chosen = target
                 self.transfers.start(volume, "restoring", chosen.size)
 
-                def build(dst: Path) -> None:
-                    hold_point("s3:restore")
-                    remote.restore(chosen.id, dst, self.transfers.reporter(volume, "restoring"))
-                content.replace(build)
-                log.info("volume %s: restored remote snapshot %s from s3://%s/%s", volume,
-                         chosen.id, policy.bucket, policy.prefix)
+                reused = 0
+                with contextlib.ExitStack() as stack:
+                    current = None
+                    if content.exists():  # what this host still has need not be downloaded
+                        with contextlib.suppress(Exception):
+                            current = DirectoryView(stack.enter_context(content.view()))
+
+                    def build(dst: Path) -> None:
+                        nonlocal reused
+                        hold_point("s3:restore")
+                        local = remote.restore(chosen.id, dst,
+                                               self.transfers.reporter(volume, "restoring"),
+                                               current)
+                        reused = local.read_bytes if local is not None else 0
+                    content.replace(build)
+                log.info("volume %s: restored remote snapshot %s from s3://%s/%s (%d bytes "
+                         "of it read from this host's copy, not downloaded)", volume,
+                         chosen.id, policy.bucket, policy.prefix, reused)
             self.queue.restored(volume, at_create=at_create,
                                 remote_id=target.id if target else None)
         except Exception as exc:

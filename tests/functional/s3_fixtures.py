@@ -86,6 +86,8 @@ Fault = Callable[[str, str], int | None]
 class Counters:
     body_bytes: dict[str, int] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
+    downloaded: int = 0
+    """Bytes of response bodies to GET requests (as framed on the wire)."""
 
     @property
     def uploaded(self) -> int:
@@ -189,7 +191,10 @@ class Relay:
                 conn.sendall(b"".join(x + b"\r\n" for x in reply) + b"\r\n")
                 rheaders = _headers(reply)
                 if method != "HEAD":
-                    _copy_body(uin, conn, rheaders, until_close=True)
+                    got = _copy_body(uin, conn, rheaders, until_close=True)
+                    if method == "GET":
+                        with self._lock:
+                            self.counters.downloaded += got
                 if "close" in (rheaders.get("connection", "") + headers.get("connection", "")):
                     return
 

@@ -65,7 +65,7 @@ def test_a_leased_volume_is_mounted_on_one_host_at_a_time_and_moves_with_its_dat
         create(server, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl=TTL)
 
     data = mount(a.client, "db", M1)
-    build_tree(data, "written on a")
+    build_tree(data, "written on a", big=4_000_000)
     on_a = picture(data)
     shown = s3_status(a.client, "db")["lease"]
     assert shown["holder"]["name"] == "host-a" and shown["state"] == "mounted", shown
@@ -92,7 +92,10 @@ def test_a_leased_volume_is_mounted_on_one_host_at_a_time_and_moves_with_its_dat
     unmount(b.client, "db", M1)
     wait_pushed(b.client, "db")
     wait_for(lambda: lease_of(a, "db")["state"] == "free", 10, "b to free the lease")
+    relay.reset()
     assert picture(mount(a.client, "db", M1)) == on_b
+    # a still had all but the changed file: it downloaded only that (and the tree).
+    assert relay.reset().downloaded < 1_000_000
     unmount(a.client, "db", M1)
 
 
