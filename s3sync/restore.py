@@ -210,12 +210,12 @@ class SparseWriter:
         if self._size >= FLUSH or len(self._pending) >= 256:
             self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, inline: bool = False) -> None:
         if not self._pending:
             return
         pending, start = self._pending, self._start
         self._pending, self._start, self._size = [], start + self._size, 0
-        if self._pool is None:
+        if self._pool is None or inline:
             _write_at(self._fd, pending, start)
             return
         while len(self._writes) >= IN_FLIGHT:
@@ -223,7 +223,9 @@ class SparseWriter:
         self._writes.append(self._pool.submit(_write_at, self._fd, pending, start))
 
     def finish(self) -> None:
-        self._flush()
+        # The last run is written here: a small file (most files) never waits for a
+        # thread hand-off, which cost more than its write.
+        self._flush(inline=True)
         while self._writes:
             self._writes.pop(0).result()
         os.lseek(self._fd, self._start, os.SEEK_SET)
