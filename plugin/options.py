@@ -55,6 +55,10 @@ class S3Policy:
     """Used from several hosts: Mount holds the lease in the bucket (``s3sync.lease``)."""
     lease_ttl: int = 60
     """Seconds a lease outlives its holder's last renewal (a dead host's hold)."""
+    copy_of: str | None = None
+    """At create, restore from this prefix of the bucket (another volume's copy) instead of
+    the volume's own: an independent copy, which pushes to its own prefix only and takes no
+    lease on the original."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,11 @@ def _s3_restore(key: str, value: str) -> str:
     raise InvalidOption(f"option {key}={value!r} must be latest, never or a remote snapshot id")
 
 
+def _copy_of(key: str, value: str) -> tuple[str, str]:
+    prefix, _, snapshot = value.partition("@")
+    return _s3_prefix(key, prefix), _s3_restore(key, snapshot) if snapshot else "latest"
+
+
 def _text(key: str, value: str) -> str:
     if not value:
         raise InvalidOption(f"option {key} needs a value")
@@ -216,6 +225,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "s3_keep": _positive,
     "s3_encrypt": _bool,
     "s3_lease": _bool,
+    "s3_copy_of": _copy_of,
     "s3_lease_ttl": lambda key, value: _within(key, parse_duration(key, value), 5, 3600),
 }
 VALID_KEYS = ("backend", *PARSERS)
@@ -356,8 +366,17 @@ def parse_options(
                 "`docker plugin set pyvol S3_PASSPHRASE=...` (keep a copy: without it the "
                 "volume's S3 snapshots can never be read)")
         sync, every = p.get("s3_sync", ("on-unmount", None))
+        copy_of, restore = p.get("s3_copy_of", (None, p.get("s3_restore", "latest")))
+        if copy_of is not None and ("s3_restore" in p or p.get("s3_lease")):
+            raise InvalidOption(
+                "option s3_copy_of=PREFIX[@SNAPSHOT] already says what to restore, and makes "
+                "an independent copy: drop s3_restore and s3_lease (the copy can be leased "
+                "once it exists: copy it again with -o from=COPY -o s3_lease=true)")
+        if copy_of is not None and copy_of == (p.get("s3_prefix") or volume):
+            raise InvalidOption(f"option s3_copy_of={copy_of!r} names this volume's own "
+                                "prefix: a copy pushes to a prefix of its own")
         s3 = S3Policy(bucket=bucket, prefix=p.get("s3_prefix") or volume, sync=sync,
-                      every=every, restore=p.get("s3_restore", "latest"),
+                      every=every, restore=restore, copy_of=copy_of,
                       keep=p.get("s3_keep", S3Policy.keep), encrypt=encrypt,
                       lease=p.get("s3_lease", False),
                       lease_ttl=p.get("s3_lease_ttl", S3Policy.lease_ttl))

@@ -198,15 +198,15 @@ class RemoteStore:
         with self._keys_lock:
             keys_mod.remove_key(self._ring, key_id)
 
-    def lease(self, host: Host, volume: str, ttl: float) -> Lease:
+    def lease(self, host: Host, volume: str, ttl: float, *, probe: bool = True) -> Lease:
         """The lease of this store's prefix (``lease.py``), seen from ``host``.
 
         The first call proves the endpoint enforces conditional writes
         (:class:`ConditionalWriteUnsupported` otherwise): a lease on one that ignores them
-        would let two hosts both hold it."""
+        would let two hosts both hold it.  ``probe=False``: only to look at the lease."""
         remote = self._remote
         with self._unlocking:
-            if not self._probed:
+            if probe and not self._probed:
                 remote.bucket.probe_conditional_writes(remote.layout.lease_probe)
                 self._probed = True
         return Lease(remote.bucket, remote.layout, host, volume=volume, ttl=ttl)

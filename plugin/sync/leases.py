@@ -72,10 +72,11 @@ class Leases:
     def host(self) -> Host:
         return self._host()
 
-    def lease(self, volume: str, policy: S3Policy) -> Lease:
-        """The volume's lease as an object (for `pyvol lease show|break`)."""
+    def lease(self, volume: str, policy: S3Policy, *, probe: bool = True) -> Lease:
+        """The volume's lease as an object (for `pyvol lease show|break`); ``probe=False``
+        to look only, without proving the store enforces conditional writes."""
         store = self.remotes.get(policy.bucket, policy.prefix, policy.encrypt)
-        return store.lease(self.host, volume, float(policy.lease_ttl))
+        return store.lease(self.host, volume, float(policy.lease_ttl), probe=probe)
 
     def acquire(self, volume: str, policy: S3Policy) -> bool:
         """Hold the volume's lease for a Mount: True if taken now, False if this host held
@@ -252,6 +253,24 @@ class Lost:
         from s3sync.errors import LeaseLost
 
         raise LeaseLost(self.why)
+
+
+@dataclass(frozen=True)
+class Unleased:
+    """The fence of a volume created without ``s3_lease``: its pushes are fenced off (kept
+    aside) if its prefix holds a lease, i.e. other hosts use it as a leased volume."""
+
+    lease: Lease
+    generation: int = 0
+
+    def confirm(self) -> object:
+        from s3sync.errors import LeaseLost
+
+        if self.lease.show() is not None:
+            raise LeaseLost(f"{self.lease.bucket.where}: the prefix of {self.lease.volume} is "
+                            "used from several hosts with a lease, and this volume was "
+                            "created without -o s3_lease=true")
+        return None
 
 
 def describe(info: LeaseInfo | None) -> dict[str, Any]:

@@ -89,17 +89,22 @@ class Restorer:
                          "removed volume of the same name", volume, pending)
                 self.queue.restored(volume, at_create=True, remote_id=None)
                 return
-            remote = self.remotes.get(policy.bucket, policy.prefix, policy.encrypt)
+            # A copy's restore at create reads the original's prefix (``s3_copy_of``).
+            source = policy.copy_of if at_create and policy.copy_of else policy.prefix
+            remote = self.remotes.get(policy.bucket, source, policy.encrypt)
             snaps = remote.list()
             if wanted == "latest":
                 target = snaps[-1] if snaps else None
             else:  # a diverged snapshot too (kept aside by fencing): restorable by id
                 target = next((s for s in snaps if s.id == wanted), None) or next(
                     (s for s in remote.diverged() if s.id == wanted), None)
-            if target is None and not (at_create and wanted == "latest"):
+            if target is None and (not (at_create and wanted == "latest") or
+                                   source != policy.prefix):
                 raise SyncFailed(f"remote snapshot {wanted!r} not found in "
-                                 f"s3://{policy.bucket}/{policy.prefix}: see "
-                                 f"`pyvol sync ls {volume}`")
+                                 f"s3://{policy.bucket}/{source}: see "
+                                 f"`pyvol sync ls {volume}`" if source == policy.prefix else
+                                 f"s3://{policy.bucket}/{source} holds no snapshot "
+                                 f"{wanted!r} to copy: check s3_copy_of")
             if target is not None:
                 chosen = target
                 self.transfers.start(volume, "restoring", chosen.size)
@@ -121,9 +126,10 @@ class Restorer:
                     content.replace(build)
                 log.info("volume %s: restored remote snapshot %s from s3://%s/%s (%d bytes "
                          "of it read from this host's copy, not downloaded)", volume,
-                         chosen.id, policy.bucket, policy.prefix, reused)
-            self.queue.restored(volume, at_create=at_create,
-                                remote_id=target.id if target else None)
+                         chosen.id, policy.bucket, source, reused)
+            self.queue.restored(volume, at_create=at_create,  # a copy's source is not its own
+                                remote_id=target.id if target and source == policy.prefix
+                                else None)
         except Exception as exc:
             if at_create:
                 self.queue.restore_failed(volume, f"restore failed: {exc}")

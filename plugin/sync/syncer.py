@@ -20,7 +20,7 @@ from plugin.jobs import Jobs
 from plugin.locks import Deadline
 from plugin.options import S3Policy
 from plugin.state import StateStore, SyncChange
-from plugin.sync.leases import Leases, Lost
+from plugin.sync.leases import Leases, Lost, Unleased
 from plugin.sync.leases import describe as describe_lease
 from plugin.sync.push import Pusher
 from plugin.sync.queue import PushQueue, push_state
@@ -62,8 +62,9 @@ class Syncer:
         self.pusher.on_progress = self._push_progress
         self.pusher.on_pushed = self._pushed
         self.pusher.fence_for = self._fence
-        self._leased: dict[str, S3Policy] = {}
-        """Volumes used from several hosts (``s3_lease``): their pushes are fenced."""
+        self._policies: dict[str, S3Policy] = {}
+        """Every synced volume's policy: pushes of leased ones (``s3_lease``) are fenced,
+        and the others refuse a prefix that holds a lease."""
 
     # a volume's life
 
@@ -77,8 +78,7 @@ class Syncer:
 
     def track(self, volume: str, policy: S3Policy, content: VolumeContent) -> None:
         """Push the volume every ``policy.every`` seconds while it is mounted."""
-        if policy.lease:
-            self._leased[volume] = policy
+        self._policies[volume] = policy
         self.scheduler.track(volume, policy, content)
 
     def before_mount(self, volume: str, policy: S3Policy, deadline: Deadline,
@@ -155,9 +155,11 @@ class Syncer:
         off (kept aside as diverged)."""
         from s3sync.errors import S3SyncError
 
-        policy = self._leased.get(volume)
+        policy = self._policies.get(volume)
         if policy is None:
             return None
+        if not policy.lease:
+            return Unleased(self.leases.lease(volume, policy, probe=False))
         fence = self.leases.fence(volume)
         if fence is not None:
             return fence
@@ -221,7 +223,7 @@ class Syncer:
                 f"needs could not be taken ({record.last_error}); fix that and try again")
         self.scheduler.untrack(volume)
         self.leases.release(volume)
-        self._leased.pop(volume, None)
+        self._policies.pop(volume, None)
 
     def start(self) -> None:
         """Resume pushes of removed volumes; run periodic pushes and retries."""

@@ -150,3 +150,42 @@ def tree_of(root: Path) -> dict[str, tuple[int, int, bytes]]:
     return {str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_mtime_ns,
                                        p.read_bytes() if p.is_file() else b"")
             for p in sorted(root.rglob("*"))}
+
+
+def test_a_restore_over_a_copy_of_the_volume_downloads_only_what_it_lacks(
+        make_store: MakeStore, relay: Relay, bucket: str, tmp_path: Path) -> None:
+    """Host A pushed; host B pushed a change; A restores B's snapshot reading what its own
+    copy still has: only the changed file travels, and a local file changed behind the
+    cache's back (same size and times) is caught by its id and downloaded after all."""
+    from tests.support.trees import picture
+
+    a_copy = tmp_path / "a"
+    a_copy.mkdir()
+    for i in range(4):
+        (a_copy / f"big{i}").write_bytes(os.urandom(2_000_000))
+    (a_copy / "tag").write_text("a")
+    on_a = make_store(relay.url, bucket, tmp_path / "cache-a")
+    on_a.push(DirectoryView(a_copy))
+
+    b_copy = tmp_path / "b"
+    on_b = make_store(relay.url, bucket, tmp_path / "cache-b")
+    b_copy.mkdir()
+    on_b.restore("latest", b_copy)
+    (b_copy / "tag").write_text("b")
+    wanted = picture(b_copy)
+    on_b.push(DirectoryView(b_copy))
+
+    # Behind the cache's back: same size, same times, other bytes.
+    forged = a_copy / "big3"
+    stat = forged.stat()
+    forged.write_bytes(os.urandom(2_000_000))
+    os.utime(forged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    dst = tmp_path / "pulled"
+    dst.mkdir()
+    relay.reset()
+    local = on_a.restore("latest", dst, local=DirectoryView(a_copy))
+    downloaded = relay.reset().downloaded
+    assert picture(dst) == wanted
+    assert local is not None and local.read_bytes == 3 * 2_000_000
+    assert 2_000_000 < downloaded < 2_600_000  # big3 again, the tree, the changed tag

@@ -191,3 +191,48 @@ def test_a_push_from_a_host_that_lost_the_lease_is_kept_aside_never_latest(
     create(d, "db", s3_bucket=bucket, s3_restore=kept, s3_sync="manual")
     assert (mount(d.client, "db", M1) / "tag").read_text() == \
         "a's, written after it lost the lease"
+
+
+def test_an_independent_copy_reads_the_original_and_pushes_only_to_its_own_prefix(
+        start: StartSync, relay: Any, bucket: str, tmp_path: Path) -> None:
+    a = host(start, tmp_path, "host-a", relay.url)
+    create(a, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl="1h")
+    data = mount(a.client, "db", M1)
+    (data / "tag").write_text("the original")
+    assert a.cli("sync", "db", "--wait").returncode == 0
+    original = s3_status(a.client, "db")["last_push"]["remote_snapshot"]
+
+    # While a holds the lease, b copies the last push into a volume of its own.
+    b = host(start, tmp_path, "host-b", relay.url)
+    create(b, "db-copy", s3_bucket=bucket, s3_copy_of="db")
+    copy = mount(b.client, "db-copy", M1)
+    assert (copy / "tag").read_text() == "the original"
+    (copy / "tag").write_text("the copy")
+    unmount(b.client, "db-copy", M1)
+    wait_pushed(b.client, "db-copy")
+    assert "host-a" in lease_of(a, "db")["holder"]["name"]
+    assert [line.split("\t")[0] for line in a.cli("sync", "ls", "db").stdout.splitlines()] \
+        == [original]
+    assert len(b.cli("sync", "ls", "db-copy").stdout.splitlines()) == 1
+
+    bad = b.client.send("VolumeDriver.Create", {"Name": "x", "Opts": {
+        "s3_bucket": bucket, "s3_copy_of": "db", "s3_lease": "true"}}).body["Err"]
+    assert "s3_copy_of" in bad and "s3_lease" in bad
+
+
+def test_a_volume_without_s3_lease_never_pushes_into_a_leased_prefix(
+        start: StartSync, relay: Any, bucket: str, tmp_path: Path) -> None:
+    a = host(start, tmp_path, "host-a", relay.url)
+    create(a, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl="1h")
+    mount(a.client, "db", M1)
+    b = host(start, tmp_path, "host-b", relay.url)
+    create(b, "db", s3_bucket=bucket)  # forgot -o s3_lease=true
+    data = mount(b.client, "db", M1)
+    (data / "tag").write_text("b's, unleased")
+    unmount(b.client, "db", M1)
+    diverged = wait_for(lambda: s3_status(b.client, "db").get("diverged"), 30,
+                        "b's push to be kept aside")
+    assert len(diverged["snapshots"]) == 1
+    rows = a.cli("sync", "ls", "db").stdout.splitlines()
+    assert [r.split("\t")[0] for r in rows] == diverged["snapshots"]  # listed, aside
+    assert all(r.endswith("\tdiverged") for r in rows)  # nothing became the latest
