@@ -570,7 +570,14 @@ writing.  The writer must not close it; it may seek over holes (see :func:`write
 Raising :class:`Changed` skips the entry (its source is gone), with a warning."""
 
 
-def materialize(entries: Sequence[Entry], dst: Path, write: WriteContent) -> None:
+Reuse = Callable[[Entry], int | None]
+"""A descriptor (open for reading, of a regular file) whose content is already ``entry``'s,
+to be hard-linked into the new tree instead of written; None to write it.  The builder
+closes it."""
+
+
+def materialize(entries: Sequence[Entry], dst: Path, write: WriteContent,
+                reuse: Reuse | None = None) -> None:
     """Build the tree described by ``entries`` under the existing, empty directory ``dst``.
 
     Every entry is made relative to the descriptor of its parent directory, which this call
@@ -582,9 +589,13 @@ def materialize(entries: Sequence[Entry], dst: Path, write: WriteContent) -> Non
     directory this call made before it (``..``, absolute paths and paths through the tree's
     own symlinks all fail that test, without a syscall), or a hard link to anything but a
     file made before it.
+
+    ``reuse``: files whose content already exists on this filesystem are hard-linked from
+    there (by descriptor, never by path), then given the entry's metadata; where a link is
+    not possible (another filesystem) they are written as usual.
     """
     root_fd = open_dir(dst)
-    builder = _Builder(root_fd, write)
+    builder = _Builder(root_fd, write, reuse)
     try:
         builder.build(entries)
     finally:
@@ -597,13 +608,34 @@ def _parent(path: str) -> str:
 
 
 class _Builder:
-    def __init__(self, root_fd: int, write: WriteContent) -> None:
+    def __init__(self, root_fd: int, write: WriteContent, reuse: Reuse | None = None) -> None:
         self.root_fd = root_fd
         self.write = write
+        self.reuse = reuse
         self.fds: OrderedDict[str, int] = OrderedDict()
         self.dirs: dict[str, Entry | None] = {".": None}
         self.skipped: set[str] = set()
         self.files: set[str] = set()
+
+    def _linked(self, entry: Entry, name: str, pfd: int) -> bool:
+        """Link a reused file's content in place of writing it (see :func:`materialize`)."""
+        source = self.reuse(entry) if self.reuse is not None else None
+        if source is None:
+            return False
+        try:
+            info = os.fstat(source)
+            if not stat.S_ISREG(info.st_mode) or info.st_size != entry.size or \
+                    not _link_fd(source, name, pfd):
+                return False
+        finally:
+            os.close(source)
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            _apply_fd(fd, entry)
+        finally:
+            os.close(fd)
+        self.files.add(entry.path)
+        return True
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -675,6 +707,8 @@ class _Builder:
             self.dirs[entry.path] = entry
             return
         if kind == "file":
+            if self._linked(entry, name, pfd):
+                return
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=pfd)
             try:
@@ -734,6 +768,18 @@ def _set_xattrs(target: str | int, entry: Entry) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise
+
+
+def _link_fd(source: int, name: str, pfd: int) -> bool:
+    """Hard-link the open regular file ``source`` as ``name`` in ``pfd``; False if this
+    filesystem cannot (another one, or links not supported)."""
+    try:
+        os.link(f"/proc/self/fd/{source}", name, dst_dir_fd=pfd, follow_symlinks=True)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
 
 
 def _apply_fd(fd: int, entry: Entry) -> None:

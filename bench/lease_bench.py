@@ -106,6 +106,7 @@ def latency(relay: Relay, work: Path, rounds: int) -> list[str]:
     rows = ["| volume | Mount p50 | Mount p90 | Unmount p50 | Unmount p90 |",
             "|---|---|---|---|---|"]
     p50s: dict[str, float] = {}
+    (work / "servers").mkdir()
     with sync_servers(work / "servers") as start:
         server = start(work / "host", s3_settings(relay.url, HOST_NAME="bench"))
         for label, opts in (("plain sync", {}), ("leased", {"s3_lease": "true"})):

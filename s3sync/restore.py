@@ -43,16 +43,36 @@ class Local:
         self.view = view
         self.blobs: dict[str, tuple[Entry, int, int]] = {}
         """Blob id -> (file, offset, size)."""
+        self.files: dict[str, tuple[Entry, list[tuple[str, int]]]] = {}
+        """Path -> (file, its blobs as (id, size)), for the files unchanged since."""
         for entry in view.entries():
             cached = files.get(entry.path) if entry.kind == "file" else None
             if cached is None or cached.key != entry.change_key():
                 continue
+            self.files[entry.path] = (entry, [(r.hash, r.size) for r in cached.refs])
             offset = 0
             for ref in cached.refs:
                 self.blobs.setdefault(ref.hash, (entry, offset, ref.size))
                 offset += ref.size
         self._open: tuple[str, BinaryIO] | None = None
         self.read_bytes = 0
+        self.linked_bytes = 0
+        """Bytes of files linked from this host's copy, neither read nor written."""
+
+    def whole(self, entry: Entry, refs: list[ChunkRef]) -> int | None:
+        """A descriptor of this host's file at ``entry``'s path if its content is exactly
+        ``refs`` (same blobs, unchanged since recorded): linked, not written (see
+        :func:`backends.tree.materialize`)."""
+        found = self.files.get(entry.path)
+        if found is None or found[1] != [(r.hash, r.size) for r in refs]:
+            return None
+        try:
+            with self.view.open(found[0]) as stream:
+                fd = os.dup(stream.fileno())
+        except OSError:
+            return None
+        self.linked_bytes += entry.size
+        return fd
 
     def read(self, ref: ChunkRef, codec: Codec) -> bytes | None:
         found = self.blobs.get(ref.hash)
@@ -122,7 +142,8 @@ def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | 
     try:
         with ThreadPoolExecutor(WRITERS, "s3-write") as writers:
             fetcher.start()
-            materialize(tree.entries, dst, write)
+            materialize(tree.entries, dst, write, None if local is None else
+                        lambda entry: local.whole(entry, tree.chunks[entry.path]))
     except BaseException as exc:
         fetcher.close()
         if local is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -154,9 +155,10 @@ def tree_of(root: Path) -> dict[str, tuple[int, int, bytes]]:
 
 def test_a_restore_over_a_copy_of_the_volume_downloads_only_what_it_lacks(
         make_store: MakeStore, relay: Relay, bucket: str, tmp_path: Path) -> None:
-    """Host A pushed; host B pushed a change; A restores B's snapshot reading what its own
-    copy still has: only the changed file travels, and a local file changed behind the
-    cache's back (same size and times) is caught by its id and downloaded after all."""
+    """Host A pushed; host B pushed a change; A restores B's snapshot taking what its own
+    copy still has (whole files hard-linked, neither read nor written): only the changed
+    file travels, and a local file rewritten behind the cache's back (same size, mtime put
+    back; its ctime still moves) is downloaded, not trusted."""
     from tests.support.trees import picture
 
     a_copy = tmp_path / "a"
@@ -175,7 +177,7 @@ def test_a_restore_over_a_copy_of_the_volume_downloads_only_what_it_lacks(
     wanted = picture(b_copy)
     on_b.push(DirectoryView(b_copy))
 
-    # Behind the cache's back: same size, same times, other bytes.
+    # Behind the cache's back: same size, same mtime, other bytes.
     forged = a_copy / "big3"
     stat = forged.stat()
     forged.write_bytes(os.urandom(2_000_000))
@@ -186,6 +188,8 @@ def test_a_restore_over_a_copy_of_the_volume_downloads_only_what_it_lacks(
     relay.reset()
     local = on_a.restore("latest", dst, local=DirectoryView(a_copy))
     downloaded = relay.reset().downloaded
+    assert local is not None and local.linked_bytes == 3 * 2_000_000
+    assert (dst / "big0").stat().st_ino == (a_copy / "big0").stat().st_ino
+    shutil.rmtree(a_copy)  # as the volume's replaced content is
     assert picture(dst) == wanted
-    assert local is not None and local.read_bytes == 3 * 2_000_000
     assert 2_000_000 < downloaded < 2_600_000  # big3 again, the tree, the changed tag
