@@ -629,12 +629,15 @@ class _Builder:
                 return False
         finally:
             os.close(source)
+        self.files.add(entry.path)
+        if (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode), info.st_mtime_ns) == \
+                (entry.uid, entry.gid, entry.mode, entry.mtime_ns) and not entry.xattrs:
+            return True  # already as the snapshot has it (the common case: an unchanged file)
         fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             _apply_fd(fd, entry)
         finally:
             os.close(fd)
-        self.files.add(entry.path)
         return True
 
     def close(self) -> None:
