@@ -674,11 +674,12 @@ class Hosts:
                              f"not br, s3 or machine: {names}")
         started = time.monotonic()
         token = secrets.token_hex(3)
-        tmp = TMP_ROOT / f"{PREFIX}{token}"
-        tmp.mkdir(mode=0o711)
-        owner = RUN_ROOT / f"{PREFIX}{token}.owner"
-        owner.write_text(f"{os.getpid()}\n")
+        # The owner file first: a session killed at any later point is found by it.
+        (RUN_ROOT / f"{PREFIX}{token}.owner").write_text(f"{os.getpid()}\n")
+        session: Hosts | None = None
         try:
+            tmp = TMP_ROOT / f"{PREFIX}{token}"
+            tmp.mkdir(mode=0o711)
             subnet = _pick_subnet()
             s3 = S3Server(netns=f"{PREFIX}{token}-s3", ip=f"{subnet}.{S3_HOST_ID}",
                           bucket=f"{PREFIX}{token}", log=tmp / "moto.log")
@@ -686,8 +687,11 @@ class Hosts:
                      for i, name in enumerate(names)}
             session = cls(token, subnet, tmp, s3, hosts)
             session._bring_up()
-        except BaseException:
-            destroy(token)
+        except BaseException as exc:
+            left = session.close() if session is not None else destroy(token)
+            if left:
+                raise SetupError(f"the setup failed ({exc}), and its cleanup left: {left}") \
+                    from exc
             raise
         session.setup_seconds = time.monotonic() - started
         return session

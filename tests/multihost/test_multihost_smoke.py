@@ -47,7 +47,7 @@ def _sh(host: Host, volume: str, script: str, *args: str) -> str:
 
 
 def _idle(s3: dict[str, Any]) -> bool:
-    return s3["state"] == "idle"
+    return bool(s3["state"] == "idle")
 
 
 def _pushed(s3: dict[str, Any]) -> bool:
@@ -137,3 +137,17 @@ def test_a_push_from_a_cut_host_fails_and_succeeds_after_heal(
     assert hosts.s3.objects(f"{vol}/snapshots/") != []
     _create(b, vol, "-o", "s3_sync=on-unmount")
     assert _sh(b, vol, SEE) == seen_on_a
+
+
+def test_the_hosts_form_a_two_node_swarm(hosts: Hosts, names: Names) -> None:
+    a, b = hosts["a"], hosts["b"]
+    with hosts.swarm("a") as manager:
+        assert manager is a
+        ids = manager.docker("node", "ls", "-q").split()
+        nodes = {manager.docker("node", "inspect", "--format",
+                                "{{.Status.Addr}} {{.Status.State}} {{.Spec.Role}}", node).strip()
+                 for node in ids}
+        assert nodes == {f"{a.ip} ready manager", f"{b.ip} ready worker"}
+        assert b.docker("info", "--format", "{{.Swarm.LocalNodeState}}").strip() == "active"
+    for host in hosts:
+        assert host.docker("info", "--format", "{{.Swarm.LocalNodeState}}").strip() == "inactive"
