@@ -102,6 +102,26 @@ def run(args: Sequence[str], timeout: float = 60, check: bool = True,
     return result
 
 
+MAIN_ENGINE_DOWN = "Cannot connect to the Docker daemon"
+MAIN_ENGINE_WAIT = 120.0
+"""How long to wait for the main engine when it does not answer: other test sessions on the
+machine (tests/e2e) restart it."""
+
+
+def main_docker(*args: str, timeout: float = 120, check: bool = True) -> Result:
+    """``docker ARGS`` against the machine's main engine, waiting (up to MAIN_ENGINE_WAIT s)
+    while it does not answer, as during a restart by another session's tests."""
+    deadline = time.monotonic() + MAIN_ENGINE_WAIT
+    while True:
+        result = run(["docker", *args], timeout=timeout, check=False)
+        if MAIN_ENGINE_DOWN not in result.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if check and result.returncode != 0:
+        raise SetupError(describe(result))
+    return result
+
+
 def describe(result: Result) -> str:
     return (f"`{shlex.join(str(a) for a in result.args)}` exited {result.returncode}\n"
             f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}")
@@ -246,11 +266,21 @@ def ensure_plugin_build(token: str, log: Path) -> str:
         return "reused build/"
     name = f"{PREFIX}build-{token}:latest"
     base = os.environ.get("PYVOL_E2E_BASE_IMAGE") or BASE_IMAGE
-    with log.open("ab") as out:
-        made = subprocess.run(["make", "plugin", f"PLUGIN_NAME={name}", f"BASE_IMAGE={base}"],
-                              cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=900, check=False)
-    run(["docker", "plugin", "rm", "-f", name], check=False, timeout=120)
+    for attempt in (1, 2):
+        start = log.stat().st_size if log.exists() else 0
+        with log.open("ab") as out:
+            made = subprocess.run(
+                ["make", "plugin", f"PLUGIN_NAME={name}", f"BASE_IMAGE={base}"], cwd=REPO,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=900,
+                check=False)
+        with log.open("rb") as f:
+            f.seek(start)
+            engine_went_away = MAIN_ENGINE_DOWN.encode() in f.read()
+        # Once more if another session restarted the main engine during the build.
+        if made.returncode == 0 or attempt == 2 or not engine_went_away:
+            break
+        main_docker("info", check=False)
+    main_docker("plugin", "rm", "-f", name, check=False)
     if made.returncode != 0:
         raise SetupError(f"`make plugin` failed (exit {made.returncode}); {tail(log)}")
     problem = build_mismatch()
@@ -705,8 +735,8 @@ class Hosts:
             build = pool.submit(self._timed, "plugin build",
                                 lambda: ensure_plugin_build(self.token, self.tmp / "build.log"))
             image = self.tmp / "busybox.tar"
-            saved = pool.submit(self._timed, "image save", lambda: run(
-                ["docker", "save", "-o", str(image), BUSYBOX], timeout=120))
+            saved = pool.submit(self._timed, "image save", lambda: main_docker(
+                "save", "-o", str(image), BUSYBOX))
             engines = {h.name: pool.submit(self._timed, f"dockerd {h.name}", h.start)
                        for h in self}
             with t.step("moto"):
@@ -837,10 +867,10 @@ def environment_problem() -> str | None:
     for command in ("docker", "dockerd", "nsenter", "ip", "make"):
         if shutil.which(command) is None:
             return f"there is no {command} on PATH (`make provision`)"
-    info = run(["docker", "info", "--format", "{{.ServerVersion}}"], check=False, timeout=30)
+    info = main_docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=30)
     if info.returncode != 0:
         return f"the main Docker engine does not answer (`make provision`): {info.stderr[-300:]}"
-    if run(["docker", "image", "inspect", BUSYBOX], check=False).returncode != 0:
+    if main_docker("image", "inspect", BUSYBOX, check=False).returncode != 0:
         return f"the test image {BUSYBOX} is missing; build it with `scripts/provision.sh images`"
     probe = run([sys.executable, "-c", "import moto.server, boto3"], check=False)
     if probe.returncode != 0:
