@@ -549,6 +549,17 @@ class Host:
         wait_for(self.plugin_enabled, 60, f"the plugin on host {self.name} to be enabled again",
                  pause=POLL)
 
+    def reaches(self, ip: str, port: int, timeout: float = 2) -> bool:
+        """Whether a TCP connection from this host's namespace to ``ip:port`` opens (and sees
+        no reset) within ``timeout`` seconds."""
+        probe = ("import socket, sys\n"
+                 "with socket.create_connection((sys.argv[1], int(sys.argv[2])), "
+                 "timeout=float(sys.argv[3])) as s:\n"
+                 "    s.sendall(b'HEAD / HTTP/1.0\\r\\n\\r\\n'); s.recv(1)\n")
+        result = run(["nsenter", f"--net={NETNS_DIR / self.netns}", "--", sys.executable, "-c",
+                      probe, ip, str(port), str(timeout)], timeout=timeout + 30, check=False)
+        return result.returncode == 0
+
     def plugin_socket(self) -> Path:
         """The socket of this host's plugin (dockerd keeps it in /run/docker/plugins/ID)."""
         plugin_id = self.docker("plugin", "inspect", "--format", "{{.Id}}", ALIAS).strip()
@@ -746,7 +757,8 @@ class Hosts:
             loads = [pool.submit(self._timed, f"image load {h.name}", h.load_image, image)
                      for h in self]
             self.build_note = build.result()
-            contexts = {h.name: self._plugin_context(h) for h in self}
+            with t.step("plugin contexts"):
+                contexts = {h.name: self._plugin_context(h) for h in self}
             plugins = [pool.submit(self._timed, f"plugin {h.name}", h.install_plugin,
                                    self.s3, contexts[h.name]) for h in self]
             for future in (*loads, *plugins):

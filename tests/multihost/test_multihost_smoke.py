@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from multihost_support import ALIAS, BUSYBOX, Host, Hosts, Names
+from multihost_support import ALIAS, BUSYBOX, CutMode, Host, Hosts, Names
 
 from tests.support.trees import picture
 
@@ -76,6 +76,21 @@ def test_each_host_is_an_engine_of_its_own(hosts: Hosts, names: Names) -> None:
     assert vol in a.docker("volume", "ls", "-q").split()
     assert vol not in b.docker("volume", "ls", "-q").split()
     assert a.volume_dir(vol).is_dir() and not b.volume_dir(vol).exists()
+
+
+@pytest.mark.parametrize("how", ["reject", "down", "drop"])
+def test_cut_takes_one_host_off_the_network_and_heal_brings_it_back(
+        hosts: Hosts, names: Names, how: CutMode) -> None:
+    a, b = hosts["a"], hosts["b"]
+    s3 = (hosts.s3.ip, hosts.s3.port)
+    assert a.reaches(*s3) and b.reaches(*s3)
+    hosts.cut(a, how)
+    try:
+        assert not a.reaches(*s3)
+        assert b.reaches(*s3)
+    finally:
+        hosts.heal(a)
+    assert a.reaches(*s3) and b.reaches(*s3)
 
 
 def test_a_volume_written_on_a_is_restored_by_name_on_b(hosts: Hosts, names: Names) -> None:
