@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS sync (
     last_id TEXT,
     last_error TEXT,
     last_error_at TEXT,
-    encrypt INTEGER NOT NULL DEFAULT 0
+    encrypt INTEGER NOT NULL DEFAULT 0,
+    generation INTEGER
 );
 CREATE TABLE IF NOT EXISTS checks (
     volume TEXT PRIMARY KEY,
@@ -89,6 +90,9 @@ class SyncRecord:
     last_error_at: str | None = None
     encrypt: bool = False
     """The volume's ``s3_encrypt``: a pending push of a removed volume still seals."""
+    generation: int | None = None
+    """A leased volume (``s3_lease``): the lease generation this host's copy descends from,
+    the last tenure this host held.  Another host's tenure since breaks the line."""
 
 
 SYNC_FIELDS = tuple(SyncRecord.__dataclass_fields__)
@@ -138,6 +142,8 @@ class StateStore:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(sync)")}
             if "encrypt" not in columns:  # a database of a pyvol without encryption
                 self._db.execute("ALTER TABLE sync ADD COLUMN encrypt INTEGER NOT NULL DEFAULT 0")
+            if "generation" not in columns:  # a database of a pyvol without leases
+                self._db.execute("ALTER TABLE sync ADD COLUMN generation INTEGER")
             self._volumes: dict[str, VolumeRecord] = {}
             self._creating: dict[str, VolumeRecord] = {}
             for row in self._db.execute(

@@ -276,7 +276,7 @@ class Lease:
             sent = time.monotonic()
             etag = self._put(record, current.etag if current is not None else None)
             if etag is not None:
-                return Tenure(self, record, etag, sent)
+                return Tenure(self, record, etag, sent, previous=last)
         raise StoreBusy(f"the lease of {self.volume} ({self.bucket.where}, {self.key}) kept "
                         f"changing under {RACE_ROUNDS} attempts to take it: try again")
 
@@ -353,7 +353,11 @@ class Tenure:
     between, and from then on: a lost tenure is never taken back by overwriting.
     """
 
-    def __init__(self, lease: Lease, record: Record, etag: str, sent: float) -> None:
+    def __init__(self, lease: Lease, record: Record, etag: str, sent: float, *,
+                 previous: int = 0) -> None:
+        self.previous = previous
+        """The lease's generation when this tenure took it: the last tenure before this one
+        (0: none).  A host whose own last tenure it is not was taken over meanwhile."""
         self._lease = lease
         self._record = record
         self._etag = etag

@@ -115,6 +115,12 @@ class Leases:
             return Lost(held.tenure.generation, held.lost)
         return held.tenure
 
+    def tenure(self, volume: str) -> Tenure | None:
+        """This host's tenure of the volume's lease, if it holds one."""
+        with self._lock:
+            held = self._held.get(volume)
+        return held.tenure if held is not None else None
+
     def holds(self, volume: str) -> bool:
         with self._lock:
             held = self._held.get(volume)
@@ -150,6 +156,21 @@ class Leases:
             if held is not None and held.claims == 0:
                 held.release = True
                 self._lock.notify_all()
+
+    def give_back(self, volume: str) -> None:
+        """Free the lease now, in this thread, and forget it (a take that must not be used:
+        no Mount here may reuse it meanwhile).  Best effort: a lease that cannot be freed
+        expires."""
+        with self._lock:
+            held = self._held.pop(volume, None)
+        if held is None:
+            return
+        with held.releasing:
+            try:
+                held.tenure.release()
+            except Exception as exc:
+                log.warning("volume %s: freeing its lease failed (%s); it expires in %.0f s",
+                            volume, exc, max(0.0, held.tenure.remaining()))
 
     def forget(self, volume: str) -> None:
         with self._lock:

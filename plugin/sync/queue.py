@@ -156,6 +156,12 @@ class PushQueue:
         return self._change(volume, "restore_requested", ("idle", "requested", "captured"),
                             restoring=snapshot_id, last_error=None, last_error_at=None)
 
+    def leased(self, volume: str, policy: S3Policy, generation: int) -> SyncRecord:
+        """This host's copy now goes on under lease generation ``generation``."""
+        self.attach(volume, policy)
+        return self._change(volume, "leased", ("idle", "requested", "captured"),
+                            generation=generation)
+
     def restore_failed(self, volume: str, message: str) -> SyncRecord:
         """Keep ``restoring`` and say why it is not done (Status, and Mount's refusal)."""
         return self._change(volume, "restore_failed", ("idle", "requested", "captured"),

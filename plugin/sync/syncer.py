@@ -102,7 +102,11 @@ class Syncer:
                 return False
             if self._lease(volume, policy):
                 try:
-                    self._pull(volume, policy, content, deadline)
+                    taken_over = not self._line_continues(volume)
+                    tenure = self.leases.tenure(volume)
+                    if tenure is not None:
+                        self.queue.leased(volume, policy, tenure.generation)
+                    self._pull(volume, policy, content, deadline, taken_over=taken_over)
                 except BaseException:
                     self.after_mount(volume)
                     raise
@@ -123,16 +127,35 @@ class Syncer:
                 f"(s3_lease) and its lease in s3://{policy.bucket}/{policy.prefix} could not "
                 f"be taken: {exc}") from None
 
+    def _line_continues(self, volume: str) -> bool:
+        """Whether the lease this host just took follows this host's own last tenure, so its
+        copy (unpushed writes included) is the head of the volume's line.  False once another
+        host held it since (taken over after an expiry, or broken by hand): then this host's
+        copy is behind the line, whatever its last push was."""
+        tenure = self.leases.tenure(volume)
+        record = self.queue.get(volume)
+        if tenure is None or record is None or record.generation is None:
+            return True  # never leased here: the copy is what its last restore or push was
+        return tenure.previous == record.generation
+
     def _pull(self, volume: str, policy: S3Policy, content: VolumeContent,
-              deadline: Deadline) -> None:
-        """After a take: restore the newest remote snapshot unless this host's copy is it."""
+              deadline: Deadline, *, taken_over: bool = False) -> None:
+        """After a take: restore the newest remote snapshot unless this host's copy is it.
+        ``taken_over``: another host held the lease since this host did: its copy is
+        brought to the newest snapshot even if its last push was that one (what it wrote
+        after, never pushed, is dropped: the other host went on without it)."""
         snaps = self._remote(policy).list()
         record = self.queue.get(volume)
-        if not snaps or (record is not None and record.last_id == snaps[-1].id):
+        if not snaps or (not taken_over and record is not None
+                         and record.last_id == snaps[-1].id):
             return
         newest = snaps[-1].id
-        log.info("volume %s: another host pushed %s since this host's copy (%s): pulling it "
-                 "before the mount", volume, newest, record.last_id if record else "none")
+        if taken_over:
+            log.warning("volume %s: another host held it since this host did; this host's "
+                        "copy is replaced by the newest snapshot %s (what was written here "
+                        "after this host's last push, if anything, is dropped)", volume, newest)
+        log.info("volume %s: pulling %s before the mount (this host's copy was %s)", volume,
+                 newest, record.last_id if record else "none")
         self.queue.restore_requested(volume, policy, newest)
         self.restorer.submit(volume, policy, content)
         # A pull that outlasts this Mount goes on; once done, the lease is freed unless a
@@ -168,6 +191,14 @@ class Syncer:
         except S3SyncError as exc:
             return Lost(0, f"this host does not hold the lease: {exc}")
         self.leases.unclaim(volume)
+        if not self._line_continues(volume):
+            tenure = self.leases.tenure(volume)
+            self.leases.give_back(volume)
+            return Lost(tenure.generation if tenure else 0,
+                        "another host held the volume's lease since this host wrote this data")
+        tenure = self.leases.tenure(volume)
+        if tenure is not None:
+            self.queue.leased(volume, policy, tenure.generation)
         return self.leases.fence(volume)
 
     def _push_progress(self, volume: str, done: int, total: int) -> None:
@@ -254,6 +285,15 @@ class Syncer:
             log.error("volume %s is mounted here or has a push to finish, but its lease could "
                       "not be taken back after the restart: %s", volume, exc)
             return
+        if not self._line_continues(volume):
+            log.warning("volume %s: another host held its lease since this host did: not "
+                        "taken back; a pending push from here will be kept aside as "
+                        "diverged, and the next Mount here pulls the newest snapshot", volume)
+            self.leases.give_back(volume)
+            return
+        tenure = self.leases.tenure(volume)
+        if tenure is not None:
+            self.queue.leased(volume, policy, tenure.generation)
         self.leases.unclaim(volume)
         self.release_if_idle(volume, in_job=True)
 

@@ -121,6 +121,19 @@ def test_a_dead_hosts_lease_expires_and_another_host_takes_over_its_last_push(
     assert picture(Path(mounted)) == pushed
     assert lease_of(b, "db")["holder"]["name"] == "host-b"
 
+    # a comes back (a reboot) after b used the volume: its copy, with the write b never
+    # saw, is behind the volume's line; its next Mount brings it to the newest snapshot.
+    unmount(b.client, "db", M1)
+    wait_for(lambda: lease_of(b, "db")["state"] == "free", 30, "b to free the lease")
+    a = host(start, tmp_path, "host-a", relay.url)
+    # dockerd, started again, unmounts what its dead containers had mounted: a pushes the
+    # write b never saw, which is kept aside, never the latest.
+    unmount(a.client, "db", M1)
+    diverged = wait_for(lambda: s3_status(a.client, "db").get("diverged"), 30,
+                        "a's push to be kept aside")
+    assert len(diverged["snapshots"]) == 1, diverged
+    assert picture(mount(a.client, "db", M2)) == pushed
+
 
 def test_lease_show_and_break_by_hand(start: StartSync, relay: Any, bucket: str,
                                       tmp_path: Path) -> None:

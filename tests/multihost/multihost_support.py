@@ -560,6 +560,17 @@ class Host:
                       probe, ip, str(port), str(timeout)], timeout=timeout + 30, check=False)
         return result.returncode == 0
 
+    def received(self) -> int:
+        """Bytes this host has received over its link so far (its eth0's rx counter): what
+        its engine and plugin downloaded, from S3 among others."""
+        result = run(["nsenter", f"--net={NETNS_DIR / self.netns}", "--", "cat",
+                      "/proc/net/dev"])
+        for line in result.stdout.splitlines():
+            name, _, counters = line.partition(":")
+            if name.strip() == "eth0":
+                return int(counters.split()[0])
+        raise AssertionError(f"no eth0 in host {self.name}'s /proc/net/dev: {result.stdout}")
+
     def plugin_socket(self) -> Path:
         """The socket of this host's plugin (dockerd keeps it in /run/docker/plugins/ID)."""
         plugin_id = self.docker("plugin", "inspect", "--format", "{{.Id}}", ALIAS).strip()
@@ -589,7 +600,8 @@ class Host:
         self.docker("plugin", "set", ALIAS, f"data.source={self.data_dir}",
                     f"S3_ENDPOINT_URL={s3.url}", f"S3_BUCKET={s3.bucket}",
                     f"AWS_REGION={REGION}", f"AWS_ACCESS_KEY_ID={ACCESS_KEY}",
-                    f"AWS_SECRET_ACCESS_KEY={SECRET_KEY}", "LOG_LEVEL=DEBUG")
+                    f"AWS_SECRET_ACCESS_KEY={SECRET_KEY}", f"HOST_NAME=host-{self.name}",
+                    "LOG_LEVEL=DEBUG")
         self.docker("plugin", "enable", ALIAS, timeout=120)
 
     def clear(self) -> None:
