@@ -353,6 +353,8 @@ class Driver:
         try:
             if self.state.mount_count(name) == 0:
                 claims += self._settle(record, deadline)
+            else:
+                claims += self._claim(record)
             with self.guard.locked(name, deadline):
                 record = self.record(name)
                 self.guard.refuse_if_busy(name, "mounted", exclusive_only=True)
@@ -371,6 +373,12 @@ class Driver:
         finally:
             for _ in range(claims):
                 self.sync.after_mount(name)
+
+    def _claim(self, record: VolumeRecord) -> bool:
+        """A Mount of a volume already mounted here: a leased one must still be this host's
+        (see Syncer.claim_mounted); True if it claimed the lease (after_mount owed)."""
+        s3 = self.options_of(record).s3
+        return s3 is not None and self.sync.claim_mounted(record.name, s3)
 
     def _settle(self, record: VolumeRecord, deadline: Deadline) -> bool:
         """Wait for what must finish before a first Mount; True if it claimed the volume's

@@ -84,6 +84,12 @@ class Management:
             if dropped:
                 self.driver.unexpose(name, self.driver.backends[record.backend])
                 log.warning("volume %s: %d mount reference(s) cleared by request", name, dropped)
+                # As the last Unmount would have: the data written under those mounts is
+                # pushed (a leased volume's lease is then freed, or the push kept aside if
+                # another host took the volume over meanwhile).
+                s3 = self.driver.options_of(record).s3
+                if s3 is not None:
+                    self.driver.sync.after_last_unmount(name, s3, self.driver.content(record))
             return dropped
 
     # snapshots

@@ -113,6 +113,28 @@ class Syncer:
             return True
         raise self.restorer.refusal(volume, policy, record)
 
+    def claim_mounted(self, volume: str, policy: S3Policy) -> bool:
+        """A further Mount of a volume already mounted here.  A leased one must still be this
+        host's: held elsewhere, it is refused naming the holder; taken over by another host
+        since this host mounted it (its copy is behind the line, e.g. mounts left stale by a
+        Docker daemon crash), it is refused saying how to get the newest data.  True if the
+        lease was claimed (:meth:`after_mount` owed)."""
+        if not policy.lease:
+            return False
+        if self._lease(volume, policy):
+            if not self._line_continues(volume):
+                self.leases.give_back(volume)
+                raise VolumeBusy(
+                    f"volume {volume!r} was taken over by another host since it was mounted "
+                    "here: the copy on this host is behind the volume's latest data.  Stop the "
+                    "containers that use it on this host (after a Docker daemon crash, when "
+                    f"none does: `pyvol mounts reset {volume}`), then mount it again: this "
+                    "host then pulls the newest data")
+            tenure = self.leases.tenure(volume)
+            if tenure is not None:
+                self.queue.leased(volume, policy, tenure.generation)
+        return True
+
     def _lease(self, volume: str, policy: S3Policy) -> bool:
         from s3sync.errors import LeaseHeld, S3SyncError
 

@@ -126,9 +126,13 @@ def test_a_dead_hosts_lease_expires_and_another_host_takes_over_its_last_push(
     unmount(b.client, "db", M1)
     wait_for(lambda: lease_of(b, "db")["state"] == "free", 30, "b to free the lease")
     a = host(start, tmp_path, "host-a", relay.url)
-    # dockerd, started again, unmounts what its dead containers had mounted: a pushes the
-    # write b never saw, which is kept aside, never the latest.
-    unmount(a.client, "db", M1)
+    # a's dockerd never unmounts what its dead container had mounted: the stale mount must
+    # not let a serve its copy (b went on without its last write): refused, saying how.
+    err = refusal(a, "db")
+    assert "taken over by another host" in err and "pyvol mounts reset db" in err, err
+    assert a.cli("mounts", "reset", "db").returncode == 0
+    # The reset is the Unmount that never came: a pushes the write b never saw, which is
+    # kept aside, never the latest; a's next Mount pulls the volume's line.
     diverged = wait_for(lambda: s3_status(a.client, "db").get("diverged"), 30,
                         "a's push to be kept aside")
     assert len(diverged["snapshots"]) == 1, diverged

@@ -161,10 +161,14 @@ def test_a_dead_hosts_volume_is_taken_over_after_the_ttl_with_its_last_push(
     # write after it is lost (the README says so, and how to bound it).
     assert _mounts_eventually(b, vol, "cat /data/tag", timeout=45) == "pushed\n"
 
-    # A comes back: its engine unmounts what the dead container had mounted, and A pushes
-    # the write B never saw: kept aside as diverged, never the latest.  A's next Mount
-    # brings its copy to the volume's line.
+    # A comes back.  Its engine never unmounts what the dead container had mounted, but the
+    # stale mount does not let A serve its copy, which B went on without: refused, saying
+    # how.  After the reset, A pushes the write B never saw: kept aside as diverged, never
+    # the latest; A's next Mount brings its copy to the volume's line.
     a.boot()
+    err = _refused(a, vol)
+    assert "taken over by another host" in err and f"pyvol mounts reset {vol}" in err, err
+    a.pyvol("mounts", "reset", vol)
     diverged = a.wait_s3(vol, lambda s: bool(s.get("diverged")), "a's push to be kept aside",
                          90)["diverged"]
     assert len(diverged["snapshots"]) == 1, diverged

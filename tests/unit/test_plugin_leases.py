@@ -29,7 +29,7 @@ class FakeStore:
     def __init__(self, bucket: FakeBucket) -> None:
         self.bucket = bucket
 
-    def lease(self, host: Host, volume: str, ttl: float) -> Lease:
+    def lease(self, host: Host, volume: str, ttl: float, *, probe: bool = True) -> Lease:
         return Lease(self.bucket, Layout("db"), host, volume=volume, ttl=ttl)
 
 
