@@ -672,6 +672,9 @@ class Hosts:
             _ip("link", "set", "eth0", "up", netns=host.netns)
         elif how == "drop":
             _ip("link", "set", f"p-{host.name}", "up", netns=self.bridge_netns)
+        if how is not None:  # back when it reaches S3 again (a port takes a moment to forward)
+            wait_for(lambda: host.reaches(self.s3.ip, self.s3.port, timeout=1), 30,
+                     f"host {host.name} to reach S3 again after heal", pause=POLL)
 
     def is_cut(self, host: Host) -> bool:
         return host.name in self._cut
