@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backends.fs import remove_tree
-from backends.tree import SPARSE_BLOCK, Entry, TreeView, all_zero, materialize
+from backends.tree import (
+    PATH_FLAGS,
+    SPARSE_BLOCK,
+    DirectoryView,
+    Entry,
+    TreeView,
+    all_zero,
+    materialize,
+    open_beneath,
+    open_dir,
+)
 from s3sync.cache import Cached
 from s3sync.errors import CorruptObject, S3SyncError
 from s3sync.manifest import ChunkRef, Manifest, Tree
@@ -41,8 +51,6 @@ class Local:
 
     def __init__(self, view: TreeView, files: dict[str, Cached]) -> None:
         self.view = view
-        self.blobs: dict[str, tuple[Entry, int, int]] = {}
-        """Blob id -> (file, offset, size)."""
         self.files: dict[str, tuple[Entry, list[tuple[str, int]]]] = {}
         """Path -> (file, its blobs as (id, size)), for the files unchanged since."""
         for entry in view.entries():
@@ -50,10 +58,10 @@ class Local:
             if cached is None or cached.key != entry.change_key():
                 continue
             self.files[entry.path] = (entry, [(r.hash, r.size) for r in cached.refs])
-            offset = 0
-            for ref in cached.refs:
-                self.blobs.setdefault(ref.hash, (entry, offset, ref.size))
-                offset += ref.size
+        self._blobs: dict[str, tuple[Entry, int, int]] | None = None
+        self._root: int | None = open_dir(view.root) if isinstance(view, DirectoryView) \
+            else None
+        """Files to link are opened beneath it, O_PATH (a link needs no readable file)."""
         self._open: tuple[str, BinaryIO] | None = None
         self.read_bytes = 0
         self.linked_bytes = 0
@@ -67,12 +75,28 @@ class Local:
         if found is None or found[1] != [(r.hash, r.size) for r in refs]:
             return None
         try:
-            with self.view.open(found[0]) as stream:
-                fd = os.dup(stream.fileno())
+            if self._root is not None:
+                fd = open_beneath(self._root, entry.path, PATH_FLAGS)
+            else:
+                with self.view.open(found[0]) as stream:
+                    fd = os.dup(stream.fileno())
         except OSError:
             return None
         self.linked_bytes += entry.size
         return fd
+
+    @property
+    def blobs(self) -> dict[str, tuple[Entry, int, int]]:
+        """Blob id -> (file, offset, size); made on first use (a move that links whole
+        files reads few blobs, if any)."""
+        if self._blobs is None:
+            self._blobs = {}
+            for entry, refs in self.files.values():
+                offset = 0
+                for digest, size in refs:
+                    self._blobs.setdefault(digest, (entry, offset, size))
+                    offset += size
+        return self._blobs
 
     def read(self, ref: ChunkRef, codec: Codec) -> bytes | None:
         found = self.blobs.get(ref.hash)
@@ -81,7 +105,7 @@ class Local:
         entry, offset, size = found
         try:
             if self._open is None or self._open[0] != entry.path:
-                self.close()
+                self._close_open()
                 self._open = (entry.path, self.view.open(entry))
             data = os.pread(self._open[1].fileno(), size, offset)
         except OSError:
@@ -91,10 +115,16 @@ class Local:
         self.read_bytes += len(data)
         return data
 
-    def close(self) -> None:
+    def _close_open(self) -> None:
         if self._open is not None:
             self._open[1].close()
             self._open = None
+
+    def close(self) -> None:
+        self._close_open()
+        if self._root is not None:
+            os.close(self._root)
+            self._root = None
 
 
 def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | None,

@@ -121,18 +121,18 @@ class Syncer:
         lease was claimed (:meth:`after_mount` owed)."""
         if not policy.lease:
             return False
-        if self._lease(volume, policy):
-            if not self._line_continues(volume):
-                self.leases.give_back(volume)
-                raise VolumeBusy(
-                    f"volume {volume!r} was taken over by another host since it was mounted "
-                    "here: the copy on this host is behind the volume's latest data.  Stop the "
-                    "containers that use it on this host (after a Docker daemon crash, when "
-                    f"none does: `pyvol mounts reset {volume}`), then mount it again: this "
-                    "host then pulls the newest data")
-            tenure = self.leases.tenure(volume)
-            if tenure is not None:
-                self.queue.leased(volume, policy, tenure.generation)
+        taken = self._lease(volume, policy)
+        if not self._line_continues(volume):  # also when held already: a retake races here
+            self.leases.give_back(volume)
+            raise VolumeBusy(
+                f"volume {volume!r} was taken over by another host since it was mounted "
+                "here: the copy on this host is behind the volume's latest data.  Stop the "
+                "containers that use it on this host (after a Docker daemon crash, when "
+                f"none does: `pyvol mounts reset {volume}`), then mount it again: this "
+                "host then pulls the newest data")
+        tenure = self.leases.tenure(volume)
+        if taken and tenure is not None:
+            self.queue.leased(volume, policy, tenure.generation)
         return True
 
     def _lease(self, volume: str, policy: S3Policy) -> bool:
@@ -158,7 +158,7 @@ class Syncer:
         record = self.queue.get(volume)
         if tenure is None or record is None or record.generation is None:
             return True  # never leased here: the copy is what its last restore or push was
-        return tenure.previous == record.generation
+        return record.generation in (tenure.previous, tenure.generation)
 
     def _pull(self, volume: str, policy: S3Policy, content: VolumeContent,
               deadline: Deadline, *, taken_over: bool = False) -> None:
