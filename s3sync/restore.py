@@ -51,13 +51,13 @@ class Local:
 
     def __init__(self, view: TreeView, files: dict[str, Cached]) -> None:
         self.view = view
-        self.files: dict[str, tuple[Entry, list[tuple[str, int]]]] = {}
-        """Path -> (file, its blobs as (id, size)), for the files unchanged since."""
+        self.files: dict[str, tuple[Entry, list[ChunkRef]]] = {}
+        """Path -> (file, its blobs as recorded), for the files unchanged since."""
         for entry in view.entries():
             cached = files.get(entry.path) if entry.kind == "file" else None
             if cached is None or cached.key != entry.change_key():
                 continue
-            self.files[entry.path] = (entry, [(r.hash, r.size) for r in cached.refs])
+            self.files[entry.path] = (entry, cached.refs)
         self._blobs: dict[str, tuple[Entry, int, int]] | None = None
         self._root: int | None = open_dir(view.root) if isinstance(view, DirectoryView) \
             else None
@@ -72,8 +72,8 @@ class Local:
         ``refs`` (same blobs, unchanged since recorded): linked, not written (see
         :func:`backends.tree.materialize`)."""
         found = self.files.get(entry.path)
-        if found is None or found[1] != [(r.hash, r.size) for r in refs]:
-            return None
+        if found is None or (found[1] != refs and _blob_ids(found[1]) != _blob_ids(refs)):
+            return None  # (the same blobs may be recorded in other packs: ids decide)
         try:
             if self._root is not None:
                 fd = open_beneath(self._root, entry.path, PATH_FLAGS)
@@ -93,9 +93,9 @@ class Local:
             self._blobs = {}
             for entry, refs in self.files.values():
                 offset = 0
-                for digest, size in refs:
-                    self._blobs.setdefault(digest, (entry, offset, size))
-                    offset += size
+                for ref in refs:
+                    self._blobs.setdefault(ref.hash, (entry, offset, ref.size))
+                    offset += ref.size
         return self._blobs
 
     def read(self, ref: ChunkRef, codec: Codec) -> bytes | None:
@@ -125,6 +125,10 @@ class Local:
         if self._root is not None:
             os.close(self._root)
             self._root = None
+
+
+def _blob_ids(refs: list[ChunkRef]) -> list[tuple[str, int]]:
+    return [(r.hash, r.size) for r in refs]
 
 
 def restore(remote: Remote, manifest: Manifest, dst: Path, progress: Progress | None,

@@ -284,14 +284,13 @@ class RemoteStore:
         remote = self._open()
         try:
             manifest = remote.manifest(self.resolve(snapshot_id))
-        except SnapshotNotFound:
+        except SnapshotNotFound as missing:
             if snapshot_id == "latest" or not SNAPSHOT_ID.fullmatch(snapshot_id):
                 raise
             try:  # a diverged snapshot: restorable by its id, never as latest
                 manifest = remote.diverged_manifest(snapshot_id)
             except SnapshotNotFound:
-                raise SnapshotNotFound(f"no snapshot {snapshot_id!r} in {remote.where}, "
-                                       "diverged or not: list them") from None
+                raise SnapshotNotFound(f"{missing} (nor is it a diverged snapshot)") from None
         here = None if local is None else restore_mod.Local(local, remote.cache.load().files)
         with ThreadPoolExecutor(self._workers, "s3-restore", initializer=lower_priority) as pool:
             restore_mod.restore(remote, manifest, dst, progress, pool, here)
