@@ -112,7 +112,10 @@ class Restorer:
                 reused = 0
                 with contextlib.ExitStack() as stack:
                     current = None
-                    if content.exists():  # what this host still has need not be downloaded
+                    # What this host still has need not be downloaded.  Only from a plain
+                    # directory: a backend whose data is mounted (``image``) cannot replace
+                    # it while a view of it is open, so such a volume downloads it all.
+                    if content.exists() and content.backend.capabilities.plain_directory:
                         with contextlib.suppress(Exception):
                             current = DirectoryView(stack.enter_context(content.view()))
 
