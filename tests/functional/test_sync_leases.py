@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -253,3 +255,40 @@ def test_a_volume_without_s3_lease_never_pushes_into_a_leased_prefix(
     rows = a.cli("sync", "ls", "db").stdout.splitlines()
     assert [r.split("\t")[0] for r in rows] == diverged["snapshots"]  # listed, aside
     assert all(r.endswith("\tdiverged") for r in rows)  # nothing became the latest
+
+
+def test_a_pull_longer_than_the_mount_deadline_goes_on_and_mount_says_how_far(
+        start: StartSync, relay: Any, bucket: str, tmp_path: Path) -> None:
+    a = host(start, tmp_path, "host-a", relay.url)
+    b = start(tmp_path / "host-b", s3_settings(relay.url, HOST_NAME="host-b",
+                                                PYVOL_TEST_MOUNT_WAIT="1"))
+    for server in (a, b):
+        create(server, "db", s3_bucket=bucket, s3_lease="true", s3_lease_ttl=TTL)
+    data = mount(a.client, "db", M1)
+    build_tree(data, "big", big=9_000_000)
+    on_a = picture(data)
+    unmount(a.client, "db", M1)
+    wait_pushed(a.client, "db")
+    wait_for(lambda: lease_of(b, "db")["state"] == "free", 10, "a to free the lease")
+
+    go_on = threading.Event()
+
+    def slow_data(method: str, path: str) -> int | None:
+        if method == "GET" and "/data/" in path:
+            go_on.wait(60)
+        return None
+    relay.fault = slow_data
+    try:
+        # b's pull outlasts the Mount's deadline: refused saying how far it is...
+        err = refusal(b, "db")
+        assert re.search(r"in progress, \d+% done", err), err
+        # ...while b goes on pulling under its lease: a is refused, naming b and its pull.
+        err = refusal(a, "db")
+        assert "host-b" in err and "pulling" in err, err
+    finally:
+        go_on.set()
+        relay.fault = None
+    mounted = wait_for(lambda: b.client.send("VolumeDriver.Mount",
+                                             {"Name": "db", "ID": M1}).body.get("Mountpoint"),
+                       30, "b's pull to finish")
+    assert picture(Path(mounted)) == on_a
