@@ -77,7 +77,8 @@ step_engine() {
     # No dockerd runs, so a pid file is stale (left by a killed one); dockerd refuses to start
     # while the pid in it is alive, which a reused pid or a not yet reaped zombie can be.
     rm -f /var/run/docker.pid
-    nohup setsid dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+    # From /: a daemon must not hold this checkout (or any directory that may go) as its cwd.
+    (cd / && exec nohup setsid dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null) &
     pid=$!
   fi
   local i

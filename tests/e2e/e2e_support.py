@@ -223,6 +223,8 @@ def restart_dockerd() -> None:
     )
     env.setdefault("PATH", os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
     cwd = os.readlink(proc / "cwd")
+    if not os.path.isdir(cwd):  # removed since (the kernel shows "... (deleted)")
+        cwd = "/"
     log = os.readlink(proc / "fd" / "1")
     log_path = Path(log) if log.startswith("/") and not log.startswith("/dev/") \
         and Path(log).is_file() else DEFAULT_DOCKERD_LOG
