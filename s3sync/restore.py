@@ -53,11 +53,19 @@ class Local:
         self.view = view
         self.files: dict[str, tuple[Entry, list[ChunkRef]]] = {}
         """Path -> (file, its blobs as recorded), for the files unchanged since."""
+        self.checked: dict[str, tuple[Entry, list[ChunkRef]]] = {}
+        """Files whose recorded change key was racy (written within a timestamp tick of
+        the snapshot that pushed them: ctime recorded as 0) and otherwise matches: never
+        linked, but their blobs are read (each checked against its id, as every read is)."""
         for entry in view.entries():
             cached = files.get(entry.path) if entry.kind == "file" else None
-            if cached is None or cached.key != entry.change_key():
+            if cached is None:
                 continue
-            self.files[entry.path] = (entry, cached.refs)
+            key = entry.change_key()
+            if cached.key == key:
+                self.files[entry.path] = (entry, cached.refs)
+            elif cached.key[3] == 0 and cached.key[:3] == key[:3]:
+                self.checked[entry.path] = (entry, cached.refs)
         self._blobs: dict[str, tuple[Entry, int, int]] | None = None
         self._root: int | None = open_dir(view.root) if isinstance(view, DirectoryView) \
             else None
@@ -91,7 +99,7 @@ class Local:
         files reads few blobs, if any)."""
         if self._blobs is None:
             self._blobs = {}
-            for entry, refs in self.files.values():
+            for entry, refs in (*self.files.values(), *self.checked.values()):
                 offset = 0
                 for ref in refs:
                     self._blobs.setdefault(ref.hash, (entry, offset, ref.size))

@@ -111,3 +111,35 @@ def test_sparse_writer_writes_what_write_sparse_writes(tmp_path: Any, flush: int
     old, new = paths
     assert new.read_bytes() == old.read_bytes() == b"".join(bytes(b) for b in blobs)
     assert new.stat().st_blocks == old.stat().st_blocks
+
+
+def test_a_file_pushed_with_a_racy_change_key_is_read_and_checked_never_linked(
+        tmp_path: Any) -> None:
+    """A file written within a timestamp tick of the snapshot that pushed it has ctime 0 in
+    its recorded key: its blobs are still taken from this host's copy (each checked against
+    its id), but the file is never linked on the strength of that key."""
+    from backends.tree import DirectoryView
+    from s3sync.cache import Cached
+    from s3sync.sealing import Codec
+
+    codec = Codec()
+    data = b"written just before the snapshot" * 1000
+    (tmp_path / "f").write_bytes(data)
+    info = (tmp_path / "f").stat()
+    ref = ChunkRef(codec.content_id(data), "pack", 0, len(data), len(data))
+    racy = Cached((info.st_ino, info.st_size, info.st_mtime_ns, 0), [ref], "")
+    here = restore.Local(DirectoryView(tmp_path), {"f": racy})
+    try:
+        entry = Entry(path="f", kind="file", mode=0o644, uid=0, gid=0, size=len(data),
+                      mtime_ns=info.st_mtime_ns)
+        assert here.whole(entry, [ref]) is None  # never linked on a racy key
+        assert here.read(ref, codec) == data  # but read here, checked against its id
+        forged = ChunkRef(codec.content_id(b"other"), "pack", 0, len(data), len(data))
+        assert here.read(forged, codec) is None  # (another id is not found here)
+        # Another file in its place (same size and mtime, another inode): not used at all.
+        moved = Cached((info.st_ino + 1, info.st_size, info.st_mtime_ns, 0), [ref], "")
+        other = restore.Local(DirectoryView(tmp_path), {"f": moved})
+        assert other.read(ref, codec) is None
+        other.close()
+    finally:
+        here.close()
