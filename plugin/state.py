@@ -97,6 +97,8 @@ class SyncRecord:
 
 SYNC_FIELDS = tuple(SyncRecord.__dataclass_fields__)
 
+_SYNC_OF = f"SELECT {', '.join(SYNC_FIELDS)} FROM sync WHERE volume = ?"  # noqa: S608
+
 SyncChange = Callable[[SyncRecord | None], SyncRecord]
 """Makes a volume's sync record from the one stored (None: it has none)."""
 
@@ -372,13 +374,11 @@ class StateStore:
 
     @staticmethod
     def _get_sync(db: sqlite3.Connection, volume: str) -> SyncRecord | None:
-        row = db.execute(f"SELECT {', '.join(SYNC_FIELDS)} FROM sync "  # noqa: S608
-                         "WHERE volume = ?", (volume,)).fetchone()
+        row = db.execute(_SYNC_OF, (volume,)).fetchone()
         return None if row is None else _sync(row)
 
     def get_sync(self, volume: str) -> SyncRecord | None:
-        rows = self._read(f"SELECT {', '.join(SYNC_FIELDS)} FROM sync "  # noqa: S608
-                          "WHERE volume = ?", (volume,))
+        rows = self._read(_SYNC_OF, (volume,))
         return _sync(rows[0]) if rows else None
 
     def list_sync(self) -> list[SyncRecord]:

@@ -64,16 +64,27 @@ class PushQueue:
     # the record itself
 
     @staticmethod
-    def for_create(volume: str, policy: S3Policy) -> SyncChange:
-        """How a new volume's record is made from the stored one (Create commits it with the
-        volume's, in one transaction): marked ``restoring`` if it asked for a restore.  A
-        pending push of a removed volume of the same name and location stays queued."""
+    def _located(volume: str, policy: S3Policy) -> SyncChange:
+        """The volume's record for ``policy``'s location, made afresh (idle) if it had none
+        or one for another location; its ``keep`` and ``encrypt`` follow the policy (a volume
+        created again with another s3_keep or s3_encrypt)."""
         def change(record: SyncRecord | None) -> SyncRecord:
             if record is None or (record.bucket, record.prefix) != (policy.bucket,
                                                                      policy.prefix):
-                record = SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
-                                    keep=policy.keep)
-            record = replace(record, keep=policy.keep, encrypt=policy.encrypt)
+                return SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
+                                  keep=policy.keep, encrypt=policy.encrypt)
+            return replace(record, keep=policy.keep, encrypt=policy.encrypt)
+        return change
+
+    @classmethod
+    def for_create(cls, volume: str, policy: S3Policy) -> SyncChange:
+        """How a new volume's record is made from the stored one (Create commits it with the
+        volume's, in one transaction): marked ``restoring`` if it asked for a restore.  A
+        pending push of a removed volume of the same name and location stays queued."""
+        located = cls._located(volume, policy)
+
+        def change(record: SyncRecord | None) -> SyncRecord:
+            record = located(record)
             if policy.restore != "never":
                 record = replace(record, restoring=policy.restore, last_error=None,
                                  last_error_at=None)
@@ -81,16 +92,8 @@ class PushQueue:
         return change
 
     def attach(self, volume: str, policy: S3Policy) -> SyncRecord:
-        """The volume's record for ``policy``'s location, made afresh (idle) if it had none
-        or one for another location; its ``keep`` follows the policy."""
-        def change(record: SyncRecord | None) -> SyncRecord:
-            if record is None or (record.bucket, record.prefix) != (policy.bucket,
-                                                                     policy.prefix):
-                return SyncRecord(volume=volume, bucket=policy.bucket, prefix=policy.prefix,
-                                  keep=policy.keep, encrypt=policy.encrypt)
-            # a volume created again with another s3_keep or s3_encrypt
-            return replace(record, keep=policy.keep, encrypt=policy.encrypt)
-        return self.state.update_sync(volume, change)
+        """The volume's record for ``policy``'s location (see :meth:`_located`), written."""
+        return self.state.update_sync(volume, self._located(volume, policy))
 
     def forget(self, volume: str) -> None:
         """Drop the record: its remote copy was deleted."""

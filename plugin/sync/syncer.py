@@ -103,9 +103,7 @@ class Syncer:
             if self._lease(volume, policy):
                 try:
                     taken_over = not self._line_continues(volume)
-                    tenure = self.leases.tenure(volume)
-                    if tenure is not None:
-                        self.queue.leased(volume, policy, tenure.generation)
+                    self._record_tenure(volume, policy)
                     self._pull(volume, policy, content, deadline, taken_over=taken_over)
                 except BaseException:
                     self.after_mount(volume)
@@ -130,9 +128,8 @@ class Syncer:
                 "containers that use it on this host (after a Docker daemon crash, when "
                 f"none does: `pyvol mounts reset {volume}`), then mount it again: this "
                 "host then pulls the newest data")
-        tenure = self.leases.tenure(volume)
-        if taken and tenure is not None:
-            self.queue.leased(volume, policy, tenure.generation)
+        if taken:
+            self._record_tenure(volume, policy)
         return True
 
     def _lease(self, volume: str, policy: S3Policy) -> bool:
@@ -159,6 +156,13 @@ class Syncer:
         if tenure is None or record is None or record.generation is None:
             return True  # never leased here: the copy is what its last restore or push was
         return record.generation in (tenure.previous, tenure.generation)
+
+    def _record_tenure(self, volume: str, policy: S3Policy) -> None:
+        """This host's copy goes on under the lease it holds now: its generation is the one
+        :meth:`_line_continues` checks the next take against."""
+        tenure = self.leases.tenure(volume)
+        if tenure is not None:
+            self.queue.leased(volume, policy, tenure.generation)
 
     def _pull(self, volume: str, policy: S3Policy, content: VolumeContent,
               deadline: Deadline, *, taken_over: bool = False) -> None:
@@ -218,9 +222,7 @@ class Syncer:
             self.leases.give_back(volume)
             return Lost(tenure.generation if tenure else 0,
                         "another host held the volume's lease since this host wrote this data")
-        tenure = self.leases.tenure(volume)
-        if tenure is not None:
-            self.queue.leased(volume, policy, tenure.generation)
+        self._record_tenure(volume, policy)
         return self.leases.fence(volume)
 
     def _push_progress(self, volume: str, done: int, total: int) -> None:
@@ -313,9 +315,7 @@ class Syncer:
                         "diverged, and the next Mount here pulls the newest snapshot", volume)
             self.leases.give_back(volume)
             return
-        tenure = self.leases.tenure(volume)
-        if tenure is not None:
-            self.queue.leased(volume, policy, tenure.generation)
+        self._record_tenure(volume, policy)
         self.leases.unclaim(volume)
         self.release_if_idle(volume, in_job=True)
 
