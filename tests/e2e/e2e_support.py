@@ -19,11 +19,10 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pytest
+from typing import Any, NoReturn
 
 from tests.support.processes import alive
+from tests.support.tiers import cannot_run as tier_cannot_run
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,13 +145,9 @@ def registry_retag(src: str, dst: str) -> None:
               headers={"Content-Type": media_type or MANIFEST_V2})
 
 
-def cannot_run(problem: str) -> None:
+def cannot_run(problem: str) -> NoReturn:
     """Skip, saying why; with PYVOL_E2E=required (CI) fail instead: there they must run."""
-    if os.environ.get("PYVOL_E2E") == "required":
-        pytest.fail(f"PYVOL_E2E=required, but the end-to-end tests cannot run: {problem}",
-                    pytrace=False)
-    pytest.skip(f"end-to-end tests cannot run here: {problem} "
-                "(with PYVOL_E2E=required this is a failure)")
+    tier_cannot_run("end-to-end", problem)
 
 
 # The engine

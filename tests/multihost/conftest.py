@@ -11,10 +11,8 @@ earlier session that was killed left behind.  Without what it needs it skips, sa
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterator
-from typing import NoReturn
 
 import pytest
 from multihost_support import (
@@ -26,24 +24,17 @@ from multihost_support import (
     leftover_tokens,
 )
 
+from tests.support.tiers import cannot_run
+
 _report: list[str] = []
 _tests = itertools.count(1)
-
-
-def cannot_run(problem: str) -> NoReturn:
-    """Skip, saying why; with PYVOL_E2E=required fail instead: there they must run."""
-    if os.environ.get("PYVOL_E2E") == "required":
-        pytest.fail(f"PYVOL_E2E=required, but the multi-host tests cannot run: {problem}",
-                    pytrace=False)
-    pytest.skip(f"multi-host tests cannot run here: {problem} "
-                "(with PYVOL_E2E=required this is a failure)")
 
 
 @pytest.fixture(scope="session")
 def hosts() -> Iterator[Hosts]:
     problem = environment_problem()
     if problem is not None:
-        cannot_run(problem)
+        cannot_run("multi-host", problem)
     for token in leftover_tokens():
         left = destroy(token)
         _report.append(f"removed the leftovers of session {token}"
@@ -51,7 +42,7 @@ def hosts() -> Iterator[Hosts]:
     try:
         session = Hosts.start(("a", "b"))
     except SetupError as exc:
-        cannot_run(str(exc))
+        cannot_run("multi-host", str(exc))
     _report.append(f"setup {session.setup_seconds:.1f} s ({session.build_note}; "
                    f"{session.timings})")
     try:

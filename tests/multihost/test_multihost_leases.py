@@ -54,6 +54,16 @@ def _start(host: Host, volume: str, script: str = "sleep 100000") -> str:
                        "sh", "-c", script).strip()
 
 
+def _mounted_and_pushed(host: Host, volume: str, tag: str) -> str:
+    """A new leased volume on ``host``, held mounted by a detached container (its id) that
+    wrote ``tag`` in /data/tag, and pushed by hand: the volume's last push."""
+    _create(host, volume)
+    cid = _start(host, volume)
+    host.docker("exec", cid, "sh", "-c", f"echo {tag} > /data/tag")
+    host.pyvol("sync", volume, "--wait")
+    return cid
+
+
 def _refused(host: Host, volume: str) -> str:
     """A container run with ``volume`` on ``host`` must fail; what docker said."""
     started = time.monotonic()
@@ -148,10 +158,7 @@ def test_a_dead_hosts_volume_is_taken_over_after_the_ttl_with_its_last_push(
         hosts: Hosts, names: Names) -> None:
     a, b = hosts["a"], hosts["b"]
     vol = names.volume("dead")
-    _create(a, vol)
-    cid = _start(a, vol)
-    a.docker("exec", cid, "sh", "-c", "echo pushed > /data/tag")
-    a.pyvol("sync", vol, "--wait")
+    cid = _mounted_and_pushed(a, vol, "pushed")
     a.docker("exec", cid, "sh", "-c", "echo after-the-last-push > /data/tag")
     a.kill9()
 
@@ -179,10 +186,7 @@ def test_a_cut_off_hosts_later_push_is_kept_aside_and_never_latest(
         hosts: Hosts, names: Names) -> None:
     a, b = hosts["a"], hosts["b"]
     vol = names.volume("split")
-    _create(a, vol)
-    cid = _start(a, vol)
-    a.docker("exec", cid, "sh", "-c", "echo before-the-cut > /data/tag")
-    a.pyvol("sync", vol, "--wait")
+    cid = _mounted_and_pushed(a, vol, "before-the-cut")
     _create(b, vol)
 
     hosts.cut(a, "drop")  # a partition A cannot see: its packets vanish
