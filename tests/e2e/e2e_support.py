@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tests.support.commands import describe
 from tests.support.processes import alive
 from tests.support.tiers import cannot_run as tier_cannot_run
 from tests.support.waiting import wait_for
@@ -51,11 +52,6 @@ def run(args: Sequence[str], timeout: float = 60, **kwargs: Any) -> Result:
 
 def docker(*args: str, timeout: float = 60) -> Result:
     return run(["docker", *args], timeout=timeout)
-
-
-def describe(result: Result) -> str:
-    return (f"`{shlex.join(result.args)}` exited {result.returncode}\n"
-            f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}")
 
 
 def ok(result: Result) -> str:

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tests.support.commands import describe
 from tests.support.mounts import loops_under, mounts_under
 from tests.support.processes import alive
 from tests.support.waiting import wait_for
@@ -120,11 +120,6 @@ def main_docker(*args: str, timeout: float = 120, check: bool = True) -> Result:
     if check and result.returncode != 0:
         raise SetupError(describe(result))
     return result
-
-
-def describe(result: Result) -> str:
-    return (f"`{shlex.join(str(a) for a in result.args)}` exited {result.returncode}\n"
-            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}")
 
 
 def tail(path: Path, lines: int = 25) -> str:
