@@ -61,11 +61,12 @@ def main() -> None:
     parser.add_argument("--spy", default="")
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=1, help="time only, this many runs")
+    parser.add_argument("--dir", default=None, help="where the trees go (e.g. /dev/shm)")
     args = parser.parse_args()
     from backends.tree import DirectoryView
     from s3sync import RemoteStore, S3Config
 
-    work = Path(tempfile.mkdtemp(prefix="pyvol-prof-"))
+    work = Path(tempfile.mkdtemp(prefix="pyvol-prof-", dir=args.dir))
     moto = MotoServer(work / "moto.log")
     relay = Relay(moto.port)
     try:

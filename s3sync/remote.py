@@ -198,8 +198,15 @@ class Remote:
 
     def fetch_span(self, span: Span, snapshot_id: str,
                    pack_size: int | None = None) -> dict[tuple[str, int], Plain]:
-        """The verified blobs of ``span``; a span that covers the whole pack (its listed
-        ``pack_size``) is one plain GET, with no range for the server to cut out."""
+        """The verified blobs of ``span`` (:meth:`download` then :meth:`open_at`)."""
+        data = memoryview(self.download(span, snapshot_id, pack_size))
+        return {(ref.pack, ref.offset): self.open_at(span, data, ref, snapshot_id)
+                for ref in span.refs}
+
+    def download(self, span: Span, snapshot_id: str, pack_size: int | None = None) -> bytes:
+        """The stored bytes of ``span``, not yet verified; a span that covers the whole pack
+        (its listed ``pack_size``) is one plain GET, with no range for the server to cut
+        out."""
         key = self.layout.pack(span.pack)
         whole = span.start == 0 and span.end == pack_size
         try:
@@ -213,24 +220,27 @@ class Remote:
                 f"object {key} in {self.where} is {len(data)} bytes, not the {span.end} it "
                 f"was when listed: snapshot {snapshot_id} cannot be restored from it: restore "
                 "another snapshot, or push again to write a good copy")
-        view = memoryview(data)
-        out: dict[tuple[str, int], Plain] = {}
-        for ref in span.refs:
-            stored = view[ref.offset - span.start:ref.offset - span.start + ref.length]
-            try:
-                out[(ref.pack, ref.offset)] = self.codec.open_blob(stored, ref.size, ref.hash)
-            except TamperedObject as exc:
-                raise TamperedObject(
-                    f"object {key} is refused: the blob at offset {ref.offset} does not "
-                    f"authenticate ({exc.cause}: {exc}); snapshot {snapshot_id} cannot be "
-                    "restored from it: restore another snapshot, or push again to write a "
-                    "good copy", key, exc.cause) from None
-            except ValueError as exc:
-                raise CorruptObject(
-                    f"object {key} is corrupt: the blob at offset {ref.offset} ({exc}); "
-                    f"snapshot {snapshot_id} cannot be restored from it: restore another "
-                    "snapshot, or push again to write a good copy") from None
-        return out
+        return data
+
+    def open_at(self, span: Span, data: memoryview, ref: ChunkRef, snapshot_id: str) -> Plain:
+        """The plain content of blob ``ref`` of ``span``, whose stored bytes (from
+        :meth:`download`) are ``data``: unsealed and checked against its id, or refused
+        naming its pack."""
+        stored = data[ref.offset - span.start:ref.offset - span.start + ref.length]
+        try:
+            return self.codec.open_blob(stored, ref.size, ref.hash)
+        except TamperedObject as exc:
+            key = self.layout.pack(span.pack)
+            raise TamperedObject(
+                f"object {key} is refused: the blob at offset {ref.offset} does not "
+                f"authenticate ({exc.cause}: {exc}); snapshot {snapshot_id} cannot be "
+                "restored from it: restore another snapshot, or push again to write a "
+                "good copy", key, exc.cause) from None
+        except ValueError as exc:
+            raise CorruptObject(
+                f"object {self.layout.pack(span.pack)} is corrupt: the blob at offset "
+                f"{ref.offset} ({exc}); snapshot {snapshot_id} cannot be restored from it: "
+                "restore another snapshot, or push again to write a good copy") from None
 
 
 @dataclass

@@ -5,6 +5,7 @@ without bound, and blobs come out in order."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,10 +23,18 @@ class FakeRemote:
     def __init__(self) -> None:
         self.fetched: list[tuple[str, int]] = []
 
-    def fetch_span(self, span: Span, snapshot_id: str,
-                   pack_size: int | None = None) -> dict[tuple[str, int], bytes]:
+        self.opened: list[tuple[str, int]] = []
+        self.threads: set[str] = set()
+
+    def download(self, span: Span, snapshot_id: str, pack_size: int | None = None) -> bytes:
         self.fetched.append((span.pack, span.start))
-        return {(r.pack, r.offset): r.hash.encode()[:8] * (r.size // 8) for r in span.refs}
+        return b"stored"
+
+    def open_at(self, span: Span, data: memoryview, ref: ChunkRef, snapshot_id: str) -> bytes:
+        assert bytes(data) == b"stored"
+        self.opened.append((ref.pack, ref.offset))
+        self.threads.add(threading.current_thread().name)
+        return ref.hash.encode()[:8] * (ref.size // 8)
 
 
 def ref(pack: int, offset: int, size: int = 64 * KiB) -> ChunkRef:
@@ -72,6 +81,33 @@ def test_a_span_used_by_consecutive_blobs_is_fetched_once(monkeypatch: pytest.Mo
     files = {"big": [ref(1, o * 64 * KiB) for o in range(100)]}
     _, remote = drain(monkeypatch, files, 1 << 20)
     assert len(remote.fetched) == len(set(remote.fetched))
+
+
+def test_blobs_are_opened_in_the_taking_thread_and_shared_ones_once_per_download(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pool only downloads (see Prefetcher: checks in the pool waited for the GIL).
+    shared = ref(1, 0)
+    files = {"a": [shared, ref(1, 64 * KiB)], "b": [shared], "c": [ref(2, 0), shared]}
+    _, remote = drain(monkeypatch, files, 1 << 20)
+    assert remote.threads == {threading.current_thread().name}
+    assert len(remote.opened) == len(set(remote.opened)) == 3
+    assert sorted(remote.fetched) == sorted(set(remote.fetched))
+
+
+def test_a_snapshot_that_fits_the_window_is_all_checked_before_the_first_blob_is_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(restore, "WINDOW", 8 << 20)
+    files = {f"f{p}": [ref(p, o * 64 * KiB) for o in range(4)] for p in range(3)}
+    remote = FakeRemote()
+    with ThreadPoolExecutor(2) as pool:
+        fetcher = restore.Prefetcher(remote, tree(files), "s", pool)  # type: ignore[arg-type]
+        fetcher.start()
+        assert len(remote.opened) == 12  # before anything is written
+        for refs in files.values():
+            for r in refs:
+                assert fetcher.take(r) == r.hash.encode()[:8] * (r.size // 8)
+        fetcher.close()
+    assert len(remote.opened) == 12
 
 
 @pytest.mark.parametrize("threads", [0, 2])
