@@ -56,10 +56,6 @@ class Codec:
             return packed
         return crypto.seal(self._master, "blob", digest, packed)
 
-    def sealed_length(self, size: int) -> int:
-        """Length of :meth:`seal_packed`'s result for a pack form of ``size`` bytes."""
-        return size if self._master is None else size + crypto.overhead(size)
-
     def open_blob(self, stored: blobs.Buffer, size: int, digest: str) -> bytes | bytearray:
         """Plain content of a stored blob (a new buffer, not a view of ``stored``).
 
