@@ -8,8 +8,9 @@ subclasses with messages that say what to do.
 Encryption (``crypto.py``, ``keys.py``, ``keyring.py``, ``sealing.py``): a prefix is
 encrypted exactly when it holds key objects (``keys/``) or a ``config``.  Given a passphrase,
 the store unlocks the master key once, on its first operation, and keeps it in memory only;
-the first push into an empty prefix creates the master key, its first key object and
-``config`` -- race-free across hosts (``keyring.py``).  Refused, before anything is written:
+the first push into an empty prefix (or :meth:`RemoteStore.prepare`, which a new volume's
+create calls) creates the master key, its first key object and ``config`` -- race-free
+across hosts (``keyring.py``).  Refused, before anything is written:
 an encrypted prefix without a passphrase or with a wrong one, and a passphrase for a prefix
 that already holds unencrypted snapshots.  Plain stores work exactly as before.
 
@@ -146,6 +147,15 @@ class RemoteStore:
             self._remote = replace(remote, codec=Codec(master))
             self._unlocked = True
             return self._remote
+
+    def prepare(self) -> None:
+        """Unlock an encrypted store's master key, making it now if the prefix has none:
+        what a new encrypted volume's create does, so that the prefix is marked encrypted
+        from then on and the first push does not spend an Argon2id on it.  Refused like a
+        push into the prefix would be (a wrong passphrase, unencrypted snapshots there).
+        Nothing to do for a plain store."""
+        if self._passphrase:
+            self._open(push=True)
 
     # -- passphrases ------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backends.base import VolumeContent
 from backends.tree import DirectoryView
@@ -22,6 +23,9 @@ from plugin.sync.queue import PushQueue
 from plugin.sync.remotes import Remotes, Transfers
 from plugin.testhooks import hold_point
 from snapshots.store import SnapshotStore
+
+if TYPE_CHECKING:
+    from s3sync import RemoteStore
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,8 @@ class Restorer:
                                  f"`pyvol sync ls {volume}`" if source == policy.prefix else
                                  f"s3://{policy.bucket}/{source} holds no snapshot "
                                  f"{wanted!r} to copy: check s3_copy_of")
+            if target is None and at_create and policy.encrypt and source == policy.prefix:
+                self._prepare(volume, policy, remote)
             if target is not None:
                 chosen = target
                 self.transfers.start(volume, "restoring", chosen.size)
@@ -139,6 +145,17 @@ class Restorer:
             raise
         finally:
             self.transfers.end(volume)
+
+    @staticmethod
+    def _prepare(volume: str, policy: S3Policy, remote: RemoteStore) -> None:
+        """A new encrypted volume on an empty prefix makes the prefix's key now (its first
+        push then spends no Argon2id on it).  Best effort: a failure here (a bucket that
+        cannot be written yet, say) only leaves it to the first push, which reports it."""
+        try:
+            remote.prepare()
+        except Exception as exc:  # the first push makes it, and reports why it cannot
+            log.warning("volume %s: could not make the encryption key of s3://%s/%s yet (%s); "
+                        "its first push makes it", volume, policy.bucket, policy.prefix, exc)
 
     def refusal(self, volume: str, policy: S3Policy, record: SyncRecord) -> RestoreInProgress:
         """Why a volume still ``restoring`` cannot be mounted: how far its restore is, or

@@ -112,3 +112,33 @@ def test_with_a_passphrase_set_synced_volumes_encrypt_unless_told_not_to(
     create(server, "old", s3_prefix="old", s3_encrypt="false")
     wait_for(lambda: s3_status(server.client, "old")["state"] == "idle", 15, "the restore")
     assert (mount(server.client, "old", M1) / "docs").is_dir()
+
+
+def test_creating_an_encrypted_volume_on_an_empty_prefix_makes_its_key_before_any_push(
+        start: StartSync, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    server = start(tmp_path / "root", s3_settings(moto.url, S3_BUCKET=bucket,
+                                                  S3_PASSPHRASE=PASSPHRASE))
+    create(server, "fresh", s3_prefix="fresh")
+    wait_for(lambda: s3_status(server.client, "fresh")["state"] == "idle", 15,
+             "the restore check at create")
+    listed = [o["Key"] for o in moto.client().list_objects_v2(
+        Bucket=bucket).get("Contents", [])]
+    assert any(k.startswith("fresh/keys/") for k in listed), listed
+    assert not any(k.startswith("fresh/snapshots/") for k in listed)  # nothing pushed yet
+
+    # From then on the prefix is encrypted: a plain volume on it is refused at once.
+    plain = start(tmp_path / "plain", s3_settings(moto.url, S3_BUCKET=bucket))
+    create(plain, "fresh", s3_prefix="fresh")
+    status = wait_for(lambda: (s := s3_status(plain.client, "fresh"))["state"] == "error" and s,
+                      15, "a plain volume on the encrypted prefix to be refused")
+    assert "S3_PASSPHRASE" in str(status)
+
+    # The key made at create is the one pushes and another host use.
+    expected = write_tree(server.client, "fresh", M1, "fresh")
+    assert "last_error" not in wait_pushed(server.client, "fresh")
+    assert len([k for k in (o["Key"] for o in moto.client().list_objects_v2(
+        Bucket=bucket).get("Contents", [])) if k.startswith("fresh/keys/")]) == 1
+    other = start(tmp_path / "other", s3_settings(moto.url, S3_BUCKET=bucket,
+                                                  S3_PASSPHRASE=PASSPHRASE))
+    create(other, "fresh", s3_prefix="fresh")
+    assert picture(mount(other.client, "fresh", M1)) == expected
