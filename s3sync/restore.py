@@ -3,7 +3,7 @@
 Before anything is written the manifest and tree are fetched and validated and the store is
 listed once, so a missing pack is refused with ``dst`` untouched.  Content is then streamed:
 ranged GETs run ahead in a thread pool (up to :data:`WINDOW` plain bytes, so memory does not
-grow with file or chunk sizes), each blob is checked against its hash in the worker, and
+grow with file or chunk sizes), each blob is checked against its hash as it is taken, and
 :func:`backends.tree.materialize` writes files, links, fifos, owners, modes, mtimes and
 xattrs (all validated first: see ``manifest.py``).  When the whole snapshot fits in the
 window it is downloaded and verified before the first file is created.  On any failure
