@@ -227,6 +227,11 @@ def test_an_encrypted_volume_is_synced_removed_and_restored_by_name(
         scenario: Scenario, s3: S3Setup) -> None:
     vol = scenario.create("sealed", "-o", "s3_sync=on-unmount", "-o", "s3_encrypt=true")
     assert _wait_idle(vol, previous="")["encrypted"] is True
+    client: Any = s3.moto.client()
+    made = client.list_objects_v2(Bucket=s3.bucket, Prefix=f"{vol}/").get("Contents", [])
+    tops = {o["Key"].split("/")[1] for o in made}
+    assert "keys" in tops and tops <= {"keys", "config"}, \
+        f"the create makes the prefix's key, and no data, before any push: {made}"
     marker = f"plain text that must not reach the bucket {scenario.plugin.token}"
     ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c",
                     WRITE_TREE + f'echo "{marker}" > /data/docs/secret.txt', "sh", "first"))
@@ -234,7 +239,6 @@ def test_an_encrypted_volume_is_synced_removed_and_restored_by_name(
     assert "last_error" not in pushed
     sums = ok(scenario.run("-v", f"{vol}:/data", BUSYBOX, "sh", "-c", CHECKSUMS))
 
-    client: Any = s3.moto.client()
     listed = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=f"{vol}/")
               .get("Contents", [])]
     assert any(key.startswith(f"{vol}/keys/") for key in listed), listed
