@@ -32,7 +32,6 @@ class PackWriter:
                  existing: set[str], in_flight: int = 8, codec: Codec | None = None) -> None:
         self._bucket = bucket
         self._codec = codec if codec is not None and codec.encrypted else None
-        self._size = 0
         self._layout = layout
         self._pool = pool
         self._existing = existing
@@ -55,11 +54,9 @@ class PackWriter:
             raise self._error
         if self._codec is not None:
             packed = self._codec.seal_packed(digest, packed)
-        length = len(packed)
-        ref = ChunkRef(digest, f"@{self._seq}", self._size, length, size)
+        ref = ChunkRef(digest, f"@{self._seq}", len(self._buf), len(packed), size)
         self._buf += packed
-        self._size += length
-        if self._size >= PACK_TARGET:
+        if len(self._buf) >= PACK_TARGET:
             self.seal()
         return ref
 
@@ -67,8 +64,7 @@ class PackWriter:
         """Close the open pack (if it holds anything) and start its upload."""
         if not self._buf:
             return
-        buf = self._buf
-        self._buf, self._size = bytearray(), 0
+        buf, self._buf = self._buf, bytearray()
         seq, self._seq = self._seq, self._seq + 1
         name: Future[str] = Future()
         self._ids[seq] = name
