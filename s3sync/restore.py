@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -348,11 +349,9 @@ class Prefetcher:
         self._order = order
         self._pos = 0
         self._uses = [0] * len(self._spans)
-        self._blob_uses: dict[tuple[str, int], int] = {}
         for ref in order:
             self._uses[self._where[(ref.pack, ref.offset)]] += 1
-            self._blob_uses[(ref.pack, ref.offset)] = \
-                self._blob_uses.get((ref.pack, ref.offset), 0) + 1
+        self._blob_uses = Counter((ref.pack, ref.offset) for ref in order)
         self._futures: dict[int, Future[bytes]] = {}
         self._opened: dict[tuple[str, int], Plain] = {}
         """Verified blobs that are taken again later (shared content), or all of them
