@@ -28,7 +28,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "functional"))
 
-from s3_fixtures import ACCESS_KEY, SECRET_KEY, MotoServer, Relay  # noqa: E402
+from s3_fixtures import ACCESS_KEY, SECRET_KEY, MotoServer, Relay, workspace  # noqa: E402
 
 MiB = 1 << 20
 
@@ -158,19 +157,12 @@ def main() -> None:
     parser.add_argument("--move-rounds", type=int, default=3,
                         help="rounds of the move, each from scratch (the table shows medians)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="pyvol-lease-bench-"))
-    moto = MotoServer(work / "moto.log")
-    relay = Relay(moto.port)
-    try:
+    with workspace("pyvol-lease-bench-") as (work, moto, relay):
         files, total = (1_000, 100 * MiB) if args.quick else (10_000, 1024 * MiB)
         print(f"move: {files} files, {total // MiB} MiB", flush=True)
         print("\n".join(move(moto, relay, work, files, total, args.move_rounds)), flush=True)
         print()
         print("\n".join(latency(relay, work, args.rounds)))
-    finally:
-        relay.close()
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from s3_bench import (  # noqa: E402
     make_large,
     make_small,
 )
-from s3_fixtures import ACCESS_KEY, SECRET_KEY, MotoServer, Relay  # noqa: E402
+from s3_fixtures import ACCESS_KEY, SECRET_KEY, workspace  # noqa: E402
 
 MODES = ("plain", "enc")
 
@@ -62,10 +61,7 @@ def main() -> None:
     from backends.tree import DirectoryView
     from s3sync import RemoteStore, S3Config
 
-    work = Path(tempfile.mkdtemp(prefix="pyvol-ab-", dir=args.dir))
-    moto = MotoServer(work / "moto.log")
-    relay = Relay(moto.port)
-    try:
+    with workspace("pyvol-ab-", args.dir) as (work, moto, relay):
         os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                           AWS_REGION="us-east-1", S3_ENDPOINT_URL=relay.url)
         src = work / "src"
@@ -126,10 +122,6 @@ def main() -> None:
             print(f"  {mode:5} median {medians[mode]:.3f} s   runs: "
                   + " ".join(f"{t:.3f}" for t in times[mode]))
         print(f"  enc/plain {medians['enc'] / medians['plain']:.2f}x (target <= 1.1)")
-    finally:
-        relay.close()
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "functional"))
 
-from s3_fixtures import ACCESS_KEY, SECRET_KEY, MotoServer, Relay  # noqa: E402
+from s3_fixtures import ACCESS_KEY, SECRET_KEY, MotoServer, Relay, workspace  # noqa: E402
 
 SWITCH_INTERVAL = 0.001
 """plugin.server.SWITCH_INTERVAL (not imported: that would load flask into every run)."""
@@ -403,11 +402,13 @@ def main() -> None:
     if args.pyvol:
         pyvol_main(*args.pyvol)
         return
+    with workspace("pyvol-bench-") as (work, moto, relay):
+        bench(args, work, moto, relay)
+
+
+def bench(args: argparse.Namespace, work: Path, moto: MotoServer, relay: Relay) -> None:
     rng = random.Random(20240601)
-    work = Path(tempfile.mkdtemp(prefix="pyvol-bench-"))
     (work / "home").mkdir()
-    moto = MotoServer(work / "moto.log")
-    relay = Relay(moto.port)
     results = Results()
     started = time.perf_counter()
     tool_list: list[Tool] = []
@@ -451,9 +452,6 @@ def main() -> None:
         for tool in tool_list:
             if tool.daemon is not None:
                 tool.daemon.close()
-        relay.close()
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests" / "functional"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from s3_bench import PASSWORD, make_large, make_small  # noqa: E402
-from s3_fixtures import ACCESS_KEY, SECRET_KEY, MotoServer, Relay  # noqa: E402
+from s3_fixtures import ACCESS_KEY, SECRET_KEY, workspace  # noqa: E402
 
 
 def summarise(raw: Path, top: int = 25) -> None:
@@ -66,10 +65,7 @@ def main() -> None:
     from backends.tree import DirectoryView
     from s3sync import RemoteStore, S3Config
 
-    work = Path(tempfile.mkdtemp(prefix="pyvol-prof-", dir=args.dir))
-    moto = MotoServer(work / "moto.log")
-    relay = Relay(moto.port)
-    try:
+    with workspace("pyvol-prof-", args.dir) as (work, moto, relay):
         moto.client().create_bucket(Bucket="prof")  # type: ignore[attr-defined]
         src = work / "src"
         if args.tree == "a":
@@ -124,10 +120,6 @@ def main() -> None:
             summarise(raw)
         print()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
-    finally:
-        relay.close()
-        moto.stop()
-        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 if __name__ == "__main__":

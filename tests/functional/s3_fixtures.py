@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -201,6 +203,26 @@ class Relay:
 
 ERROR_BODY = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
               b"<Message>injected by the test relay</Message></Error>")
+
+
+@contextlib.contextmanager
+def workspace(prefix: str, where: str | None = None
+              ) -> Iterator[tuple[Path, MotoServer, Relay]]:
+    """For the benchmarks: a new temporary directory (under ``where``) with a moto server,
+    logging into it, behind a :class:`Relay`; both stopped and the directory removed on exit."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    try:
+        moto = MotoServer(work / "moto.log")
+        try:
+            relay = Relay(moto.port)
+            try:
+                yield work, moto, relay
+            finally:
+                relay.close()
+        finally:
+            moto.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _read_head(f: BinaryIO) -> list[bytes] | None:
